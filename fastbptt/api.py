@@ -1,0 +1,343 @@
+"""The public API: validate and prepare, then call the compiled kernels.
+
+Every argument is checked here, before any compiled code runs; the caller's
+arrays are only read, never written. Results are views into a ``Workspace``:
+pass one in and repeated calls allocate nothing, but each call overwrites what
+the previous one returned (copy what you want to keep).
+
+Inputs are either dense floats X of shape (T, B, D) or integer token ids of
+shape (T, B), meaning one-hot vectors of size D = ``model.input_size``.
+"""
+
+import numpy as np
+
+from . import backward as _bw
+from . import forward as _fw
+from . import losses as _losses
+from .model import ACTIVATIONS, RNN
+from .workspace import Workspace, model_signature
+
+LOSSES = ("cross_entropy", "mse")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _all_finite(a):
+    """True when ``a`` holds no NaN or Inf (two reductions, no temporary arrays)."""
+    return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
+def _as_array(a, name):
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array, got {type(a).__name__}: {exc}") from None
+    return a
+
+
+def _check_float(a, name, dtype, shape, check_finite):
+    """A float array of exactly ``dtype`` and ``shape``, C-contiguous (copied if it was not)."""
+    a = _as_array(a, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must hold floats of dtype {dtype}, got dtype {a.dtype}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} has dtype {a.dtype} but the model is {dtype}; "
+                        f"convert it with .astype(np.{dtype.name}) (nothing is cast silently)")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if check_finite and not _all_finite(a):
+        raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to let them propagate)")
+    return np.ascontiguousarray(a)
+
+
+def _check_ids(a, name, shape, upper, what):
+    """An integer array of ``shape`` whose every value lies in [0, upper)."""
+    a = _as_array(a, name)
+    if a.dtype.kind == "f":
+        raise TypeError(f"{name} must hold integer {what}, got floats (dtype {a.dtype}); "
+                        f"convert with .astype(np.int64) if they are whole numbers")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer {what}, got dtype {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        where = tuple(int(i) for i in np.argwhere(a == bad)[0])
+        raise ValueError(f"{name} must hold {what} in [0, {upper}), got {bad} at index {where}")
+    return a
+
+
+def _check_model(model, check_finite):
+    if not isinstance(model, RNN):
+        raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    if check_finite and not _all_finite(model.flat):
+        bad = [name for name, p in model.params.items() if not _all_finite(p)]
+        raise ValueError(f"model parameters {bad} contain NaN or Inf "
+                         f"(pass check_finite=False to let them propagate)")
+
+
+def _check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_inputs(model, X, check_finite):
+    """Return (kind, X, T, B): kind "dense" with X (T, B, D) floats, or "tokens" with X (T, B) ints."""
+    X = _as_array(X, "X")
+    D = model.input_size
+    if X.ndim == 2 and X.dtype.kind in "iu":
+        kind = "tokens"
+    elif X.ndim == 3:
+        kind = "dense"
+    elif X.ndim == 2:
+        raise TypeError(f"X of rank 2 must hold integer token ids of shape (T, B), got dtype {X.dtype}; "
+                        f"dense inputs have shape (T, B, D={D})")
+    else:
+        raise ValueError(f"X must have shape (T, B, D={D}) with floats or (T, B) with token ids, "
+                         f"got shape {X.shape}")
+    T, B = X.shape[:2]
+    if T == 0 or B == 0:
+        raise ValueError(f"X must have T >= 1 time steps and B >= 1 sequences, got shape {X.shape}")
+    if kind == "tokens":
+        X = _check_ids(X, "X", (T, B), D, "token ids")
+    else:
+        X = _check_float(X, "X", model.dtype, (T, B, D), check_finite)
+    return kind, X, T, B
+
+
+def _check_workspace(workspace, model, T, B):
+    if workspace is None:
+        return Workspace(model, T, B)
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be a fastbptt.Workspace, got {type(workspace).__name__}")
+    if workspace.signature != model_signature(model):
+        raise ValueError(f"workspace was made for a model with (D, H, O, bias, dtype) = "
+                         f"{workspace.signature}, but this model has {model_signature(model)}")
+    if (workspace.T, workspace.B) != (T, B):
+        raise ValueError(f"workspace was made for T={workspace.T}, B={workspace.B} but the inputs have "
+                         f"T={T}, B={B}; make one with fastbptt.Workspace(model, T={T}, B={B})")
+    return workspace
+
+
+def _check_h0(h0, model, B, check_finite):
+    if h0 is None:
+        return None
+    return _check_float(h0, "h0", model.dtype, (B, model.hidden_size), check_finite)
+
+
+def _check_targets(Y, loss, model, T, B, check_finite):
+    if loss == "cross_entropy":
+        return _check_ids(Y, "Y", (T, B), model.output_size, "class labels")
+    if loss == "mse":
+        return _check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite)
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+def _forward(model, ws, kind, X, h0, parallel):
+    """Fill ws.hs with h_0 .. h_T and ws.out with o_1 .. o_T. X is validated; token ids are in ws.tokens."""
+    p = model.params
+    T, B = ws.T, ws.B
+    H, O = model.hidden_size, model.output_size
+    hs = ws.hs
+    if h0 is None:
+        hs[0] = 0
+    else:
+        hs[0] = h0
+    b_h = p["b_h"] if model.bias else ws.zero_h
+    if kind == "tokens":
+        _fw.gather_input(hs[1:], ws.tokens, p["W_hx"], b_h)
+    else:
+        np.matmul(X.reshape(T * B, model.input_size), p["W_hx"].T, out=hs[1:].reshape(T * B, H))
+        if model.bias:
+            hs[1:] += b_h
+    ws.W_hhT[...] = p["W_hh"].T
+    recur = _fw.recurrence_parallel if parallel else _fw.recurrence
+    recur(hs, ws.W_hhT, ACTIVATIONS[model.activation])
+    np.matmul(hs[1:].reshape(T * B, H), p["W_qh"].T, out=ws.out)
+    if model.bias:
+        ws.out += p["b_q"]
+
+
+def _backward(model, ws, kind, X, parallel, want_dX):
+    """From ∂L/∂o in ws.out, fill ws.grads, ws.dh0 and (if wanted) ws.dX_buffer()."""
+    p, g = model.params, ws.grads
+    T, B = ws.T, ws.B
+    D, H = model.input_size, model.hidden_size
+    dO = ws.out
+    hs = ws.hs
+    dz = ws.dz.reshape(T * B, H)
+    np.matmul(dO.T, hs[1:].reshape(T * B, H), out=g["W_qh"])        # Σ_t ∂L/∂o_t h_tᵀ
+    if model.bias:
+        np.sum(dO, axis=0, out=g["b_q"])
+    np.matmul(dO, p["W_qh"], out=dz)                                 # W_qhᵀ ∂L/∂o_t, all t
+    sweep = _bw.reverse_sweep_parallel if parallel else _bw.reverse_sweep
+    sweep(ws.dz, ws.dh0, hs, p["W_hh"], ACTIVATIONS[model.activation])
+    np.matmul(dz.T, hs[:-1].reshape(T * B, H), out=g["W_hh"])       # Σ_t ∂L/∂z_t h_{t-1}ᵀ
+    if model.bias:
+        np.sum(dz, axis=0, out=g["b_h"])
+    if kind == "tokens":
+        g["W_hx"][...] = 0
+        scatter = _bw.scatter_input_grad_parallel if parallel else _bw.scatter_input_grad
+        scatter(g["W_hx"], ws.dz, ws.tokens)
+    else:
+        np.matmul(dz.T, X.reshape(T * B, D), out=g["W_hx"])          # Σ_t ∂L/∂z_t x_tᵀ
+    if want_dX:
+        # ∂L/∂x_t = W_hxᵀ ∂L/∂z_t (for token ids: with respect to the one-hot vectors)
+        np.matmul(dz, p["W_hx"], out=ws.dX_buffer().reshape(T * B, D))
+
+
+def _extras(ws, return_dh0, return_dX):
+    """The optional results, in the documented order."""
+    out = ()
+    if return_dh0:
+        out += (ws.dh0,)
+    if return_dX:
+        out += (ws.dX_buffer(),)
+    return out
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None, parallel=False,
+                  return_dh0=False, return_dX=False, check_finite=True):
+    """Loss, gradients of every parameter, and the final hidden state, by BPTT.
+
+    Parameters
+    ----------
+    model : fastbptt.RNN
+    X : ndarray (T, B, D) of the model's dtype, or (T, B) integer token ids in [0, D)
+        Non-contiguous arrays are accepted and copied.
+    Y : ndarray (T, B) integer classes in [0, O) for ``"cross_entropy"``,
+        or (T, B, O) of the model's dtype for ``"mse"``
+    h0 : ndarray (B, H), optional
+        Initial hidden state; zeros when None.
+    loss : {"cross_entropy", "mse"}
+        Softmax cross-entropy averaged over the T·B positions (as
+        ``torch.nn.functional.cross_entropy`` on the flattened logits), or
+        squared error averaged over all T·B·O elements (as ``mse_loss``).
+    workspace : fastbptt.Workspace, optional
+        Buffers made for this model and this (T, B); a new one when None.
+    parallel : bool
+        Spread the B sequences over Numba's threads. Results are bitwise equal to
+        ``parallel=False``.
+    return_dh0, return_dX : bool
+        Also return ∂L/∂h_0 (B, H) and ∂L/∂X (T, B, D) (for token ids: the
+        gradient with respect to the one-hot vectors), in that order.
+    check_finite : bool
+        Refuse NaN or Inf in X, Y, h0 and the parameters with a ValueError (default).
+        With False they are not looked for and propagate into the results.
+
+    Returns
+    -------
+    loss : float
+    grads : mapping of str to ndarray
+        Keyed like ``model.params``; views into the workspace.
+    h_T : ndarray (B, H)
+        The last hidden state (a view into the workspace; pass it as the next
+        chunk's ``h0`` to carry state without backpropagating across chunks).
+    dh0 : ndarray (B, H), only if ``return_dh0``
+    dX : ndarray (T, B, D), only if ``return_dX``
+    """
+    check_finite = _check_flag(check_finite, "check_finite")
+    parallel = _check_flag(parallel, "parallel")
+    return_dh0 = _check_flag(return_dh0, "return_dh0")
+    return_dX = _check_flag(return_dX, "return_dX")
+    _check_model(model, check_finite)
+    kind, X, T, B = _check_inputs(model, X, check_finite)
+    h0 = _check_h0(h0, model, B, check_finite)
+    Y = _check_targets(Y, loss, model, T, B, check_finite)
+    ws = _check_workspace(workspace, model, T, B)
+    # -- everything is valid from here on
+    if kind == "tokens":
+        np.copyto(ws.tokens, X, casting="unsafe")     # ids are in range: the cast is exact
+    _forward(model, ws, kind, X, h0, parallel)
+    ws.forward_kind = None                            # ws.out is about to hold ∂L/∂o, not o
+    if loss == "cross_entropy":
+        np.copyto(ws.targets, Y.reshape(T * B), casting="unsafe")
+        kernel = _losses.cross_entropy_parallel if parallel else _losses.cross_entropy
+        kernel(ws.out, ws.row_loss, ws.targets)
+    else:
+        kernel = _losses.mse_parallel if parallel else _losses.mse
+        kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
+    value = float(np.sum(ws.row_loss, dtype=np.float64)) / (T * B)
+    _backward(model, ws, kind, X, parallel, return_dX)
+    return (value, ws.grads, ws.hs[T]) + _extras(ws, return_dh0, return_dX)
+
+
+def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=True):
+    """Run the recurrence and the readout, keeping what ``backward`` needs in the workspace.
+
+    Parameters are as in ``loss_and_grad``. The inputs are copied into the
+    workspace, so the caller may reuse X before calling ``backward``.
+
+    Returns
+    -------
+    O : ndarray (T, B, O)
+        The outputs o_1 .. o_T (a view into the workspace, overwritten by ``backward``).
+    h_T : ndarray (B, H)
+    """
+    check_finite = _check_flag(check_finite, "check_finite")
+    parallel = _check_flag(parallel, "parallel")
+    _check_model(model, check_finite)
+    kind, X, T, B = _check_inputs(model, X, check_finite)
+    h0 = _check_h0(h0, model, B, check_finite)
+    ws = _check_workspace(workspace, model, T, B)
+    if kind == "tokens":
+        np.copyto(ws.tokens, X, casting="unsafe")
+    else:
+        np.copyto(ws.x_buffer(), X)
+        X = ws.x_buffer()
+    _forward(model, ws, kind, X, h0, parallel)
+    ws.forward_kind = kind
+    return ws.out.reshape(T, B, model.output_size), ws.hs[T]
+
+
+def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_dX=False,
+             check_finite=True):
+    """Gradients from a caller-supplied ∂L/∂o, after ``forward`` on the same workspace.
+
+    Use it for any loss: compute ∂L/∂o from the outputs ``forward`` returned, then
+    call this. The parameters must not change in between.
+
+    Parameters
+    ----------
+    model : fastbptt.RNN
+    dO : ndarray (T, B, O) of the model's dtype
+        ∂L/∂o_t for every step and sequence.
+    workspace : fastbptt.Workspace
+        The one the preceding ``forward`` used.
+
+    Returns
+    -------
+    grads : mapping of str to ndarray
+        Alone when neither ``return_dh0`` nor ``return_dX``; else the first of a tuple.
+    dh0 : ndarray (B, H), only if ``return_dh0``
+    dX : ndarray (T, B, D), only if ``return_dX``
+    """
+    check_finite = _check_flag(check_finite, "check_finite")
+    parallel = _check_flag(parallel, "parallel")
+    return_dh0 = _check_flag(return_dh0, "return_dh0")
+    return_dX = _check_flag(return_dX, "return_dX")
+    _check_model(model, check_finite)
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be the fastbptt.Workspace that forward() used, "
+                        f"got {type(workspace).__name__}")
+    ws = _check_workspace(workspace, model, workspace.T, workspace.B)
+    if ws.forward_kind is None:
+        raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
+                         "workspace=workspace) first (once per backward)")
+    dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite)
+    kind = ws.forward_kind
+    np.copyto(ws.out, dO.reshape(ws.T * ws.B, model.output_size))
+    ws.forward_kind = None
+    _backward(model, ws, kind, ws._x, parallel, return_dX)
+    extras = _extras(ws, return_dh0, return_dX)
+    return (ws.grads,) + extras if extras else ws.grads

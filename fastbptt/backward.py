@@ -1,0 +1,97 @@
+"""The reverse sweep: compiled kernels that only compute.
+
+Backwards from t = T to 1, with ∂L/∂z_{T+1} = 0::
+
+    ∂L/∂h_t = W_hhᵀ ∂L/∂z_{t+1} + W_qhᵀ ∂L/∂o_t      ∂L/∂z_t = φ'(z_t) ⊙ ∂L/∂h_t
+
+The direct terms W_qhᵀ ∂L/∂o_t of all steps are one GEMM done before the sweep and
+written into ``dz``; the sweep adds the recurrent term and multiplies by φ' in
+place, leaving ∂L/∂z_t in ``dz``. The weight gradients are then sums over t of
+outer products, done afterwards as single GEMMs over all T·B rows by the caller
+(or, for token inputs, by ``scatter_input_grad``). φ' is read off h_t = φ(z_t):
+tanh' = 1 - h², relu' = [h > 0], identity' = 1.
+"""
+
+from numba import njit, prange
+
+
+@njit(cache=True, inline="always")
+def _reverse_one(dz, dh0, hs, W_hh, act, b):
+    """Reverse sweep of sequence b.
+
+    dz   (T, B, H)   in: W_qhᵀ ∂L/∂o_t; out: ∂L/∂z_t
+    dh0  (B, H)      out: ∂L/∂h_0 = W_hhᵀ ∂L/∂z_1
+    hs   (T+1, B, H) h_0 .. h_T from the forward pass
+    W_hh (H, H)
+    """
+    T, _, H = dz.shape
+    for t in range(T - 1, -1, -1):
+        g = dz[t, b]
+        if t < T - 1:
+            nxt = dz[t + 1, b]
+            for i in range(H):
+                di = nxt[i]
+                row = W_hh[i]
+                for j in range(H):
+                    g[j] += row[j] * di
+        h = hs[t + 1, b]
+        if act == 1:
+            for j in range(H):
+                g[j] *= 1 - h[j] * h[j]
+        elif act == 2:
+            for j in range(H):
+                if h[j] <= 0:
+                    g[j] = 0
+    out = dh0[b]
+    first = dz[0, b]
+    for j in range(H):
+        out[j] = 0
+    for i in range(H):
+        di = first[i]
+        row = W_hh[i]
+        for j in range(H):
+            out[j] += row[j] * di
+
+
+@njit(cache=True)
+def reverse_sweep(dz, dh0, hs, W_hh, act):
+    """The reverse sweep over every sequence of the batch, one after the other (see ``_reverse_one``)."""
+    for b in range(dz.shape[1]):
+        _reverse_one(dz, dh0, hs, W_hh, act, b)
+
+
+@njit(cache=True, parallel=True)
+def reverse_sweep_parallel(dz, dh0, hs, W_hh, act):
+    """``reverse_sweep`` with the sequences spread over threads; each writes only its own slices."""
+    for b in prange(dz.shape[1]):
+        _reverse_one(dz, dh0, hs, W_hh, act, b)
+
+
+@njit(cache=True)
+def scatter_input_grad(dW_hx, dz, tokens):
+    """dW_hx[:, tokens[t, b]] += dz[t, b] for every position, in order: ∂L/∂W_hx for one-hot inputs.
+
+    dW_hx  (H, D)    accumulated into (zeroed by the caller)
+    dz     (T, B, H) ∂L/∂z_t
+    tokens (T, B)    int, every id in [0, D) (checked by the caller)
+    """
+    T, B, H = dz.shape
+    for t in range(T):
+        for b in range(B):
+            k = tokens[t, b]
+            for i in range(H):
+                dW_hx[i, k] += dz[t, b, i]
+
+
+@njit(cache=True, parallel=True)
+def scatter_input_grad_parallel(dW_hx, dz, tokens):
+    """``scatter_input_grad`` with the rows of dW_hx spread over threads.
+
+    Each thread owns whole rows i of dW_hx and adds into them in the same (t, b)
+    order as the serial kernel, so the result is bitwise the same.
+    """
+    T, B, H = dz.shape
+    for i in prange(H):
+        for t in range(T):
+            for b in range(B):
+                dW_hx[i, tokens[t, b]] += dz[t, b, i]
