@@ -11,9 +11,9 @@ shape (T, B), meaning one-hot vectors of size D = ``model.input_size``.
 
 import numpy as np
 
-from . import backward as _bw
-from . import forward as _fw
-from . import losses as _losses
+from .kernels import backward as _bw
+from .kernels import forward as _fw
+from .kernels import losses as _losses
 from .model import ACTIVATIONS, RNN
 from .workspace import Workspace, model_signature
 
@@ -150,19 +150,16 @@ def _forward(model, ws, kind, X, h0, parallel):
         hs[0] = 0
     else:
         hs[0] = h0
-    b_h = p["b_h"] if model.bias else ws.zero_h
     if kind == "tokens":
-        _fw.gather_input(hs[1:], ws.tokens, p["W_hx"], b_h)
+        _fw.gather_input(hs[1:], ws.tokens, p["W_hx"])
     else:
-        np.matmul(X.reshape(T * B, model.input_size), p["W_hx"].T, out=hs[1:].reshape(T * B, H))
-        if model.bias:
-            hs[1:] += b_h
+        np.dot(X.reshape(T * B, model.input_size), p["W_hx"].T, out=hs[1:].reshape(T * B, H))
     ws.W_hhT[...] = p["W_hh"].T
     recur = _fw.recurrence_parallel if parallel else _fw.recurrence
-    recur(hs, ws.W_hhT, ACTIVATIONS[model.activation])
-    np.matmul(hs[1:].reshape(T * B, H), p["W_qh"].T, out=ws.out)
+    recur(hs, p["b_h"] if model.bias else ws.zero_h, ws.W_hhT, ACTIVATIONS[model.activation])
+    np.dot(hs[1:].reshape(T * B, H), p["W_qh"].T, out=ws.out)
     if model.bias:
-        ws.out += p["b_q"]
+        _fw.add_rows(ws.out, p["b_q"])
 
 
 def _backward(model, ws, kind, X, parallel, want_dX):
@@ -173,24 +170,25 @@ def _backward(model, ws, kind, X, parallel, want_dX):
     dO = ws.out
     hs = ws.hs
     dz = ws.dz.reshape(T * B, H)
-    np.matmul(dO.T, hs[1:].reshape(T * B, H), out=g["W_qh"])        # Σ_t ∂L/∂o_t h_tᵀ
+    ones = ws.ones
+    np.dot(dO.T, hs[1:].reshape(T * B, H), out=g["W_qh"])           # Σ_t ∂L/∂o_t h_tᵀ
     if model.bias:
-        np.sum(dO, axis=0, out=g["b_q"])
-    np.matmul(dO, p["W_qh"], out=dz)                                 # W_qhᵀ ∂L/∂o_t, all t
+        np.dot(ones, dO, out=g["b_q"])                               # Σ_t ∂L/∂o_t
+    np.dot(dO, p["W_qh"], out=dz)                                    # W_qhᵀ ∂L/∂o_t, all t
     sweep = _bw.reverse_sweep_parallel if parallel else _bw.reverse_sweep
     sweep(ws.dz, ws.dh0, hs, p["W_hh"], ACTIVATIONS[model.activation])
-    np.matmul(dz.T, hs[:-1].reshape(T * B, H), out=g["W_hh"])       # Σ_t ∂L/∂z_t h_{t-1}ᵀ
+    np.dot(dz.T, hs[:-1].reshape(T * B, H), out=g["W_hh"])          # Σ_t ∂L/∂z_t h_{t-1}ᵀ
     if model.bias:
-        np.sum(dz, axis=0, out=g["b_h"])
+        np.dot(ones, dz, out=g["b_h"])                               # Σ_t ∂L/∂z_t
     if kind == "tokens":
         g["W_hx"][...] = 0
         scatter = _bw.scatter_input_grad_parallel if parallel else _bw.scatter_input_grad
         scatter(g["W_hx"], ws.dz, ws.tokens)
     else:
-        np.matmul(dz.T, X.reshape(T * B, D), out=g["W_hx"])          # Σ_t ∂L/∂z_t x_tᵀ
+        np.dot(dz.T, X.reshape(T * B, D), out=g["W_hx"])             # Σ_t ∂L/∂z_t x_tᵀ
     if want_dX:
         # ∂L/∂x_t = W_hxᵀ ∂L/∂z_t (for token ids: with respect to the one-hot vectors)
-        np.matmul(dz, p["W_hx"], out=ws.dX_buffer().reshape(T * B, D))
+        np.dot(dz, p["W_hx"], out=ws.dX_buffer().reshape(T * B, D))
 
 
 def _extras(ws, return_dh0, return_dX):
@@ -263,11 +261,10 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     if loss == "cross_entropy":
         np.copyto(ws.targets, Y.reshape(T * B), casting="unsafe")
         kernel = _losses.cross_entropy_parallel if parallel else _losses.cross_entropy
-        kernel(ws.out, ws.row_loss, ws.targets)
+        value = kernel(ws.out, ws.row_loss, ws.targets)
     else:
         kernel = _losses.mse_parallel if parallel else _losses.mse
-        kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
-    value = float(np.sum(ws.row_loss, dtype=np.float64)) / (T * B)
+        value = kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
     _backward(model, ws, kind, X, parallel, return_dX)
     return (value, ws.grads, ws.hs[T]) + _extras(ws, return_dh0, return_dX)
 

@@ -52,6 +52,7 @@ class Workspace:
         self.row_loss = np.zeros(T * B, dtype)        # ℓ(o_t, y_t) per position
         self.W_hhT = np.zeros((H, H), dtype)          # W_hhᵀ, contiguous
         self.zero_h = np.zeros(H, dtype)              # b_h of a model without bias
+        self.ones = np.ones(T * B, dtype)             # sums over positions as GEMVs
         self.dh0 = np.zeros((B, H), dtype)            # ∂L/∂h_0
         self.tokens = np.zeros((T, B), np.intp)       # token ids, when inputs are tokens
         self.targets = np.zeros(T * B, np.intp)       # class labels, for cross-entropy

@@ -1,0 +1,33 @@
+"""parallel=True gives bitwise the same results as parallel=False, whatever the thread count."""
+
+import numba
+import numpy as np
+import pytest
+
+import fastbptt
+from helpers import make_problem
+
+
+def run(model, X, Y, h0, loss, parallel):
+    L, grads, hT, dh0, dX = fastbptt.loss_and_grad(model, X, Y, h0, loss=loss, parallel=parallel,
+                                                   return_dh0=True, return_dX=True)
+    return {"loss": np.array(L), "h_T": hT, "dh0": dh0, "dX": dX, **grads}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("inputs", ["dense", "tokens"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parallel_equals_serial(threads, inputs, loss, dtype):
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    model, X, Y, h0 = make_problem(T=9, B=8, D=5, H=16, O=7, loss=loss, inputs=inputs, dtype=dtype)
+    serial = run(model, X, Y, h0, loss, parallel=False)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        parallel = run(model, X, Y, h0, loss, parallel=True)
+    finally:
+        numba.set_num_threads(before)
+    for name, value in serial.items():
+        assert np.array_equal(parallel[name], value), (
+            f"{name} differs with {threads} threads: max {np.abs(parallel[name] - value).max():.3e}")
