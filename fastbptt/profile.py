@@ -1,0 +1,74 @@
+"""Profile fastbptt against the NumPy reference across sequence length T and hidden size H.
+
+One full training step is timed: forward, softmax cross-entropy and every
+gradient, on token inputs (a character-level model: D = O = vocabulary size).
+"""
+
+import time
+
+import numpy as np
+
+from . import reference
+from .api import loss_and_grad
+from .model import RNN
+from .workspace import Workspace
+
+
+def best_time(fn, repeats=5, min_time=0.05):
+    """Best wall time of one call of ``fn`` in seconds, over ``repeats`` rounds of enough calls."""
+    fn()
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time or calls >= 1 << 16:
+            break
+        calls *= 2
+    best = elapsed / calls
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def profile_step(T, H, B=1, vocab=28, dtype=np.float32, parallel=False, seed=0):
+    """Time one step of fastbptt and of the reference for one size; check they agree.
+
+    Returns
+    -------
+    dict with T, H, B, ``fast_ms``, ``reference_ms``, ``speedup`` and ``max_grad_error``.
+    """
+    rng = np.random.default_rng(seed)
+    model = RNN(vocab, H, vocab, dtype=dtype, seed=seed)
+    X = rng.integers(0, vocab, size=(T, B))
+    Y = rng.integers(0, vocab, size=(T, B))
+    ws = Workspace(model, T, B)
+    params = dict(model.params)
+
+    def fast():
+        return loss_and_grad(model, X, Y, workspace=ws, parallel=parallel)
+
+    def ref():
+        return reference.loss_and_grad(params, X, Y, None, model.activation, "cross_entropy")
+
+    _, grads, _ = fast()
+    _, ref_grads, _, _, _ = ref()
+    error = max(float(np.max(np.abs(grads[k] - ref_grads[k]))) for k in grads)
+    fast_s = best_time(fast)
+    ref_s = best_time(ref, repeats=3)
+    return {"T": T, "H": H, "B": B, "fast_ms": fast_s * 1e3, "reference_ms": ref_s * 1e3,
+            "speedup": ref_s / fast_s, "max_grad_error": error}
+
+
+HEADER = (f"{'T':>6} {'H':>5} {'B':>3} {'fastbptt ms':>12} {'reference ms':>13} {'speedup':>8} "
+          f"{'max |Δgrad|':>12}")
+
+
+def format_row(r):
+    """One result of ``profile_step`` as a line of the table under ``HEADER``."""
+    return (f"{r['T']:>6} {r['H']:>5} {r['B']:>3} {r['fast_ms']:>12.3f} {r['reference_ms']:>13.3f} "
+            f"{r['speedup']:>7.1f}x {r['max_grad_error']:>12.1e}")
