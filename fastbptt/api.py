@@ -162,7 +162,21 @@ def _forward(model, ws, kind, X, h0, parallel):
         _fw.add_rows(ws.out, p["b_q"])
 
 
-def _backward(model, ws, kind, X, parallel, want_dX):
+def _check_carry(carry, T, B):
+    """Carry weights of shape (T,) or (T, B), finite floats; None means full BPTT."""
+    if carry is None:
+        return None
+    carry = _as_array(carry, "carry")
+    if carry.dtype.kind != "f":
+        raise TypeError(f"carry must hold floats, got dtype {carry.dtype}")
+    if carry.shape not in ((T,), (T, B)):
+        raise ValueError(f"carry must have shape ({T},) or ({T}, {B}), got {carry.shape}")
+    if not _all_finite(carry):
+        raise ValueError("carry contains NaN or Inf")
+    return carry
+
+
+def _backward(model, ws, kind, X, parallel, want_dX, carry=None):
     """From ∂L/∂o in ws.out, fill ws.grads, ws.dh0 and (if wanted) ws.dX_buffer()."""
     p, g = model.params, ws.grads
     T, B = ws.T, ws.B
@@ -176,7 +190,12 @@ def _backward(model, ws, kind, X, parallel, want_dX):
         np.dot(ones, dO, out=g["b_q"])                               # Σ_t ∂L/∂o_t
     np.dot(dO, p["W_qh"], out=dz)                                    # W_qhᵀ ∂L/∂o_t, all t
     sweep = _bw.reverse_sweep_parallel if parallel else _bw.reverse_sweep
-    sweep(ws.dz, ws.dh0, hs, p["W_hh"], ACTIVATIONS[model.activation])
+    if carry is None:
+        weights = ws.carry_full
+    else:
+        weights = ws.carry
+        weights[...] = carry if carry.ndim == 2 else carry[:, None]
+    sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], ACTIVATIONS[model.activation])
     np.dot(dz.T, hs[:-1].reshape(T * B, H), out=g["W_hh"])          # Σ_t ∂L/∂z_t h_{t-1}ᵀ
     if model.bias:
         np.dot(ones, dz, out=g["b_h"])                               # Σ_t ∂L/∂z_t
@@ -205,7 +224,7 @@ def _extras(ws, return_dh0, return_dX):
 
 
 def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None, parallel=False,
-                  return_dh0=False, return_dX=False, check_finite=True):
+                  return_dh0=False, return_dX=False, check_finite=True, carry=None):
     """Loss, gradients of every parameter, and the final hidden state, by BPTT.
 
     Parameters
@@ -232,6 +251,12 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     check_finite : bool
         Refuse NaN or Inf in X, Y, h0 and the parameters with a ValueError (default).
         With False they are not looked for and propagate into the results.
+    carry : ndarray (T,) or (T, B) of floats, optional
+        Weights on the gradient each step sends back through time: the reverse sweep
+        uses ∂L/∂h_{t-1} = carry[t] W_hhᵀ ∂L/∂z_t + W_qhᵀ ∂L/∂o_{t-1} (0-based t; carry[0]
+        weighs ∂L/∂h_0). None (all ones) is full BPTT; a 0 cuts the graph before that
+        step; 0 or 1/π at random gives the randomized truncation of Tallec & Ollivier.
+        Converted to the model's dtype.
 
     Returns
     -------
@@ -252,6 +277,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
     Y = _check_targets(Y, loss, model, T, B, check_finite)
+    carry = _check_carry(carry, T, B)
     ws = _check_workspace(workspace, model, T, B)
     # -- everything is valid from here on
     if kind == "tokens":
@@ -265,7 +291,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     else:
         kernel = _losses.mse_parallel if parallel else _losses.mse
         value = kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
-    _backward(model, ws, kind, X, parallel, return_dX)
+    _backward(model, ws, kind, X, parallel, return_dX, carry)
     return (value, ws.grads, ws.hs[T]) + _extras(ws, return_dh0, return_dX)
 
 
@@ -298,7 +324,7 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
 
 
 def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_dX=False,
-             check_finite=True):
+             check_finite=True, carry=None):
     """Gradients from a caller-supplied ∂L/∂o, after ``forward`` on the same workspace.
 
     Use it for any loss: compute ∂L/∂o from the outputs ``forward`` returned, then
@@ -311,6 +337,8 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
         ∂L/∂o_t for every step and sequence.
     workspace : fastbptt.Workspace
         The one the preceding ``forward`` used.
+    carry : ndarray (T,) or (T, B), optional
+        As in ``loss_and_grad``.
 
     Returns
     -------
@@ -332,9 +360,10 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
         raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
                          "workspace=workspace) first (once per backward)")
     dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite)
+    carry = _check_carry(carry, ws.T, ws.B)
     kind = ws.forward_kind
     np.copyto(ws.out, dO.reshape(ws.T * ws.B, model.output_size))
     ws.forward_kind = None
-    _backward(model, ws, kind, ws._x, parallel, return_dX)
+    _backward(model, ws, kind, ws._x, parallel, return_dX, carry)
     extras = _extras(ws, return_dh0, return_dX)
     return (ws.grads,) + extras if extras else ws.grads

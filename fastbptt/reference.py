@@ -84,8 +84,11 @@ def loss_and_output_grad(O, Y, loss="cross_entropy"):
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def backward(params, X, zs, hs, dO, activation="tanh"):
+def backward(params, X, zs, hs, dO, activation="tanh", carry=None):
     """The reverse sweep: gradients of every parameter, of h_0 and of the inputs.
+
+    ``carry`` (T,) or (T, B), optional, weighs the gradient that step t sends back
+    to the state before it (0-based t): ones is full BPTT, 0 cuts the graph.
 
     Returns
     -------
@@ -101,8 +104,11 @@ def backward(params, X, zs, hs, dO, activation="tanh"):
     X = _inputs(params, X)
     grads = {name: np.zeros_like(value) for name, value in params.items()}
     dX = np.zeros_like(X)
+    T = len(X)
+    dtype = hs[0].dtype
+    c = np.ones((T, 1, 1), dtype) if carry is None else np.asarray(carry, dtype).reshape(T, -1, 1)
     dz_next = np.zeros_like(hs[0])
-    for t in reversed(range(len(X))):
+    for t in reversed(range(T)):
         grads["W_qh"] += dO[t].T @ hs[t + 1]
         if "b_q" in grads:
             grads["b_q"] += dO[t].sum(axis=0)
@@ -113,12 +119,12 @@ def backward(params, X, zs, hs, dO, activation="tanh"):
         if "b_h" in grads:
             grads["b_h"] += dz.sum(axis=0)
         dX[t] = dz @ W_hx
-        dz_next = dz
+        dz_next = c[t] * dz                          # what step t sends back to h_{t-1}
     dh0 = dz_next @ W_hh
     return grads, dh0, dX
 
 
-def loss_and_grad(params, X, Y, h0=None, activation="tanh", loss="cross_entropy"):
+def loss_and_grad(params, X, Y, h0=None, activation="tanh", loss="cross_entropy", carry=None):
     """Loss, parameter gradients, h_T, ∂L/∂h_0 and ∂L/∂X in one call.
 
     Parameters
@@ -138,5 +144,5 @@ def loss_and_grad(params, X, Y, h0=None, activation="tanh", loss="cross_entropy"
         h0 = np.zeros((X.shape[1], W_hh.shape[0]), dtype=W_hh.dtype)
     zs, hs, O = forward(params, X, h0, activation)
     L, dO = loss_and_output_grad(O, Y, loss)
-    grads, dh0, dX = backward(params, X, zs, hs, dO, activation)
+    grads, dh0, dX = backward(params, X, zs, hs, dO, activation, carry)
     return L, grads, hs[-1], dh0, dX

@@ -53,6 +53,8 @@ class Workspace:
         self.W_hhT = np.zeros((H, H), dtype)          # W_hhᵀ, contiguous
         self.zero_h = np.zeros(H, dtype)              # b_h of a model without bias
         self.ones = np.ones(T * B, dtype)             # sums over positions as GEMVs
+        self.carry_full = np.ones((T, B), dtype)      # carry weights of full BPTT
+        self.carry = np.ones((T, B), dtype)           # caller's carry weights, copied
         self.dh0 = np.zeros((B, H), dtype)            # ∂L/∂h_0
         self.tokens = np.zeros((T, B), np.intp)       # token ids, when inputs are tokens
         self.targets = np.zeros(T * B, np.intp)       # class labels, for cross-entropy

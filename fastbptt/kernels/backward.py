@@ -2,7 +2,10 @@
 
 Backwards from t = T to 1, with ∂L/∂z_{T+1} = 0::
 
-    ∂L/∂h_t = W_hhᵀ ∂L/∂z_{t+1} + W_qhᵀ ∂L/∂o_t      ∂L/∂z_t = φ'(z_t) ⊙ ∂L/∂h_t
+    ∂L/∂h_t = c_{t+1} W_hhᵀ ∂L/∂z_{t+1} + W_qhᵀ ∂L/∂o_t      ∂L/∂z_t = φ'(z_t) ⊙ ∂L/∂h_t
+
+where the carry weights c are 1 for full BPTT; 0 cuts the graph (truncation) and
+other values give randomized truncation (Tallec & Ollivier, 2017).
 
 The direct terms W_qhᵀ ∂L/∂o_t of all steps are one GEMM done before the sweep and
 written into ``dz``; the sweep adds the recurrent term and multiplies by φ' in
@@ -16,21 +19,23 @@ from numba import njit, prange
 
 
 @njit(cache=True, inline="always")
-def _reverse_one(dz, dh0, hs, W_hh, act, b):
+def _reverse_one(dz, dh0, hs, carry, W_hh, act, b):
     """Reverse sweep of sequence b.
 
-    dz   (T, B, H)   in: W_qhᵀ ∂L/∂o_t; out: ∂L/∂z_t
-    dh0  (B, H)      out: ∂L/∂h_0 = W_hhᵀ ∂L/∂z_1
-    hs   (T+1, B, H) h_0 .. h_T from the forward pass
-    W_hh (H, H)
+    dz    (T, B, H)   in: W_qhᵀ ∂L/∂o_t; out: ∂L/∂z_t
+    dh0   (B, H)      out: ∂L/∂h_0 = c_1 W_hhᵀ ∂L/∂z_1
+    hs    (T+1, B, H) h_0 .. h_T from the forward pass
+    carry (T, B)      carry[t, b] weighs what step t sends back to the state before it
+    W_hh  (H, H)
     """
     T, _, H = dz.shape
     for t in range(T - 1, -1, -1):
         g = dz[t, b]
         if t < T - 1:
             nxt = dz[t + 1, b]
+            c = carry[t + 1, b]
             for i in range(H):
-                di = nxt[i]
+                di = c * nxt[i]
                 row = W_hh[i]
                 for j in range(H):
                     g[j] += row[j] * di
@@ -46,25 +51,26 @@ def _reverse_one(dz, dh0, hs, W_hh, act, b):
     first = dz[0, b]
     for j in range(H):
         out[j] = 0
+    c = carry[0, b]
     for i in range(H):
-        di = first[i]
+        di = c * first[i]
         row = W_hh[i]
         for j in range(H):
             out[j] += row[j] * di
 
 
 @njit(cache=True)
-def reverse_sweep(dz, dh0, hs, W_hh, act):
+def reverse_sweep(dz, dh0, hs, carry, W_hh, act):
     """The reverse sweep over every sequence of the batch, one after the other (see ``_reverse_one``)."""
     for b in range(dz.shape[1]):
-        _reverse_one(dz, dh0, hs, W_hh, act, b)
+        _reverse_one(dz, dh0, hs, carry, W_hh, act, b)
 
 
 @njit(cache=True, parallel=True)
-def reverse_sweep_parallel(dz, dh0, hs, W_hh, act):
+def reverse_sweep_parallel(dz, dh0, hs, carry, W_hh, act):
     """``reverse_sweep`` with the sequences spread over threads; each writes only its own slices."""
     for b in prange(dz.shape[1]):
-        _reverse_one(dz, dh0, hs, W_hh, act, b)
+        _reverse_one(dz, dh0, hs, carry, W_hh, act, b)
 
 
 @njit(cache=True)
