@@ -144,7 +144,7 @@ def _forward(model, ws, kind, X, h0, parallel):
     """Fill ws.hs with h_0 .. h_T and ws.out with o_1 .. o_T. X is validated; token ids are in ws.tokens."""
     p = model.params
     T, B = ws.T, ws.B
-    H, O = model.hidden_size, model.output_size
+    H = model.hidden_size
     hs = ws.hs
     if h0 is None:
         hs[0] = 0
