@@ -18,6 +18,18 @@ from .model import ACTIVATIONS, RNN
 from .workspace import Workspace, model_signature
 
 LOSSES = ("cross_entropy", "mse")
+METHODS = ("auto", "fused", "blas")
+
+
+def choose_method(B, H):
+    """The recurrence that ``method="auto"`` runs for a batch of B sequences of hidden size H.
+
+    ``"fused"`` runs each sequence's whole time loop in one compiled kernel (no call
+    per step; W_hh stays in cache); ``"blas"`` runs one GEMM per step over the batch,
+    which wins once a step's B·H·H product is big enough for BLAS to pay off. The
+    choice depends on the shape only, never on ``parallel``, so both give the same bits.
+    """
+    return "blas" if H >= 256 and B * H >= 4096 else "fused"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -77,6 +89,12 @@ def _check_model(model, check_finite):
         bad = [name for name, p in model.params.items() if not _all_finite(p)]
         raise ValueError(f"model parameters {bad} contain NaN or Inf "
                          f"(pass check_finite=False to let them propagate)")
+
+
+def _check_method(method, B, H):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return choose_method(B, H) if method == "auto" else method
 
 
 def _check_flag(value, name):
@@ -140,7 +158,7 @@ def _check_targets(Y, loss, model, T, B, check_finite):
 # ----------------------------------------------------------------------------- passes
 
 
-def _forward(model, ws, kind, X, h0, parallel):
+def _forward(model, ws, kind, X, h0, parallel, method):
     """Fill ws.hs with h_0 .. h_T and ws.out with o_1 .. o_T. X is validated; token ids are in ws.tokens."""
     p = model.params
     T, B = ws.T, ws.B
@@ -154,9 +172,16 @@ def _forward(model, ws, kind, X, h0, parallel):
         _fw.gather_input(hs[1:], ws.tokens, p["W_hx"])
     else:
         np.dot(X.reshape(T * B, model.input_size), p["W_hx"].T, out=hs[1:].reshape(T * B, H))
-    ws.W_hhT[...] = p["W_hh"].T
-    recur = _fw.recurrence_parallel if parallel else _fw.recurrence
-    recur(hs, p["b_h"] if model.bias else ws.zero_h, ws.W_hhT, ACTIVATIONS[model.activation])
+    b_h = p["b_h"] if model.bias else ws.zero_h
+    act = ACTIVATIONS[model.activation]
+    if method == "fused":
+        ws.W_hhT[...] = p["W_hh"].T
+        recur = _fw.recurrence_parallel if parallel else _fw.recurrence
+        recur(hs, b_h, ws.W_hhT, act)
+    else:
+        for t in range(T):
+            np.dot(hs[t], p["W_hh"].T, out=ws.step)                   # h_{t-1} W_hhᵀ
+            _fw.activate_step(hs[t + 1], ws.step, b_h, act)
     np.dot(hs[1:].reshape(T * B, H), p["W_qh"].T, out=ws.out)
     if model.bias:
         _fw.add_rows(ws.out, p["b_q"])
@@ -176,7 +201,7 @@ def _check_carry(carry, T, B):
     return carry
 
 
-def _backward(model, ws, kind, X, parallel, want_dX, carry=None):
+def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
     """From ∂L/∂o in ws.out, fill ws.grads, ws.dh0 and (if wanted) ws.dX_buffer()."""
     p, g = model.params, ws.grads
     T, B = ws.T, ws.B
@@ -189,13 +214,23 @@ def _backward(model, ws, kind, X, parallel, want_dX, carry=None):
     if model.bias:
         np.dot(ones, dO, out=g["b_q"])                               # Σ_t ∂L/∂o_t
     np.dot(dO, p["W_qh"], out=dz)                                    # W_qhᵀ ∂L/∂o_t, all t
-    sweep = _bw.reverse_sweep_parallel if parallel else _bw.reverse_sweep
     if carry is None:
         weights = ws.carry_full
     else:
         weights = ws.carry
         weights[...] = carry if carry.ndim == 2 else carry[:, None]
-    sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], ACTIVATIONS[model.activation])
+    act = ACTIVATIONS[model.activation]
+    if method == "fused":
+        sweep = _bw.reverse_sweep_parallel if parallel else _bw.reverse_sweep
+        sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], act)
+    else:
+        ws.step[...] = 0
+        for t in range(T - 1, -1, -1):
+            if t < T - 1:
+                np.dot(ws.dz[t + 1], p["W_hh"], out=ws.step)          # ∂L/∂z_{t+1} W_hh
+            _bw.reverse_step(ws.dz[t], ws.step, weights[t + 1 if t < T - 1 else t], hs[t + 1], act)
+        np.dot(ws.dz[0], p["W_hh"], out=ws.dh0)
+        _bw.scale_rows(ws.dh0, weights[0])
     np.dot(dz.T, hs[:-1].reshape(T * B, H), out=g["W_hh"])          # Σ_t ∂L/∂z_t h_{t-1}ᵀ
     if model.bias:
         np.dot(ones, dz, out=g["b_h"])                               # Σ_t ∂L/∂z_t
@@ -224,7 +259,7 @@ def _extras(ws, return_dh0, return_dX):
 
 
 def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None, parallel=False,
-                  return_dh0=False, return_dX=False, check_finite=True, carry=None):
+                  return_dh0=False, return_dX=False, check_finite=True, carry=None, method="auto"):
     """Loss, gradients of every parameter, and the final hidden state, by BPTT.
 
     Parameters
@@ -257,6 +292,10 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
         weighs ∂L/∂h_0). None (all ones) is full BPTT; a 0 cuts the graph before that
         step; 0 or 1/π at random gives the randomized truncation of Tallec & Ollivier.
         Converted to the model's dtype.
+    method : {"auto", "fused", "blas"}
+        How the recurrence and the sweep run: ``"fused"``, one compiled loop over t per
+        sequence; ``"blas"``, one GEMM per step over the batch. ``"auto"`` picks by
+        shape (``fastbptt.api.choose_method``). All give the same result up to rounding.
 
     Returns
     -------
@@ -278,11 +317,12 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     h0 = _check_h0(h0, model, B, check_finite)
     Y = _check_targets(Y, loss, model, T, B, check_finite)
     carry = _check_carry(carry, T, B)
+    method = _check_method(method, B, model.hidden_size)
     ws = _check_workspace(workspace, model, T, B)
     # -- everything is valid from here on
     if kind == "tokens":
         np.copyto(ws.tokens, X, casting="unsafe")     # ids are in range: the cast is exact
-    _forward(model, ws, kind, X, h0, parallel)
+    _forward(model, ws, kind, X, h0, parallel, method)
     ws.forward_kind = None                            # ws.out is about to hold ∂L/∂o, not o
     if loss == "cross_entropy":
         np.copyto(ws.targets, Y.reshape(T * B), casting="unsafe")
@@ -291,11 +331,11 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     else:
         kernel = _losses.mse_parallel if parallel else _losses.mse
         value = kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
-    _backward(model, ws, kind, X, parallel, return_dX, carry)
+    _backward(model, ws, kind, X, parallel, method, return_dX, carry)
     return (value, ws.grads, ws.hs[T]) + _extras(ws, return_dh0, return_dX)
 
 
-def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=True):
+def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=True, method="auto"):
     """Run the recurrence and the readout, keeping what ``backward`` needs in the workspace.
 
     Parameters are as in ``loss_and_grad``. The inputs are copied into the
@@ -312,19 +352,20 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
     _check_model(model, check_finite)
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
+    method = _check_method(method, B, model.hidden_size)
     ws = _check_workspace(workspace, model, T, B)
     if kind == "tokens":
         np.copyto(ws.tokens, X, casting="unsafe")
     else:
         np.copyto(ws.x_buffer(), X)
         X = ws.x_buffer()
-    _forward(model, ws, kind, X, h0, parallel)
+    _forward(model, ws, kind, X, h0, parallel, method)
     ws.forward_kind = kind
     return ws.out.reshape(T, B, model.output_size), ws.hs[T]
 
 
 def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_dX=False,
-             check_finite=True, carry=None):
+             check_finite=True, carry=None, method="auto"):
     """Gradients from a caller-supplied ∂L/∂o, after ``forward`` on the same workspace.
 
     Use it for any loss: compute ∂L/∂o from the outputs ``forward`` returned, then
@@ -338,6 +379,8 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     workspace : fastbptt.Workspace
         The one the preceding ``forward`` used.
     carry : ndarray (T,) or (T, B), optional
+        As in ``loss_and_grad``.
+    method : {"auto", "fused", "blas"}
         As in ``loss_and_grad``.
 
     Returns
@@ -361,9 +404,10 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
                          "workspace=workspace) first (once per backward)")
     dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite)
     carry = _check_carry(carry, ws.T, ws.B)
+    method = _check_method(method, ws.B, model.hidden_size)
     kind = ws.forward_kind
     np.copyto(ws.out, dO.reshape(ws.T * ws.B, model.output_size))
     ws.forward_kind = None
-    _backward(model, ws, kind, ws._x, parallel, return_dX, carry)
+    _backward(model, ws, kind, ws._x, parallel, method, return_dX, carry)
     extras = _extras(ws, return_dh0, return_dX)
     return (ws.grads,) + extras if extras else ws.grads

@@ -12,15 +12,15 @@ from helpers import assert_close, make_problem, reference_result
 
 COMBOS = list(itertools.product(
     ["identity", "tanh", "relu"], [True, False], ["cross_entropy", "mse"],
-    ["dense", "tokens"], [np.float64, np.float32], [False, True]))
+    ["dense", "tokens"], [np.float64, np.float32], [False, True], ["fused", "blas"]))
 
 
-def check_against_reference(model, X, Y, h0, loss, parallel=False, workspace=None):
+def check_against_reference(model, X, Y, h0, loss, parallel=False, workspace=None, method="auto"):
     """Run both paths and compare every output; return the largest error of each, by name."""
     dtype = model.dtype
     L, grads, hT, dh0, dX = fastbptt.loss_and_grad(
         model, X, Y, h0, loss=loss, parallel=parallel, workspace=workspace,
-        return_dh0=True, return_dX=True)
+        return_dh0=True, return_dX=True, method=method)
     L_ref, g_ref, hT_ref, dh0_ref, dX_ref = reference_result(model, X, Y, h0, loss)
     errors = {"loss": assert_close("loss", L, L_ref, dtype),
               "h_T": assert_close("h_T", hT, hT_ref, dtype)}
@@ -34,11 +34,11 @@ def check_against_reference(model, X, Y, h0, loss, parallel=False, workspace=Non
     return errors
 
 
-@pytest.mark.parametrize("activation,bias,loss,inputs,dtype,parallel", COMBOS)
-def test_every_combination(activation, bias, loss, inputs, dtype, parallel):
-    model, X, Y, h0 = make_problem(T=7, B=3, D=5, H=6, O=4, activation=activation, bias=bias,
+@pytest.mark.parametrize("activation,bias,loss,inputs,dtype,parallel,method", COMBOS)
+def test_every_combination(activation, bias, loss, inputs, dtype, parallel, method):
+    model, X, Y, h0 = make_problem(T=7, B=3, D=5, H=11, O=4, activation=activation, bias=bias,
                                    loss=loss, inputs=inputs, dtype=dtype, seed=1)
-    errors = check_against_reference(model, X, Y, h0, loss, parallel)
+    errors = check_against_reference(model, X, Y, h0, loss, parallel, method=method)
     print(" ".join(f"{k}={v:.1e}" for k, v in errors.items()))
 
 
@@ -64,6 +64,7 @@ def test_edge_sizes(sizes, inputs):
         model, X, Y, h0 = make_problem(loss=loss, inputs=inputs, **sizes)
         check_against_reference(model, X, Y, h0, loss)
         check_against_reference(model, X, Y, h0, loss, parallel=True)
+        check_against_reference(model, X, Y, h0, loss, method="blas")
 
 
 def test_large_logits_are_stable():
@@ -132,9 +133,20 @@ def test_workspace_reuse_gives_the_same_results():
        O=st.integers(1, 5), activation=st.sampled_from(["identity", "tanh", "relu"]),
        bias=st.booleans(), loss=st.sampled_from(["cross_entropy", "mse"]),
        inputs=st.sampled_from(["dense", "tokens"]), dtype=st.sampled_from([np.float64, np.float32]),
-       parallel=st.booleans(), seed=st.integers(0, 2**31), h0=st.booleans())
+       parallel=st.booleans(), method=st.sampled_from(["fused", "blas"]),
+       seed=st.integers(0, 2**31), h0=st.booleans())
 def test_property_random_shapes_and_values(T, B, D, H, O, activation, bias, loss, inputs, dtype,
-                                           parallel, seed, h0):
+                                           parallel, method, seed, h0):
     model, X, Y, h = make_problem(T=T, B=B, D=D, H=H, O=O, activation=activation, bias=bias,
                                   loss=loss, inputs=inputs, dtype=dtype, seed=seed, h0=h0)
-    check_against_reference(model, X, Y, h, loss, parallel)
+    check_against_reference(model, X, Y, h, loss, parallel, method=method)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_larger_sizes_both_methods(dtype):
+    """Sizes where the unrolled inner loops run many full passes, and "auto" picks "blas"."""
+    model, X, Y, h0 = make_problem(T=6, B=16, D=9, H=260, O=13, dtype=dtype, inputs="tokens")
+    model.flat[...] *= 0.1
+    assert fastbptt.api.choose_method(16, 260) == "blas"
+    for method in ("fused", "blas", "auto"):
+        check_against_reference(model, X, Y, h0, "cross_entropy", method=method)

@@ -8,9 +8,9 @@ import fastbptt
 from helpers import make_problem
 
 
-def run(model, X, Y, h0, loss, parallel):
+def run(model, X, Y, h0, loss, parallel, method="auto"):
     L, grads, hT, dh0, dX = fastbptt.loss_and_grad(model, X, Y, h0, loss=loss, parallel=parallel,
-                                                   return_dh0=True, return_dX=True)
+                                                   return_dh0=True, return_dX=True, method=method)
     return {"loss": np.array(L), "h_T": hT, "dh0": dh0, "dX": dX, **grads}
 
 
@@ -18,14 +18,15 @@ def run(model, X, Y, h0, loss, parallel):
 @pytest.mark.parametrize("inputs", ["dense", "tokens"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_parallel_equals_serial(threads, inputs, loss, dtype):
+@pytest.mark.parametrize("method", ["fused", "blas"])
+def test_parallel_equals_serial(threads, inputs, loss, dtype, method):
     threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-    model, X, Y, h0 = make_problem(T=9, B=8, D=5, H=16, O=7, loss=loss, inputs=inputs, dtype=dtype)
-    serial = run(model, X, Y, h0, loss, parallel=False)
+    model, X, Y, h0 = make_problem(T=9, B=8, D=5, H=21, O=7, loss=loss, inputs=inputs, dtype=dtype)
+    serial = run(model, X, Y, h0, loss, parallel=False, method=method)
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        parallel = run(model, X, Y, h0, loss, parallel=True)
+        parallel = run(model, X, Y, h0, loss, parallel=True, method=method)
     finally:
         numba.set_num_threads(before)
     for name, value in serial.items():

@@ -9,7 +9,9 @@ other values give randomized truncation (Tallec & Ollivier, 2017).
 
 The direct terms W_qhᵀ ∂L/∂o_t of all steps are one GEMM done before the sweep and
 written into ``dz``; the sweep adds the recurrent term and multiplies by φ' in
-place, leaving ∂L/∂z_t in ``dz``. The weight gradients are then sums over t of
+place, leaving ∂L/∂z_t in ``dz``: either fused (``reverse_sweep``, one compiled
+loop over t per sequence) or with one GEMM per step done by the caller
+(``reverse_step``). The weight gradients are then sums over t of
 outer products, done afterwards as single GEMMs over all T·B rows by the caller
 (or, for token inputs, by ``scatter_input_grad``). φ' is read off h_t = φ(z_t):
 tanh' = 1 - h², relu' = [h > 0], identity' = 1.
@@ -17,8 +19,23 @@ tanh' = 1 - h², relu' = [h > 0], identity' = 1.
 
 from numba import njit, prange
 
+from .primitives import matvec_acc
 
-@njit(cache=True, inline="always")
+
+@njit(inline="always", error_model="numpy")
+def _dphi(g, h, act):
+    """g *= φ'(z) in place, with φ' read off h = φ(z). g, h (H,)"""
+    if act == 1:
+        one = g.dtype.type(1)
+        for j in range(g.shape[0]):
+            g[j] *= one - h[j] * h[j]
+    elif act == 2:
+        for j in range(g.shape[0]):
+            if h[j] <= 0:
+                g[j] = 0
+
+
+@njit(inline="always", error_model="numpy")
 def _reverse_one(dz, dh0, hs, carry, W_hh, act, b):
     """Reverse sweep of sequence b.
 
@@ -32,48 +49,29 @@ def _reverse_one(dz, dh0, hs, carry, W_hh, act, b):
     for t in range(T - 1, -1, -1):
         g = dz[t, b]
         if t < T - 1:
-            nxt = dz[t + 1, b]
-            c = carry[t + 1, b]
-            for i in range(H):
-                di = c * nxt[i]
-                row = W_hh[i]
-                for j in range(H):
-                    g[j] += row[j] * di
-        h = hs[t + 1, b]
-        if act == 1:
-            for j in range(H):
-                g[j] *= 1 - h[j] * h[j]
-        elif act == 2:
-            for j in range(H):
-                if h[j] <= 0:
-                    g[j] = 0
+            matvec_acc(g, W_hh, dz[t + 1, b], carry[t + 1, b])   # += c W_hhᵀ ∂L/∂z_{t+1}
+        _dphi(g, hs[t + 1, b], act)
     out = dh0[b]
-    first = dz[0, b]
     for j in range(H):
         out[j] = 0
-    c = carry[0, b]
-    for i in range(H):
-        di = c * first[i]
-        row = W_hh[i]
-        for j in range(H):
-            out[j] += row[j] * di
+    matvec_acc(out, W_hh, dz[0, b], carry[0, b])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def reverse_sweep(dz, dh0, hs, carry, W_hh, act):
     """The reverse sweep over every sequence of the batch, one after the other (see ``_reverse_one``)."""
     for b in range(dz.shape[1]):
         _reverse_one(dz, dh0, hs, carry, W_hh, act, b)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def reverse_sweep_parallel(dz, dh0, hs, carry, W_hh, act):
     """``reverse_sweep`` with the sequences spread over threads; each writes only its own slices."""
     for b in prange(dz.shape[1]):
         _reverse_one(dz, dh0, hs, carry, W_hh, act, b)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def scatter_input_grad(dW_hx, dz, tokens):
     """dW_hx[:, tokens[t, b]] += dz[t, b] for every position, in order: ∂L/∂W_hx for one-hot inputs.
 
@@ -89,7 +87,7 @@ def scatter_input_grad(dW_hx, dz, tokens):
                 dW_hx[i, k] += dz[t, b, i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def scatter_input_grad_parallel(dW_hx, dz, tokens):
     """``scatter_input_grad`` with the rows of dW_hx spread over threads.
 
@@ -101,3 +99,36 @@ def scatter_input_grad_parallel(dW_hx, dz, tokens):
         for t in range(T):
             for b in range(B):
                 dW_hx[i, tokens[t, b]] += dz[t, b, i]
+
+
+@njit(cache=True, error_model="numpy")
+def reverse_step(g, back, carry, h, act):
+    """One step of the per-step BLAS sweep: g = φ'(z_t) ⊙ (g + c back).
+
+    g     (B, H) in: W_qhᵀ ∂L/∂o_t; out: ∂L/∂z_t
+    back  (B, H) ∂L/∂z_{t+1} W_hh, from the caller's GEMM
+    carry (B,)   c, the weights of step t+1
+    h     (B, H) h_t
+    act   int
+    """
+    B, H = g.shape
+    for b in range(B):
+        row = g[b]
+        r = back[b]
+        c = carry[b]
+        for j in range(H):
+            row[j] += c * r[j]
+        _dphi(row, h[b], act)
+
+
+@njit(cache=True, error_model="numpy")
+def scale_rows(a, c):
+    """a[b] *= c[b] for every row b.
+
+    a (B, H) in/out
+    c (B,)
+    """
+    B, H = a.shape
+    for b in range(B):
+        for j in range(H):
+            a[b, j] *= c[b]

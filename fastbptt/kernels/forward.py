@@ -8,14 +8,23 @@ recurrence (one GEMM for dense inputs, a gather of W_hx's columns for token ids)
 and written into ``hs[1:]``; the recurrence then adds b_h + W_hh h_{t-1} and
 applies φ in place, so ``hs`` ends up holding h_0 .. h_T.
 
+Two ways to run the recurrence:
+
+- fused (``recurrence``): one compiled loop over t per sequence, the product
+  W_hh h_{t-1} done inline; best when a step is too small for BLAS to pay off.
+  ``recurrence_parallel`` gives each thread whole sequences, with no barrier per step.
+- per-step BLAS (``activate_step``): the caller computes h_{t-1} W_hhᵀ for the whole
+  batch with one GEMM per step and this kernel adds it and applies φ.
+
 Activation codes: 0 identity, 1 tanh, 2 relu (``fastbptt.model.ACTIVATIONS``).
 """
 
-import numpy as np
 from numba import njit, prange
 
+from .primitives import matvec_acc, tanh
 
-@njit(cache=True)
+
+@njit(cache=True, error_model="numpy")
 def gather_input(zx, tokens, W_hx):
     """zx[t, b] = W_hx[:, tokens[t, b]]: the input projection of one-hot inputs.
 
@@ -31,7 +40,19 @@ def gather_input(zx, tokens, W_hx):
                 zx[t, b, i] = W_hx[i, k]
 
 
-@njit(cache=True, inline="always")
+@njit(inline="always", error_model="numpy")
+def _activate(cur, act):
+    """cur = φ(cur) in place. cur (H,)"""
+    if act == 1:
+        for i in range(cur.shape[0]):
+            cur[i] = tanh(cur[i])
+    elif act == 2:
+        for i in range(cur.shape[0]):
+            if cur[i] < 0:
+                cur[i] = 0
+
+
+@njit(inline="always", error_model="numpy")
 def _recur_one(hs, b_h, W_hhT, act, b):
     """Run sequence b: hs[t+1, b] = φ(hs[t+1, b] + b_h + W_hh hs[t, b]) for t = 0 .. T-1.
 
@@ -41,28 +62,18 @@ def _recur_one(hs, b_h, W_hhT, act, b):
     """
     T = hs.shape[0] - 1
     H = hs.shape[2]
+    one = hs.dtype.type(1)
     for t in range(T):
-        prev = hs[t, b]
         cur = hs[t + 1, b]
         for i in range(H):
             cur[i] += b_h[i]
-        for j in range(H):
-            hj = prev[j]
-            row = W_hhT[j]
-            for i in range(H):
-                cur[i] += row[i] * hj
-        if act == 1:
-            for i in range(H):
-                cur[i] = np.tanh(cur[i])
-        elif act == 2:
-            for i in range(H):
-                if cur[i] < 0:
-                    cur[i] = 0
+        matvec_acc(cur, W_hhT, hs[t, b], one)
+        _activate(cur, act)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def recurrence(hs, b_h, W_hhT, act):
-    """The recurrence over every sequence of the batch, one after the other.
+    """The fused recurrence over every sequence of the batch, one after the other.
 
     hs    (T+1, B, H) in/out (see ``_recur_one``)
     b_h   (H,)
@@ -73,14 +84,32 @@ def recurrence(hs, b_h, W_hhT, act):
         _recur_one(hs, b_h, W_hhT, act, b)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def recurrence_parallel(hs, b_h, W_hhT, act):
     """``recurrence`` with the sequences spread over threads; each writes only its own hs[:, b]."""
     for b in prange(hs.shape[1]):
         _recur_one(hs, b_h, W_hhT, act, b)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def activate_step(cur, rec, b_h, act):
+    """One step of the per-step BLAS recurrence: cur = φ(cur + b_h + rec).
+
+    cur (B, H) in: W_hx x_t; out: h_t
+    rec (B, H) h_{t-1} W_hhᵀ, from the caller's GEMM
+    b_h (H,)
+    act int
+    """
+    B, H = cur.shape
+    for b in range(B):
+        row = cur[b]
+        r = rec[b]
+        for i in range(H):
+            row[i] += b_h[i] + r[i]
+        _activate(row, act)
+
+
+@njit(cache=True, error_model="numpy")
 def add_rows(a, v):
     """a[n] += v for every row n: the readout bias.
 

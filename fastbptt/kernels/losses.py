@@ -9,31 +9,49 @@ same loss and gradient.
 import numpy as np
 from numba import njit, prange
 
+from .primitives import exp
 
-@njit(cache=True, inline="always")
+
+@njit(inline="always", error_model="numpy")
+def _sum(row):
+    """Σ row in float64, four running sums combined in a fixed order."""
+    n = row.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    k = 0
+    while k + 4 <= n:
+        s0 += row[k]
+        s1 += row[k + 1]
+        s2 += row[k + 2]
+        s3 += row[k + 3]
+        k += 4
+    while k < n:
+        s0 += row[k]
+        k += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(inline="always", error_model="numpy")
 def _cross_entropy_row(do, row_loss, targets, n):
     """Row n of ``cross_entropy`` (see there)."""
     N, O = do.shape
     row = do[n]
+    y = targets[n]
     m = row[0]
     for k in range(1, O):
         if row[k] > m:
             m = row[k]
-    s = 0.0
+    target_logit = row[y]
     for k in range(O):
-        s += np.exp(row[k] - m)
-    lse = m + np.log(s)
-    y = targets[n]
-    row_loss[n] = lse - row[y]
-    inv_n = 1.0 / N
+        row[k] = exp(row[k] - m)                 # e^(o_k - max) in (0, 1]
+    s = _sum(row)
+    row_loss[n] = (m - target_logit) + np.log(s)   # log-sum-exp minus the target's logit
+    scale = row.dtype.type(1.0 / (s * N))
     for k in range(O):
-        p = np.exp(row[k] - lse)      # softmax, in float64 until the one rounding below
-        if k == y:
-            p -= 1.0
-        row[k] = p * inv_n
+        row[k] *= scale                          # softmax / N
+    row[y] -= row.dtype.type(1.0 / N)
 
 
-@njit(cache=True, inline="always")
+@njit(inline="always", error_model="numpy")
 def _mean(row_loss):
     """The mean of row_loss, summed in float64 in a fixed order."""
     total = 0.0
@@ -42,7 +60,7 @@ def _mean(row_loss):
     return total / row_loss.shape[0]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def cross_entropy(do, row_loss, targets):
     """Softmax cross-entropy, stable for large logits (log-sum-exp).
 
@@ -56,7 +74,7 @@ def cross_entropy(do, row_loss, targets):
     return _mean(row_loss)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def cross_entropy_parallel(do, row_loss, targets):
     """``cross_entropy`` with the rows spread over threads."""
     for n in prange(do.shape[0]):
@@ -64,22 +82,24 @@ def cross_entropy_parallel(do, row_loss, targets):
     return _mean(row_loss)
 
 
-@njit(cache=True, inline="always")
+@njit(inline="always", error_model="numpy")
 def _mse_row(do, row_loss, targets, n):
     """Row n of ``mse`` (see there)."""
     N, O = do.shape
     row = do[n]
     target = targets[n]
-    scale = 2.0 / (N * O)
+    for k in range(O):
+        row[k] -= target[k]                      # o - y
     s = 0.0
     for k in range(O):
-        d = row[k] - target[k]
-        s += d * d
-        row[k] = d * scale
+        s += row[k] * row[k]
     row_loss[n] = s / O
+    scale = row.dtype.type(2.0 / (N * O))
+    for k in range(O):
+        row[k] *= scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def mse(do, row_loss, targets):
     """Squared error averaged over all N·O elements.
 
@@ -93,7 +113,7 @@ def mse(do, row_loss, targets):
     return _mean(row_loss)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def mse_parallel(do, row_loss, targets):
     """``mse`` with the rows spread over threads."""
     for n in prange(do.shape[0]):

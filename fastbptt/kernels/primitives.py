@@ -1,0 +1,161 @@
+"""Building blocks the kernels inline, written so that LLVM can vectorize the loops around them.
+
+``tanh(x)``: for float32, a rational approximation (odd degree-13 numerator over an
+even degree-6 denominator on [-7.9, 7.9], where float32 tanh saturates), accurate to
+about 3 float32 ulp and about 30 times faster in a loop than libm's tanhf, which LLVM
+cannot vectorize without a vector math library. For float64, libm's tanh.
+
+``exp(x)``: for float32, Cody-Waite range reduction x = n ln 2 + r, a degree-7
+polynomial for e^r and 2^n built from its bits (as two factors, so that both stay
+normal); within about 2 float32 ulp where the result is normal, 0 below -104 and
++inf above 88.72. For float64, libm's exp.
+
+``matvec_acc(out, M, v, c)``: out += c Σ_j v[j] M[j], eight rows at a time.
+
+NaN stays NaN. Callers compile with ``error_model="numpy"`` so that a division
+carries no ZeroDivisionError branch, which would stop vectorization.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+_F = np.float32
+_CLAMP = _F(7.90531110763549805)          # tanh(±7.9053) rounds to ±1 in float32
+# numerator p(x²) and denominator q(x²) coefficients, highest degree first
+_P0, _P1, _P2, _P3, _P4, _P5, _P6 = (_F(c) for c in (
+    -2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+    1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03))
+_Q0, _Q1, _Q2, _Q3 = (_F(c) for c in (
+    1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03))
+
+
+def tanh(x):
+    """tanh(x) for one float32 or float64 scalar; only callable from compiled code."""
+    raise NotImplementedError("fastbptt.kernels.mathfn.tanh is only callable from @njit code")
+
+
+@overload(tanh, inline="always")
+def _tanh_overload(x):
+    if x == types.float32:
+        def tanh_float32(x):
+            if x > _CLAMP:            # comparisons with NaN are false: NaN goes on
+                x = _CLAMP
+            if x < -_CLAMP:
+                x = -_CLAMP
+            x2 = x * x
+            p = x2 * _P0 + _P1
+            p = x2 * p + _P2
+            p = x2 * p + _P3
+            p = x2 * p + _P4
+            p = x2 * p + _P5
+            p = x2 * p + _P6
+            q = x2 * _Q0 + _Q1
+            q = x2 * q + _Q2
+            q = x2 * q + _Q3
+            return x * p / q
+        return tanh_float32
+    if isinstance(x, types.Float):
+        def tanh_libm(x):
+            return np.tanh(x)
+        return tanh_libm
+    return None
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bits are the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0]
+        if bits.bitwidth > 32:
+            low = builder.trunc(low, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            low = builder.zext(low, ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+_LOG2E = _F(1.44269504088896341)
+_LN2_HI = _F(0.693359375)               # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI exact in 9 bits
+_LN2_LO = _F(-2.12194440e-4)
+_EXP_HI = _F(88.72283935546875)        # above: e^x overflows float32
+_EXP_LO = _F(-103.97208404541016)      # below: e^x rounds to 0 in float32
+_HALF = _F(0.5)
+_ONE = _F(1.0)
+_ZERO = _F(0.0)
+_INF = _F(np.inf)
+_E2, _E3, _E4, _E5, _E6, _E7 = (_F(1.0 / f) for f in (2, 6, 24, 120, 720, 5040))
+
+
+def exp(x):
+    """e**x for one float32 or float64 scalar; only callable from compiled code."""
+    raise NotImplementedError("fastbptt.kernels.primitives.exp is only callable from @njit code")
+
+
+@overload(exp, inline="always")
+def _exp_overload(x):
+    if x == types.float32:
+        def exp_float32(x):
+            big = x > _EXP_HI
+            small = x < _EXP_LO
+            y = min(max(x, _EXP_LO), _EXP_HI)   # NaN comparisons are false: NaN goes on
+            n = np.floor(y * _LOG2E + _HALF)
+            r = (y - n * _LN2_HI) - n * _LN2_LO
+            p = r * _E7 + _E6
+            p = r * p + _E5
+            p = r * p + _E4
+            p = r * p + _E3
+            p = r * p + _E2
+            p = r * p + _ONE
+            p = r * p + _ONE
+            k = np.int32(n)                    # in [-150, 128]: 2^k in two normal halves
+            half = k >> 1
+            result = (p * _float32_from_bits((half + 127) << 23)) * _float32_from_bits((k - half + 127) << 23)
+            if big:
+                result = _INF
+            if small:
+                result = _ZERO
+            if x != x:
+                result = x
+            return result
+        return exp_float32
+    if isinstance(x, types.Float):
+        def exp_libm(x):
+            return np.exp(x)
+        return exp_libm
+    return None
+
+
+@njit(inline="always", error_model="numpy")
+def matvec_acc(out, M, v, c):
+    """out[i] += c * Σ_j v[j] M[j, i]: a row-vector times a matrix, accumulated.
+
+    out (N,)   in/out
+    M   (K, N) rows M[j] are contiguous, so the inner loop runs over them
+    v   (K,)
+    c   scalar
+    Eight rows of M go into each pass over ``out``, so ``out`` is loaded and stored
+    K/8 times rather than K times.
+    """
+    K, N = M.shape
+    j = 0
+    while j + 8 <= K:
+        v0, v1, v2, v3 = c * v[j], c * v[j + 1], c * v[j + 2], c * v[j + 3]
+        v4, v5, v6, v7 = c * v[j + 4], c * v[j + 5], c * v[j + 6], c * v[j + 7]
+        m0, m1, m2, m3 = M[j], M[j + 1], M[j + 2], M[j + 3]
+        m4, m5, m6, m7 = M[j + 4], M[j + 5], M[j + 6], M[j + 7]
+        for i in range(N):
+            out[i] += (((m0[i] * v0 + m1[i] * v1) + (m2[i] * v2 + m3[i] * v3))
+                       + ((m4[i] * v4 + m5[i] * v5) + (m6[i] * v6 + m7[i] * v7)))
+        j += 8
+    while j < K:
+        vj = c * v[j]
+        row = M[j]
+        for i in range(N):
+            out[i] += row[i] * vj
+        j += 1
