@@ -1,0 +1,378 @@
+"""Character-level text data and minibatches, built exactly as Dive into Deep Learning builds them.
+
+Preprocessing (d2l's ``read_time_machine``): in every line each run of characters
+that are not ASCII letters becomes one space, then the line is stripped and
+lower-cased. The tokens are the characters of the lines, concatenated (line breaks
+are dropped, not turned into spaces). The vocabulary lists ``<unk>`` first, then
+every token by decreasing frequency (ties in order of first appearance); for
+The Time Machine that is 28 tokens: ``<unk>``, the space and 26 letters.
+
+Minibatches are pairs (X, Y) of integer arrays of shape (T, B), time first, with
+Y the tokens that follow X, ready for ``fastbptt.loss_and_grad``:
+
+- ``sequential_batches``: the corpus, from a random offset in [0, T], is cut into
+  B contiguous rows, and each batch is the next T columns; batch k+1 continues
+  batch k, so the hidden state can be carried from one to the next.
+- ``random_batches``: from a random offset in [0, T), the corpus is cut into
+  subsequences of T tokens, shuffled, and grouped B at a time; neighbouring batches
+  are unrelated, so the state is reset for every batch.
+
+``SeqDataLoader`` draws a new offset (and order) every time it is iterated, that is,
+every epoch. With ``rng=None`` ``sequential_batches`` is a plain deterministic
+iterator over a user's own token array (offset 0).
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import re
+
+import numpy as np
+
+TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+"""SHA-1 of d2l's ``timemachine.txt``, the text its language-model chapters use."""
+
+_NON_LETTERS = re.compile("[^A-Za-z]+")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def preprocess_lines(lines):
+    """d2l's line cleaning: every run of non-letters becomes one space; strip; lower-case.
+
+    Parameters
+    ----------
+    lines : iterable of str
+
+    Returns
+    -------
+    list of str
+        One cleaned line per input line (empty lines stay, empty).
+    """
+    return [_NON_LETTERS.sub(" ", line).strip().lower() for line in lines]
+
+
+def tokenize(lines, token="char"):
+    """Split cleaned lines into tokens: characters (``"char"``) or words (``"word"``).
+
+    Returns
+    -------
+    list of list of str
+        The tokens of each line.
+    """
+    if token == "char":
+        return [list(line) for line in lines]
+    if token == "word":
+        return [line.split() for line in lines]
+    raise ValueError(f"token must be 'char' or 'word', got {token!r}")
+
+
+class Vocab:
+    """A vocabulary: ``<unk>`` (index 0), the reserved tokens, then tokens by decreasing frequency.
+
+    Parameters
+    ----------
+    tokens : list of str, or list of list of str
+        The corpus (nested lists are flattened).
+    min_freq : int
+        Tokens seen fewer times are left out (they map to ``<unk>``).
+    reserved_tokens : list of str, optional
+        Placed right after ``<unk>``.
+
+    Attributes
+    ----------
+    idx_to_token : list of str
+    token_to_idx : dict of str to int
+    token_freqs : list of (str, int)
+        Every token of the corpus with its count, most frequent first.
+    """
+
+    unk = 0
+
+    def __init__(self, tokens=(), min_freq=0, reserved_tokens=None):
+        if tokens and isinstance(tokens[0], list):
+            tokens = [tok for line in tokens for tok in line]
+        counter = collections.Counter(tokens)
+        # sorted() is stable: ties keep the Counter's order, that of first appearance
+        self.token_freqs = sorted(counter.items(), key=lambda item: item[1], reverse=True)
+        self.idx_to_token = ["<unk>"] + list(reserved_tokens or [])
+        self.token_to_idx = {tok: idx for idx, tok in enumerate(self.idx_to_token)}
+        for tok, freq in self.token_freqs:
+            if freq < min_freq:
+                break
+            if tok not in self.token_to_idx:
+                self.idx_to_token.append(tok)
+                self.token_to_idx[tok] = len(self.idx_to_token) - 1
+
+    def __len__(self):
+        return len(self.idx_to_token)
+
+    def __getitem__(self, tokens):
+        """The index of a token (0 if unknown), or a list of indices for a list or tuple."""
+        if isinstance(tokens, (list, tuple)):
+            return [self.token_to_idx.get(tok, self.unk) for tok in tokens]
+        return self.token_to_idx.get(tokens, self.unk)
+
+    def to_tokens(self, indices):
+        """The token of an index, or a list of tokens for a sequence of indices."""
+        if np.ndim(indices) == 0:
+            return self.idx_to_token[int(indices)]
+        return [self.idx_to_token[int(i)] for i in indices]
+
+    def __repr__(self):
+        head = "".join(self.idx_to_token[1:11]) if all(len(t) == 1 for t in self.idx_to_token[1:]) \
+            else " ".join(self.idx_to_token[1:6])
+        return f"Vocab({len(self)} tokens: <unk> {head!r}...)"
+
+
+def default_text():
+    """An English text that ships with every Python: the Zen of Python and some stdlib prose.
+
+    The Zen of Python (``this``, decoded), the essay in ``heapq.__about__``, and the
+    docstrings of a few standard-library modules (absent under ``python -OO``, when the
+    first two remain, about 5,000 characters). Used when no text file is given, so
+    examples run offline anywhere.
+    """
+    parts = []
+    with contextlib.redirect_stdout(io.StringIO()):   # importing ``this`` prints the Zen
+        this = importlib.import_module("this")
+    parts.append(codecs.decode(this.s, "rot13"))
+    heapq = importlib.import_module("heapq")
+    parts.append(getattr(heapq, "__about__", ""))
+    for name in ("statistics", "argparse", "json", "csv", "random", "itertools", "inspect", "socket"):
+        try:
+            doc = importlib.import_module(name).__doc__
+        except ImportError:  # pragma: no cover - a stripped-down Python
+            doc = None
+        if doc:
+            parts.append(doc)
+    return "\n".join(parts)
+
+
+def load_corpus(path=None, *, text=None, max_tokens=None, token="char"):
+    """Read, clean and tokenize a text; return its token ids and vocabulary (d2l's ``load_corpus_time_machine``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike, optional
+        A UTF-8 text file. With neither ``path`` nor ``text``, ``default_text()``.
+    text : str, optional
+        The text itself, instead of a file.
+    max_tokens : int, optional
+        Keep only the first ``max_tokens`` tokens (d2l uses 10,000). The vocabulary is
+        built from the whole text, as in d2l.
+    token : {"char", "word"}
+
+    Returns
+    -------
+    corpus : ndarray (N,) int64
+        Token ids.
+    vocab : Vocab
+    """
+    if path is not None and text is not None:
+        raise ValueError("pass either path or text, not both")
+    if max_tokens is not None:
+        if isinstance(max_tokens, (bool, np.bool_)) or not isinstance(max_tokens, (int, np.integer)):
+            raise TypeError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens}")
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    else:
+        if text is None:
+            text = default_text()
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        lines = text.splitlines(keepends=True)
+    tokens = tokenize(preprocess_lines(lines), token)
+    vocab = Vocab(tokens)
+    corpus = np.array([vocab[tok] for line in tokens for tok in line], dtype=np.int64)
+    if max_tokens is not None:
+        corpus = corpus[:max_tokens]
+    return corpus, vocab
+
+
+def file_sha1(path):
+    """The SHA-1 of a file's bytes, as hex (compare with ``TIME_MACHINE_SHA1``)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- minibatches
+
+
+def _positive(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def _check_corpus(corpus):
+    corpus = np.asarray(corpus)
+    if corpus.ndim != 1:
+        raise ValueError(f"corpus must be a 1-D array of token ids, got shape {corpus.shape}")
+    if corpus.dtype.kind not in "iu":
+        raise TypeError(f"corpus must hold integer token ids, got dtype {corpus.dtype}")
+    return corpus
+
+
+def _check_rng(rng, name="rng"):
+    if rng is None or isinstance(rng, np.random.Generator):
+        return rng
+    raise TypeError(f"{name} must be a numpy.random.Generator or None, got {type(rng).__name__}")
+
+
+def min_tokens(T, B, sampling="sequential"):
+    """The fewest tokens that give at least one batch whatever the random offset.
+
+    Sequential partitioning draws an offset in [0, T] and needs T·B + 1 tokens after it;
+    random sampling draws one in [0, T) and needs B subsequences of T plus one token.
+    """
+    T, B = _positive(T, "T"), _positive(B, "B")
+    if sampling == "sequential":
+        return T * (B + 1) + 1
+    if sampling == "random":
+        return T * (B + 1)
+    raise ValueError(f"sampling must be 'sequential' or 'random', got {sampling!r}")
+
+
+def _too_short(n, need, T, B):
+    return ValueError(f"corpus has {n} tokens, fewer than the {need} needed for one batch of "
+                      f"B={B} sequences of T={T} steps; use a longer text or smaller T or B")
+
+
+def sequential_batches(corpus, T, B, rng=None):
+    """Sequential partitioning: B contiguous rows, read T columns at a time.
+
+    d2l's ``seq_data_iter_sequential``: with offset k (drawn from [0, T] when ``rng`` is
+    given, else 0), the n = ⌊(N - k - 1) / B⌋·B tokens after it become B rows of n/B
+    tokens, Y shifted by one. Row b of batch i+1 continues row b of batch i, so carry
+    h_T from one batch to the next.
+
+    Parameters
+    ----------
+    corpus : ndarray (N,) of int
+    T, B : int
+        Steps per batch and sequences per batch.
+    rng : numpy.random.Generator, optional
+        Draws the offset. None: offset 0, a plain deterministic iterator.
+
+    Yields
+    ------
+    X, Y : ndarray (T, B) int64
+        Inputs and next-token targets, time first, C-contiguous (new arrays).
+    """
+    corpus = _check_corpus(corpus)
+    T, B = _positive(T, "T"), _positive(B, "B")
+    rng = _check_rng(rng)
+    need = min_tokens(T, B, "sequential") if rng is not None else T * B + 1
+    if corpus.size < need:
+        raise _too_short(corpus.size, need, T, B)
+    return _sequential(corpus, T, B, 0 if rng is None else int(rng.integers(0, T + 1)))
+
+
+def _sequential(corpus, T, B, offset):
+    n = (corpus.size - offset - 1) // B * B
+    Xs = corpus[offset:offset + n].reshape(B, -1)
+    Ys = corpus[offset + 1:offset + 1 + n].reshape(B, -1)
+    for i in range(0, Xs.shape[1] // T * T, T):
+        yield (np.ascontiguousarray(Xs[:, i:i + T].T, dtype=np.int64),
+               np.ascontiguousarray(Ys[:, i:i + T].T, dtype=np.int64))
+
+
+def random_batches(corpus, T, B, rng):
+    """Random sampling: shuffled subsequences of T tokens, B per batch.
+
+    d2l's ``seq_data_iter_random``: from an offset k drawn from [0, T), the corpus is cut
+    into ⌊(N - k - 1) / T⌋ subsequences of T tokens whose starts are shuffled; each batch
+    takes the next B of them. Neighbouring batches are unrelated: start every batch from
+    a fresh state.
+
+    Parameters
+    ----------
+    corpus : ndarray (N,) of int
+    T, B : int
+    rng : numpy.random.Generator
+        Draws the offset and the order.
+
+    Yields
+    ------
+    X, Y : ndarray (T, B) int64
+    """
+    corpus = _check_corpus(corpus)
+    T, B = _positive(T, "T"), _positive(B, "B")
+    if _check_rng(rng) is None:
+        raise TypeError("random_batches needs rng, a numpy.random.Generator")
+    need = min_tokens(T, B, "random")
+    if corpus.size < need:
+        raise _too_short(corpus.size, need, T, B)
+    offset = int(rng.integers(0, T))
+    n_sub = (corpus.size - offset - 1) // T
+    starts = np.arange(0, n_sub * T, T) + offset
+    rng.shuffle(starts)
+    return _random(corpus, T, B, starts)
+
+
+def _random(corpus, T, B, starts):
+    steps = np.arange(T)
+    for i in range(0, starts.size // B * B, B):
+        idx = starts[i:i + B][None, :] + steps[:, None]         # (T, B) positions
+        yield corpus[idx].astype(np.int64), corpus[idx + 1].astype(np.int64)
+
+
+class SeqDataLoader:
+    """Minibatches of a corpus, drawn afresh every time it is iterated (every epoch).
+
+    Parameters
+    ----------
+    corpus : ndarray (N,) of int
+    T, B : int
+    sampling : {"sequential", "random"}
+    rng : numpy.random.Generator or int or None
+        Source of offsets and order; an int or None seeds a new one.
+
+    Attributes
+    ----------
+    carries_state : bool
+        True for sequential partitioning: pass h_T on from batch to batch within an
+        epoch. False for random sampling: reset the state for every batch.
+    """
+
+    def __init__(self, corpus, T, B, sampling="sequential", rng=None):
+        self.corpus = _check_corpus(corpus)
+        self.T, self.B = _positive(T, "T"), _positive(B, "B")
+        need = min_tokens(self.T, self.B, sampling)
+        if self.corpus.size < need:
+            raise _too_short(self.corpus.size, need, self.T, self.B)
+        self.sampling = sampling
+        if not isinstance(rng, np.random.Generator):
+            if rng is not None and (isinstance(rng, bool) or not isinstance(rng, (int, np.integer))):
+                raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {rng!r}")
+            rng = np.random.default_rng(rng)
+        self.rng = rng
+        self.carries_state = sampling == "sequential"
+
+    def __iter__(self):
+        if self.sampling == "sequential":
+            return sequential_batches(self.corpus, self.T, self.B, self.rng)
+        return random_batches(self.corpus, self.T, self.B, self.rng)
+
+    def __repr__(self):
+        return (f"SeqDataLoader({self.corpus.size} tokens, T={self.T}, B={self.B}, "
+                f"sampling={self.sampling!r})")
