@@ -1,0 +1,432 @@
+"""Gradient clipping and optimizers that update the flat parameter buffer in place.
+
+A model keeps every parameter in one contiguous buffer ``model.flat`` and a
+workspace keeps every gradient, laid out the same way, in ``ws.grad_flat``; so
+clipping and every optimizer here are single compiled loops over two or three flat
+arrays, with no per-parameter Python loop and no temporary arrays::
+
+    loss, grads, h = fastbptt.loss_and_grad(model, X, Y, h, workspace=ws)
+    norm = clip_grad_norm(ws.grad_flat, 1.0)         # d2l's θ; returns the norm before clipping
+    opt.step(ws.grad_flat)                           # opt = SGD(model, lr=1.0), Adam(model, 1e-3), ...
+
+Update rules (g the gradient, p the parameters, t the step count from 1):
+
+- ``SGD``:          p ← p - lr·g
+- ``SGD`` momentum: v ← μ·v + g;  p ← p - lr·v      (as ``torch.optim.SGD``)
+- ``Adagrad``:      G ← G + g²;  p ← p - lr·g / √(G + ε)        (as min-char-rnn, ε = 1e-8)
+- ``Adam``:         g ← g + λ·p (if λ);  m ← β₁m + (1-β₁)g;  v ← β₂v + (1-β₂)g²;
+                    p ← p - lr·(m / (1-β₁ᵗ)) / (√(v / (1-β₂ᵗ)) + ε)    (as ``torch.optim.Adam``)
+- ``AdamW``:        p ← p·(1 - lr·λ), then Adam without the λ·p term (as ``torch.optim.AdamW``)
+
+Arithmetic is in float64 inside the kernels; results are stored in the model's dtype.
+The public classes validate once, in Python; the kernels only compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .model import RNN
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@njit(cache=True)
+def _sum_squares(g):
+    """Σ g², accumulated in float64 in index order."""
+    s = 0.0
+    for i in range(g.shape[0]):
+        s += np.float64(g[i]) * g[i]
+    return s
+
+
+@njit(cache=True)
+def _scale(g, factor):
+    """g ← factor · g."""
+    for i in range(g.shape[0]):
+        g[i] = g[i] * factor
+
+
+@njit(cache=True)
+def _clamp(g, c):
+    """g ← min(max(g, -c), c)."""
+    for i in range(g.shape[0]):
+        if g[i] > c:
+            g[i] = c
+        elif g[i] < -c:
+            g[i] = -c
+
+
+@njit(cache=True)
+def _sgd(p, g, lr):
+    for i in range(p.shape[0]):
+        p[i] = p[i] - lr * g[i]
+
+
+@njit(cache=True)
+def _sgd_momentum(p, g, v, lr, mu):
+    for i in range(p.shape[0]):
+        vi = mu * v[i] + g[i]
+        v[i] = vi
+        p[i] = p[i] - lr * v[i]
+
+
+@njit(cache=True)
+def _adagrad(p, g, G, lr, eps):
+    for i in range(p.shape[0]):
+        gi = np.float64(g[i])
+        G[i] = G[i] + gi * gi
+        p[i] = p[i] - lr * gi / np.sqrt(np.float64(G[i]) + eps)
+
+
+@njit(cache=True)
+def _adam(p, g, m, v, lr, beta1, beta2, eps, c1, c2, decay, coupled):
+    """One Adam/AdamW step. c1 = 1 - β₁ᵗ, c2 = 1 - β₂ᵗ. ``coupled``: λ·p joins the gradient
+    (Adam's L2 penalty); else p shrinks by (1 - lr·λ) first (AdamW's decoupled decay)."""
+    for i in range(p.shape[0]):
+        pi = np.float64(p[i])
+        gi = np.float64(g[i])
+        if coupled:
+            gi += decay * pi
+        else:
+            pi = pi * (1.0 - lr * decay)
+        mi = beta1 * m[i] + (1.0 - beta1) * gi
+        vi = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = pi - lr * (m[i] / c1) / (np.sqrt(v[i] / c2) + eps)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _number(value, name, *, low=None, low_open=False, high=None, high_open=False):
+    """A finite real number in the given range, as a Python float; else a clear error."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
+    return value
+
+
+def _grad_buffer(grad, name="grad"):
+    """The flat gradient itself (a Workspace's ``grad_flat``, or a 1-D float array to change in place)."""
+    if hasattr(grad, "grad_flat") and isinstance(grad.grad_flat, np.ndarray):
+        grad = grad.grad_flat
+    if not isinstance(grad, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (such as workspace.grad_flat) or a Workspace, "
+                        f"got {type(grad).__name__}")
+    if grad.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (the flat gradient, such as workspace.grad_flat), "
+                         f"got shape {grad.shape}")
+    if grad.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must hold float32 or float64, got dtype {grad.dtype}")
+    if not grad.flags.c_contiguous or not grad.flags.writeable:
+        raise ValueError(f"{name} must be contiguous and writable: it is changed in place")
+    return grad
+
+
+# ----------------------------------------------------------------------------- clipping
+
+
+def grad_norm(grad):
+    """The L2 norm of all gradients as one vector, accumulated in float64.
+
+    Parameters
+    ----------
+    grad : ndarray (n_params,) or Workspace
+        The flat gradient (``workspace.grad_flat``) or the workspace holding it.
+    """
+    return math.sqrt(_sum_squares(_grad_buffer(grad)))
+
+
+def clip_grad_norm(grad, max_norm):
+    """Scale the flat gradient in place so its global L2 norm is at most ``max_norm``.
+
+    d2l's ``grad_clipping``: with ‖g‖ the norm of all parameters' gradients as one
+    vector, g ← (θ / ‖g‖) g only when ‖g‖ > θ.
+
+    Parameters
+    ----------
+    grad : ndarray (n_params,) float32/float64, or Workspace
+        Changed in place (use ``workspace.grad_flat``).
+    max_norm : float > 0
+        θ.
+
+    Returns
+    -------
+    float
+        ‖g‖ before clipping (log it). A NaN norm leaves the gradient unchanged.
+    """
+    grad = _grad_buffer(grad)
+    theta = _number(max_norm, "max_norm", low=0.0, low_open=True)
+    norm = math.sqrt(_sum_squares(grad))
+    if norm > theta:
+        _scale(grad, theta / norm)
+    return norm
+
+
+def clip_grad_value(grad, clip_value=5.0):
+    """Clamp every gradient element in place to [-c, c] (min-char-rnn's ``np.clip(d, -5, 5)``).
+
+    Parameters
+    ----------
+    grad : ndarray (n_params,) float32/float64, or Workspace
+        Changed in place.
+    clip_value : float > 0
+        c.
+
+    Returns
+    -------
+    float
+        The global L2 norm of the gradient before clipping.
+    """
+    grad = _grad_buffer(grad)
+    c = _number(clip_value, "clip_value", low=0.0, low_open=True)
+    norm = math.sqrt(_sum_squares(grad))
+    _clamp(grad, c)
+    return norm
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+class Optimizer:
+    """Base class: an update rule over ``model.flat`` with state arrays laid out like it.
+
+    Subclasses set ``name``, ``_state_names`` and implement ``_update``. ``step`` checks
+    the gradient and calls the compiled kernel; ``state_dict`` and ``load_state_dict``
+    round-trip everything a bitwise-identical continuation needs.
+    """
+
+    name = "optimizer"
+    _state_names = ()
+
+    def __init__(self, model, **hyper):
+        if not isinstance(model, RNN):
+            raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+        self.model = model
+        self.hyper = hyper
+        self.t = 0                                   # steps taken
+        self.state = {name: np.zeros_like(model.flat) for name in self._state_names}
+
+    @property
+    def lr(self):
+        """The learning rate (assignable, e.g. for a schedule)."""
+        return self.hyper["lr"]
+
+    @lr.setter
+    def lr(self, value):
+        self.hyper["lr"] = _number(value, "lr", low=0.0, low_open=True)
+
+    def step(self, grad):
+        """Update ``model.flat`` in place from the flat gradient.
+
+        Parameters
+        ----------
+        grad : ndarray (n_params,) of the model's dtype, or Workspace
+            ``workspace.grad_flat`` after ``loss_and_grad`` (only read).
+        """
+        grad = _grad_buffer(grad)
+        flat = self.model.flat
+        if grad.shape != flat.shape or grad.dtype != flat.dtype:
+            raise ValueError(f"grad must have shape {flat.shape} and dtype {flat.dtype} like model.flat, "
+                             f"got shape {grad.shape} and dtype {grad.dtype}")
+        self.t += 1
+        self._update(flat, grad)
+
+    def _update(self, p, g):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _warm_up(self):
+        """Compile the kernel for this dtype (on scratch arrays), so timing excludes it."""
+        saved = self.model, self.state, self.t
+        scratch = RNN(1, 1, 1, bias=False, dtype=self.model.dtype)
+        try:
+            self.model, self.t = scratch, 0
+            self.state = {name: np.zeros_like(scratch.flat) for name in self._state_names}
+            self.step(np.zeros_like(scratch.flat))
+        finally:
+            self.model, self.state, self.t = saved
+
+    def state_dict(self):
+        """Name, hyperparameters, step count and state arrays (copies)."""
+        return {"name": self.name, "hyper": dict(self.hyper), "t": self.t,
+                "state": {k: v.copy() for k, v in self.state.items()}}
+
+    def load_state_dict(self, sd):
+        """Restore what ``state_dict`` returned (from this kind of optimizer, for this model's size)."""
+        if sd.get("name") != self.name:
+            raise ValueError(f"state is for optimizer {sd.get('name')!r}, not {self.name!r}")
+        state = sd["state"]
+        if set(state) != set(self._state_names):
+            raise ValueError(f"state must hold {sorted(self._state_names)}, got {sorted(state)}")
+        for k, v in state.items():
+            v = np.asarray(v)
+            if v.shape != self.model.flat.shape or v.dtype != self.model.flat.dtype:
+                raise ValueError(f"optimizer state {k!r} has shape {v.shape} and dtype {v.dtype}, "
+                                 f"but the model needs {self.model.flat.shape} and {self.model.flat.dtype}")
+        hyper = type(self)._check_hyper(**sd["hyper"])
+        self.hyper = hyper
+        self.t = int(sd["t"])
+        for k, v in state.items():
+            self.state[k][...] = v
+
+    @staticmethod
+    def _check_hyper(**hyper):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, with optional momentum (d2l's ``sgd`` when momentum = 0).
+
+    Parameters
+    ----------
+    model : fastbptt.RNN
+    lr : float > 0
+    momentum : float in [0, 1)
+        μ; the velocity follows ``torch.optim.SGD`` (v ← μv + g, p ← p - lr·v).
+    """
+
+    name = "sgd"
+
+    def __init__(self, model, lr, momentum=0.0):
+        super().__init__(model, **self._check_hyper(lr=lr, momentum=momentum))
+
+    @property
+    def _state_names(self):
+        return ("velocity",) if self.hyper["momentum"] > 0 else ()
+
+    @staticmethod
+    def _check_hyper(lr, momentum=0.0):
+        return {"lr": _number(lr, "lr", low=0.0, low_open=True),
+                "momentum": _number(momentum, "momentum", low=0.0, high=1.0, high_open=True)}
+
+    def load_state_dict(self, sd):
+        momentum = sd.get("hyper", {}).get("momentum", 0.0)
+        if (momentum > 0) != (self.hyper["momentum"] > 0):
+            raise ValueError(f"state is for SGD with momentum={momentum}, but this one has "
+                             f"momentum={self.hyper['momentum']}")
+        super().load_state_dict(sd)
+
+    def _update(self, p, g):
+        h = self.hyper
+        if h["momentum"] > 0:
+            _sgd_momentum(p, g, self.state["velocity"], h["lr"], h["momentum"])
+        else:
+            _sgd(p, g, h["lr"])
+
+
+class Adagrad(Optimizer):
+    """Adagrad as in Karpathy's min-char-rnn: G ← G + g², p ← p - lr·g/√(G + ε).
+
+    Parameters
+    ----------
+    model : fastbptt.RNN
+    lr : float > 0
+        min-char-rnn uses 0.1.
+    eps : float > 0
+        Inside the square root, as in min-char-rnn.
+    """
+
+    name = "adagrad"
+    _state_names = ("sum_squares",)
+
+    def __init__(self, model, lr=0.1, eps=1e-8):
+        super().__init__(model, **self._check_hyper(lr=lr, eps=eps))
+
+    @staticmethod
+    def _check_hyper(lr, eps=1e-8):
+        return {"lr": _number(lr, "lr", low=0.0, low_open=True),
+                "eps": _number(eps, "eps", low=0.0, low_open=True)}
+
+    def _update(self, p, g):
+        _adagrad(p, g, self.state["sum_squares"], self.hyper["lr"], self.hyper["eps"])
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), as ``torch.optim.Adam``; ``weight_decay`` adds λ·p to the gradient.
+
+    Parameters
+    ----------
+    model : fastbptt.RNN
+    lr : float > 0
+    betas : (float, float), each in [0, 1)
+    eps : float > 0
+    weight_decay : float >= 0
+        λ.
+    """
+
+    name = "adam"
+    _state_names = ("exp_avg", "exp_avg_sq")
+    _coupled = True
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(model, **self._check_hyper(lr=lr, betas=betas, eps=eps,
+                                                    weight_decay=weight_decay))
+
+    @staticmethod
+    def _check_hyper(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
+        return {"lr": _number(lr, "lr", low=0.0, low_open=True),
+                "betas": (_number(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
+                          _number(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)),
+                "eps": _number(eps, "eps", low=0.0, low_open=True),
+                "weight_decay": _number(weight_decay, "weight_decay", low=0.0)}
+
+    def _update(self, p, g):
+        h = self.hyper
+        b1, b2 = h["betas"]
+        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        _adam(p, g, self.state["exp_avg"], self.state["exp_avg_sq"], h["lr"], b1, b2, h["eps"],
+              c1, c2, h["weight_decay"], self._coupled)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as ``torch.optim.AdamW``:
+    p ← p·(1 - lr·λ) before the Adam step. Parameters as ``Adam``; λ defaults to 0.01."""
+
+    name = "adamw"
+    _coupled = False
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": SGD, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}
+"""Names accepted by ``make_optimizer`` (``"momentum"`` is SGD with momentum 0.9 by default)."""
+
+
+def make_optimizer(name, model, lr, **kwargs):
+    """An optimizer by name: ``"sgd"``, ``"momentum"``, ``"adagrad"``, ``"adam"`` or ``"adamw"``.
+
+    Extra keyword arguments go to the class (``"momentum"`` sets ``momentum=0.9`` unless given).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    if name == "momentum":
+        kwargs.setdefault("momentum", 0.9)
+    return OPTIMIZERS[name](model, lr, **kwargs)
+
+
+def optimizer_from_state_dict(model, sd):
+    """Build the optimizer ``sd`` (from ``state_dict``) describes, bound to ``model``, and restore it."""
+    cls = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}.get(sd.get("name"))
+    if cls is None:
+        raise ValueError(f"unknown optimizer {sd.get('name')!r}")
+    opt = cls(model, **sd["hyper"])
+    opt.load_state_dict(sd)
+    return opt
