@@ -1,0 +1,186 @@
+"""Training steps: truncated BPTT with the hidden state carried across chunks, and randomized truncation.
+
+A long sequence is cut into chunks of T steps. Each chunk starts from the state
+the previous one ended in (``h0=h_T``) but no gradient flows back across the cut:
+that is what ``state.detach_()`` does in Dive into Deep Learning, and what passing
+``h_T`` on as ``h0`` does here, since ``loss_and_grad`` only differentiates with
+respect to the parameters.
+
+Within a chunk, ``random_truncation`` draws the estimator of Tallec & Ollivier
+(2017) that d2l's BPTT section describes: the gradient step t sends back through
+time is weighted by ξ_t, with P(ξ_t = 0) = 1 - π and P(ξ_t = 1/π) = π. Then
+E[ξ_t] = 1, the ξ_t are independent, and the expected gradient is the full one,
+while a 0 ends the sum early.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from . import api
+from .data import SeqDataLoader
+from .optim import Optimizer, _number, clip_grad_norm, clip_grad_value, grad_norm
+
+
+def random_truncation(T, pi, rng, B=None, dtype=np.float64, out=None):
+    """Carry weights ξ for ``loss_and_grad(..., carry=ξ)``: 0 with probability 1 - π, else 1/π.
+
+    Parameters
+    ----------
+    T : int
+        Steps.
+    pi : float in (0, 1]
+        π, the probability of carrying the gradient one step further back. π = 1 is full BPTT.
+    rng : numpy.random.Generator
+    B : int, optional
+        Draw independent weights for each of B sequences: shape (T, B); else (T,).
+    dtype : float32 or float64
+    out : ndarray (T,) or (T, B), optional
+        Filled in place instead of allocating (its shape and dtype decide).
+
+    Returns
+    -------
+    ndarray (T,) or (T, B)
+    """
+    pi = _number(pi, "pi", low=0.0, low_open=True, high=1.0)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if out is None:
+        out = np.empty((T,) if B is None else (T, B), dtype=dtype)
+    elif not isinstance(out, np.ndarray) or out.dtype not in (np.float32, np.float64) \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise TypeError("out must be a contiguous, writable float32 or float64 ndarray")
+    rng.random(dtype=out.dtype, out=out)
+    # u < π with probability π: carry 1/π; else cut
+    np.less(out, pi, out=out)
+    out *= 1.0 / pi
+    return out
+
+
+class StepResult(NamedTuple):
+    """What ``train_step`` returns."""
+
+    loss: float
+    grad_norm: float
+    h_T: np.ndarray
+
+
+def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_value=None, carry=None,
+               parallel=False, loss="cross_entropy"):
+    """One step of truncated BPTT: gradients of this chunk from ``h0``, clipping, an update.
+
+    Parameters
+    ----------
+    model : fastbptt.RNN
+    X, Y : ndarray (T, B) token ids and targets, or as ``loss_and_grad`` takes them
+    optimizer : fastbptt.optim.Optimizer
+        Bound to ``model``.
+    workspace : fastbptt.Workspace
+    h0 : ndarray (B, H), optional
+        The state the chunk starts from (the previous chunk's ``h_T``); zeros if None.
+        No gradient flows into it.
+    clip : float, optional
+        θ: clip the gradient's global L2 norm to θ (d2l).
+    clip_value : float, optional
+        Clamp every gradient element to [-c, c] (min-char-rnn); after ``clip`` if both.
+    carry : ndarray (T,) or (T, B), optional
+        Carry weights, such as ``random_truncation(T, π, rng, B)``.
+    parallel : bool
+    loss : {"cross_entropy", "mse"}
+
+    Returns
+    -------
+    StepResult
+        ``(loss, grad_norm, h_T)``: the chunk's mean loss, the gradient's L2 norm before
+        clipping, and the final state (computed with the parameters before the update; a
+        view into the workspace, to pass as the next chunk's ``h0``).
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastbptt.optim.Optimizer, got {type(optimizer).__name__}")
+    if optimizer.model is not model:
+        raise ValueError("optimizer updates a different model")
+    value, _, h_T = api.loss_and_grad(model, X, Y, h0, loss, workspace=workspace, parallel=parallel,
+                                      carry=carry)
+    grad = workspace.grad_flat
+    norm = None
+    if clip is not None:
+        norm = clip_grad_norm(grad, clip)
+    if clip_value is not None:
+        n = clip_grad_value(grad, clip_value)
+        norm = n if norm is None else norm
+    if norm is None:
+        norm = grad_norm(grad)
+    optimizer.step(grad)
+    return StepResult(value, norm, h_T)
+
+
+class EpochResult(NamedTuple):
+    """What ``train_epoch`` returns."""
+
+    loss: float           # mean loss per token over the epoch
+    perplexity: float     # exp(loss)
+    tokens: int           # tokens processed (T·B per batch)
+    seconds: float        # wall time of the epoch
+    tokens_per_s: float
+    max_grad_norm: float  # the largest gradient norm seen, before clipping
+
+
+def train_epoch(model, batches, optimizer, *, workspace, carry_state=None, clip=None, clip_value=None,
+                truncation_pi=None, rng=None, parallel=False):
+    """One epoch over ``batches``, d2l's ``train_epoch_ch8`` with the steps of ``train_step``.
+
+    The state starts at zero; with ``carry_state`` each batch then starts from the previous
+    batch's h_T (sequential partitioning), else from zero (random sampling).
+
+    Parameters
+    ----------
+    model : fastbptt.RNN
+    batches : iterable of (X, Y), each (T, B), such as a ``fastbptt.data.SeqDataLoader``
+    optimizer : fastbptt.optim.Optimizer
+    workspace : fastbptt.Workspace
+        For the batches' (T, B).
+    carry_state : bool, optional
+        Default: ``batches.carries_state`` for a ``SeqDataLoader``, else True.
+    clip, clip_value : float, optional
+        As in ``train_step``.
+    truncation_pi : float in (0, 1], optional
+        Randomized truncation with this π, drawn per step and sequence from ``rng``.
+    rng : numpy.random.Generator, optional
+        Needed with ``truncation_pi``.
+    parallel : bool
+
+    Returns
+    -------
+    EpochResult
+    """
+    if carry_state is None:
+        carry_state = batches.carries_state if isinstance(batches, SeqDataLoader) else True
+    carry = None
+    if truncation_pi is not None:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError("truncation_pi needs rng, a numpy.random.Generator")
+        _number(truncation_pi, "truncation_pi", low=0.0, low_open=True, high=1.0)
+        carry = np.empty((workspace.T, workspace.B), workspace.dtype)
+    total, tokens, max_norm, h = 0.0, 0, 0.0, None
+    start = time.perf_counter()
+    for X, Y in batches:
+        if carry is not None:
+            random_truncation(workspace.T, truncation_pi, rng, out=carry)
+        value, norm, h_T = train_step(model, X, Y, optimizer, workspace=workspace,
+                                      h0=h if carry_state else None, clip=clip, clip_value=clip_value,
+                                      carry=carry, parallel=parallel)
+        h = h_T
+        n = workspace.T * workspace.B
+        total += value * n
+        tokens += n
+        max_norm = max(max_norm, norm)
+    seconds = time.perf_counter() - start
+    if tokens == 0:
+        raise ValueError("batches yielded no batch")
+    mean = total / tokens
+    return EpochResult(mean, math.exp(mean), tokens, seconds, tokens / seconds if seconds > 0 else math.inf,
+                       max_norm)
