@@ -1,0 +1,254 @@
+"""``python -m fastbptt train``: a character-level RNN language model, d2l's recipe by default.
+
+Defaults follow Dive into Deep Learning's from-scratch RNN on The Time Machine: the first
+10,000 characters, T = 35 steps, B = 32 sequences, H = 512 hidden units, weights from
+N(0, 0.01²), zero biases, plain SGD with lr = 1, gradients clipped to norm θ = 1,
+500 epochs, sequential partitioning. Without ``--text`` it trains on a text that ships
+with Python (``fastbptt.data.default_text``), so it runs offline anywhere.
+
+At the end it prints a continuation of "time traveller", the final perplexity (of
+the last epoch) and tokens per second (over all epochs, compilation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from . import api, checkpoint, data, optim
+from .generate import predict
+from .model import RNN
+from .training import train_epoch
+from .workspace import Workspace
+
+PROG = "python -m fastbptt train"
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit status 2."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--text", metavar="PATH", help="UTF-8 text file (default: text that ships with Python)")
+    p.add_argument("--max-tokens", metavar="N", type=int, default=10000,
+                   help="train on the first N characters (0: all)")
+    p.add_argument("--steps", "-T", metavar="T", type=int, default=35, help="time steps per chunk")
+    p.add_argument("--batch", "-B", metavar="B", type=int, default=32, help="sequences per batch")
+    p.add_argument("--hidden", metavar="H", type=int, default=512, help="hidden units")
+    p.add_argument("--lr", type=float, default=1.0, help="learning rate")
+    p.add_argument("--clip", metavar="THETA", type=float, default=1.0,
+                   help="clip the gradient's global L2 norm to THETA")
+    p.add_argument("--clip-value", metavar="C", type=float, default=None,
+                   help="also clamp every gradient element to [-C, C] (min-char-rnn uses 5)")
+    p.add_argument("--epochs", type=int, default=500, help="epochs (in total, when resuming)")
+    p.add_argument("--sampling", choices=("sequential", "random"), default="sequential",
+                   help="minibatches: sequential partitioning (state carried) or random sampling")
+    p.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="sgd")
+    p.add_argument("--random-truncation", metavar="PI", type=float, default=None,
+                   help="randomized truncation (Tallec & Ollivier): carry the gradient back each step "
+                        "with probability PI, weighted 1/PI")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batches")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--parallel", action="store_true", help="spread the batch over Numba's threads")
+    p.add_argument("--prefix", default="time traveller", help="text to continue at the end")
+    p.add_argument("--predict", metavar="N", type=int, default=50, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample the continuation at this temperature (default: greedy)")
+    p.add_argument("--save", metavar="PATH", help="save model and optimizer to this .npz at the end")
+    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by --save")
+    p.add_argument("--json", metavar="PATH", help='write {"perplexity", "tokens_per_s", "epochs"} here')
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    return p
+
+
+def _check_args(args):
+    """Every argument, before anything is built."""
+    for name in ("steps", "batch", "hidden", "epochs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0 (0: the whole text), got {args.max_tokens}")
+    if args.predict < 0:
+        raise UsageError(f"--predict must be >= 0, got {args.predict}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not (args.clip > 0 and math.isfinite(args.clip)):
+        raise UsageError(f"--clip (θ) must be a positive number, got {args.clip}")
+    if args.clip_value is not None and not (args.clip_value > 0 and math.isfinite(args.clip_value)):
+        raise UsageError(f"--clip-value must be a positive number, got {args.clip_value}")
+    if args.random_truncation is not None and not (0 < args.random_truncation <= 1):
+        raise UsageError(f"--random-truncation must be in (0, 1], got {args.random_truncation}")
+    if args.temperature is not None and not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.text is not None and not os.path.isfile(args.text):
+        raise UsageError(f"--text: file {args.text!r} does not exist")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume: checkpoint {args.resume!r} does not exist")
+    for flag, path in (("--json", args.json), ("--save", args.save)):
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise UsageError(f"{flag}: directory {folder!r} does not exist")
+
+
+def _progress(epochs, start, quiet):
+    """A tqdm bar over the epochs, or None (then plain lines are printed), or nothing when quiet."""
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=epochs, initial=start, desc="train", unit="epoch", dynamic_ncols=True)
+
+
+def _warm_up(model, ws, opt, loader, parallel):
+    """Compile (or load from cache) every kernel the loop uses, so tokens/s excludes it.
+
+    Runs on a batch drawn from a separate generator; the parameters are not changed.
+    """
+    X, Y = next(iter(data.sequential_batches(loader.corpus, loader.T, loader.B)))
+    api.loss_and_grad(model, X, Y, workspace=ws, parallel=parallel)
+    scratch = np.ones(1, dtype=model.dtype)
+    optim.clip_grad_norm(scratch, 0.5)
+    optim.clip_grad_value(scratch, 0.25)
+    opt._warm_up()
+
+
+def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, clip_value=None, epochs=500,
+          sampling="sequential", optimizer="sgd", random_truncation=None, seed=0, dtype="float32",
+          parallel=False, resume=None, quiet=True, log=print):
+    """Train a character-level model with d2l's recipe; the engine of the command line.
+
+    Parameters
+    ----------
+    corpus : ndarray (N,) int
+        Token ids of ``vocab``.
+    vocab : fastbptt.data.Vocab
+    steps, batch, hidden, lr, clip, clip_value, epochs, sampling, optimizer, random_truncation,
+    seed, dtype, parallel
+        As the command's flags.
+    resume : str, optional
+        A checkpoint to continue from (it must hold this model and vocabulary).
+    quiet : bool
+        No progress bar or per-epoch lines.
+    log : callable
+        Where per-epoch lines go when tqdm is missing.
+
+    Returns
+    -------
+    dict
+        ``perplexity`` (last epoch), ``tokens_per_s`` (all epochs of this run), ``epochs``
+        (in total), ``model``, ``optimizer``, ``rng``, ``history`` (perplexity per epoch).
+    """
+    rng = np.random.default_rng(seed)
+    model = RNN(len(vocab), hidden, len(vocab), init="normal", seed=seed, dtype=dtype)
+    opt = optim.make_optimizer(optimizer, model, lr)
+    start = 0
+    if resume is not None:
+        try:
+            saved = checkpoint.load(resume, model)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (resume with the --hidden and --dtype it was trained with, "
+                             f"on the same text)") from None
+        if saved.extra.get("vocab") != vocab.idx_to_token:
+            raise ValueError(f"checkpoint {resume!r} was trained on a different vocabulary")
+        if saved.optimizer is None:
+            raise ValueError(f"checkpoint {resume!r} holds no optimizer state")
+        try:
+            opt.load_state_dict(saved.optimizer.state_dict())
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {resume!r} does not fit --optimizer {optimizer}: {exc}") from None
+        opt.lr = lr
+        start = int(saved.extra.get("epoch", 0))
+        rng.bit_generator.state = saved.extra["rng"]
+        if start >= epochs:
+            raise ValueError(f"checkpoint {resume!r} has already trained {start} epochs; "
+                             f"pass --epochs greater than {start}")
+    loader = data.SeqDataLoader(corpus, steps, batch, sampling, rng=rng)
+    ws = Workspace(model, steps, batch)
+    _warm_up(model, ws, opt, loader, parallel)
+
+    bar = _progress(epochs, start, quiet)
+    every = max(1, (epochs - start) // 10)
+    history, tokens, seconds = [], 0, 0.0
+    try:
+        for epoch in range(start, epochs):
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):     # divergence is reported below
+                    result = train_epoch(model, loader, opt, workspace=ws, clip=clip, clip_value=clip_value,
+                                         truncation_pi=random_truncation, rng=rng, parallel=parallel)
+            except ValueError:
+                if not np.all(np.isfinite(model.flat)):
+                    raise FloatingPointError(f"training diverged at epoch {epoch + 1}: the parameters "
+                                             f"became NaN or Inf; lower --lr or --clip") from None
+                raise
+            history.append(result.perplexity)
+            tokens += result.tokens
+            seconds += result.seconds
+            rate = tokens / seconds if seconds > 0 else math.inf
+            if bar is not None:
+                bar.set_postfix(perplexity=f"{result.perplexity:.2f}", tokens_per_s=f"{rate:,.0f}",
+                                refresh=False)
+                bar.update(1)
+            elif not quiet and ((epoch + 1 - start) % every == 0 or epoch + 1 == epochs):
+                log(f"epoch {epoch + 1:>5}/{epochs}  perplexity {result.perplexity:8.3f}  "
+                    f"tokens/s {rate:>10,.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"perplexity": history[-1], "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
+            "epochs": epochs, "model": model, "optimizer": opt, "rng": rng, "history": history}
+
+
+def main(argv=None):
+    """Run the command; returns the exit status (0 done, 1 training failed, 2 bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:               # --help (0) or an argparse error (2), already printed
+        return int(exc.code or 0)
+    try:
+        _check_args(args)
+        corpus, vocab = data.load_corpus(args.text, max_tokens=args.max_tokens or None)
+        need = data.min_tokens(args.steps, args.batch, args.sampling)
+        if corpus.size < need:
+            source = args.text or "the default text"
+            raise UsageError(f"{source} gives {corpus.size} tokens (after --max-tokens), fewer than the "
+                             f"{need} needed for one batch of --batch {args.batch} sequences of "
+                             f"--steps {args.steps}")
+        result = train(corpus, vocab, steps=args.steps, batch=args.batch, hidden=args.hidden, lr=args.lr,
+                       clip=args.clip, clip_value=args.clip_value, epochs=args.epochs,
+                       sampling=args.sampling, optimizer=args.optimizer,
+                       random_truncation=args.random_truncation, seed=args.seed, dtype=args.dtype,
+                       parallel=args.parallel, resume=args.resume, quiet=args.quiet)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+
+    model = result["model"]
+    sample = predict(model, vocab, args.prefix, args.predict, temperature=args.temperature,
+                     rng=args.seed) if args.prefix else ""
+    print(f"sample: {sample}")
+    print(f"perplexity {result['perplexity']:.2f}, {result['tokens_per_s']:,.0f} tokens/s "
+          f"({args.sampling}, {result['epochs']} epochs, T={args.steps}, B={args.batch}, H={args.hidden})")
+    if args.save:
+        checkpoint.save(args.save, model, result["optimizer"],
+                        extra={"epoch": result["epochs"], "rng": result["rng"].bit_generator.state,
+                               "vocab": vocab.idx_to_token})
+        print(f"saved {args.save}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"perplexity": result["perplexity"], "tokens_per_s": result["tokens_per_s"],
+                       "epochs": result["epochs"]}, f)
+    return 0

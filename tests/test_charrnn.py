@@ -1,0 +1,148 @@
+"""``python -m fastbptt train``: a run, its outputs, resumption, and every kind of bad argument."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastbptt import charrnn
+
+SMALL = ["--hidden", "16", "--steps", "10", "--batch", "4", "--max-tokens", "3000", "--quiet"]
+TIME_MACHINE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "timemachine.txt"
+
+
+def run(capsys, *args):
+    code = charrnn.main([*SMALL, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_trains_on_the_default_text_and_writes_json(capsys, tmp_path):
+    code, out, err = run(capsys, "--epochs", "3", "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert "sample: time traveller" in out
+    assert "perplexity" in out and "tokens/s" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result) == {"perplexity", "tokens_per_s", "epochs"}
+    assert result["epochs"] == 3 and 1 < result["perplexity"] < 28 and result["tokens_per_s"] > 0
+    assert f"perplexity {result['perplexity']:.2f}" in out
+
+
+@pytest.mark.parametrize("flags", [["--sampling", "random", "--optimizer", "adagrad", "--lr", "0.1"],
+                                   ["--random-truncation", "0.5", "--clip-value", "5", "--parallel"],
+                                   ["--optimizer", "momentum", "--lr", "0.5", "--temperature", "0.7",
+                                    "--dtype", "float64"]])
+def test_other_options_run(capsys, flags):
+    code, out, err = run(capsys, "--epochs", "2", *flags)
+    assert code == 0, err
+    assert "sample: time traveller" in out
+
+
+def test_own_text_file(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    code, out, err = run(capsys, "--text", str(text), "--epochs", "2", "--prefix", "the quick", "--predict", "5")
+    assert code == 0, err
+    assert "sample: the quick" in out
+
+
+def test_resume_continues_bitwise(capsys, tmp_path):
+    common = ["--optimizer", "adam", "--lr", "0.01", "--sampling", "random", "--random-truncation", "0.7"]
+    assert run(capsys, *common, "--epochs", "4", "--save", str(tmp_path / "a.npz"))[0] == 0
+    assert run(capsys, *common, "--epochs", "2", "--save", str(tmp_path / "b.npz"))[0] == 0
+    code, out, err = run(capsys, *common, "--epochs", "4", "--resume", str(tmp_path / "b.npz"),
+                         "--save", str(tmp_path / "c.npz"))
+    assert code == 0, err
+    a, b, c = (np.load(tmp_path / f"{n}.npz") for n in "abc")
+    for key in ("model.flat", "optim.state.exp_avg", "optim.state.exp_avg_sq"):
+        np.testing.assert_array_equal(a[key], c[key])
+    assert not np.array_equal(a["model.flat"], b["model.flat"])
+
+
+def test_progress_lines_without_tqdm(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)        # import tqdm now fails
+    args = [a for a in SMALL if a != "--quiet"]
+    code = charrnn.main([*args, "--epochs", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count("epoch ") == 3 and "epoch     3/3  perplexity" in out
+
+
+def test_help(capsys):
+    assert charrnn.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--text", "--max-tokens", "--steps", "--batch", "--hidden", "--lr", "--clip", "--epochs",
+                 "--sampling", "--optimizer", "--seed", "--json"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text", "/no/such/file.txt"], "--text: file '/no/such/file.txt' does not exist"),
+    (["--max-tokens", "50"], "the default text gives 50 tokens (after --max-tokens), fewer than the 51 needed"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--lr", "-0.5"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--clip", "0"], "--clip (θ) must be a positive number, got 0.0"),
+    (["--clip", "-1"], "--clip (θ) must be a positive number"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--batch", "0"], "--batch must be a positive integer"),
+    (["--random-truncation", "0"], "--random-truncation must be in (0, 1]"),
+    (["--resume", "/no/such.npz"], "--resume: checkpoint '/no/such.npz' does not exist"),
+    (["--json", "/no/such/dir/r.json"], "--json: directory '/no/such/dir' does not exist"),
+    (["--sampling", "shuffled"], "invalid choice"),
+    (["--optimizer", "rmsprop"], "invalid choice"),
+    (["--hidden", "many"], "invalid int value"),
+])
+def test_bad_arguments_give_a_clear_message(capsys, args, message):
+    code, out, err = run(capsys, "--epochs", "1", *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err + out
+
+
+def test_short_corpus_file(capsys, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("too short")
+    code, _, err = run(capsys, "--text", str(text))
+    assert code == 2 and "gives 9 tokens" in err and "--batch 4" in err
+
+
+def test_checkpoint_of_a_different_model(capsys, tmp_path):
+    assert run(capsys, "--epochs", "1", "--save", str(tmp_path / "m.npz"))[0] == 0
+    code, _, err = run(capsys, "--epochs", "2", "--hidden", "8", "--resume", str(tmp_path / "m.npz"))
+    assert code == 2
+    assert "holds RNN(input_size=28, hidden_size=16" in err and "hidden_size=8" in err
+    code, _, err = run(capsys, "--epochs", "2", "--optimizer", "adam", "--resume", str(tmp_path / "m.npz"))
+    assert code == 2 and "does not fit --optimizer adam" in err
+    code, _, err = run(capsys, "--epochs", "1", "--resume", str(tmp_path / "m.npz"))
+    assert code == 2 and "already trained 1 epochs" in err
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    code, _, err = run(capsys, "--epochs", "2", "--resume", str(tmp_path / "junk.npz"))
+    assert code == 2 and "is not a fastbptt checkpoint" in err
+
+
+def test_divergence_is_reported(capsys):
+    code, out, err = run(capsys, "--epochs", "3", "--lr", "1e38", "--clip", "1e38")
+    assert code == 1 and "training diverged" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not TIME_MACHINE.is_file(), reason=f"{TIME_MACHINE} is absent")
+def test_time_machine(capsys, tmp_path):
+    code, out, err = run(capsys, "--text", str(TIME_MACHINE), "--epochs", "1", "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert math.isfinite(json.loads((tmp_path / "r.json").read_text())["perplexity"])
+
+
+def test_python_dash_m_dispatches_train(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastbptt", "train", *SMALL, "--epochs", "1",
+                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "sample: time traveller" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "fastbptt", "train", "--lr", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--lr must be a positive number" in proc.stderr
+    assert "Traceback" not in proc.stderr
