@@ -146,3 +146,17 @@ def test_python_dash_m_dispatches_train(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--lr must be a positive number" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not TIME_MACHINE.is_file(), reason=f"{TIME_MACHINE} is absent")
+def test_reproduce_d2l_script_smoke(tmp_path):
+    """The reproduction script, one epoch of a tiny model (with PyTorch when it is installed)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_d2l.py"
+    proc = subprocess.run([sys.executable, str(script), "--epochs", "1", "--hidden", "8", "--batch", "4",
+                           "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| implementation | sampling | epochs | perplexity | tokens/s |" in proc.stdout
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    ours = [r for r in rows if r["implementation"].startswith("fastbptt")]
+    assert [r["sampling"] for r in ours] == ["sequential", "random"]
+    assert all(1 < r["perplexity"] < 28 and r["tokens_per_s"] > 0 for r in ours)
