@@ -1,0 +1,598 @@
+"""``python -m fastbptt bench``: one training step of fastbptt, the NumPy reference, PyTorch and JAX, side by side.
+
+For every configuration (T, B, D, H, O, dtype, activation) each implementation
+builds its step from the same weights and batch (see ``fastbptt.compare``), is
+checked once against a float64 run of the reference, is warmed up (compiled or
+traced) outside the timing, and is then timed best-of-N. Every number in the table
+comes from the same process, one configuration after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import compare
+
+DTYPE_SHORT = {"float32": "f32", "float64": "f64"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark problem: dense inputs of size D, O classes, h_0 = 0, biases on."""
+
+    T: int
+    B: int
+    D: int
+    H: int
+    O: int
+    dtype: str = "float32"
+    activation: str = "tanh"
+
+    @property
+    def flops(self):
+        return compare.step_flops(self.T, self.B, self.D, self.H, self.O)
+
+    @property
+    def label(self):
+        return (f"T={self.T} B={self.B} D={self.D} H={self.H} O={self.O} "
+                f"{self.dtype} {self.activation}")
+
+
+#: The configurations of issue 3's table: (T, B, D, H, O), float32, tanh.
+ISSUE_CONFIGS = [(35, 32, 28, 512, 28), (35, 1, 28, 256, 28), (100, 1, 1, 32, 1),
+                 (1000, 1, 28, 64, 28), (200, 8, 64, 128, 64), (100, 64, 512, 512, 512),
+                 (50, 16, 1760, 1760, 1760), (50, 64, 1760, 1760, 1760)]
+
+#: Grids (T values, H values, B values, D = O) of the named sets that are grids.
+GRIDS = {"default": ([10, 100, 1000], [16, 64, 256], [1, 16], 28),
+         "quick": ([5, 20], [8, 16], [1, 4], 6)}
+
+SETS = {"default": "T in 10,100,1000 x H in 16,64,256 x B in 1,16, D = O = 28 (about a minute)",
+        "issue": "the eight (T, B, D, H, O) rows of issue 3's table, up to H = 1760 (a few minutes)",
+        "quick": "T in 5,20 x H in 8,16 x B in 1,4, D = O = 6 (seconds; a smoke test)"}
+
+
+def grid(Ts, Hs, Bs, D, dtypes=("float32",), activations=("tanh",)):
+    """Every (T, H, B, dtype, activation) combination with D = O, as Configs."""
+    return [Config(T, B, D, H, D, dt, act)
+            for dt, act, B, H, T in itertools.product(dtypes, activations, Bs, Hs, Ts)]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def best_time(fn, repeats=5, min_time=0.02, warmup=1):
+    """Best wall time of one call of ``fn``, in seconds.
+
+    ``warmup`` calls run untimed first. Then a round calls ``fn`` enough times (1, 2, 4, ...)
+    to last at least ``min_time``; the best round of ``repeats``, divided by its number of
+    calls, is returned with the time of the first warm-up call (compilation, tracing).
+
+    Returns
+    -------
+    best : float
+        Seconds per call in the best round.
+    rounds : list of float
+        Seconds per call in each round.
+    first : float or None
+        Seconds of the first warm-up call.
+    """
+    first = None
+    for i in range(warmup):
+        start = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - start
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time or calls >= 1 << 20:
+            break
+        calls *= 2
+    rounds = [elapsed / calls]
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls)
+    return min(rounds), rounds, first
+
+
+def gemm_peak(dtype=np.float32, n=2048, repeats=5):
+    """GFLOP/s of NumPy's matrix product of two n × n matrices (best of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    c = np.empty((n, n), dtype)
+    best, _, _ = best_time(lambda: np.matmul(a, b, out=c), repeats=repeats, min_time=0.05)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pause=0.1, on_step=None):
+    """Check and time each implementation on one configuration.
+
+    Returns
+    -------
+    dict with the config's fields, ``flops`` and ``impls``: name -> {``ms`` (best),
+    ``rounds_ms``, ``first_call_ms``, ``gflops``, ``max_grad_error``, ``loss_error``,
+    ``worst``, ``ok``} or {``error``: text} when it failed or {``skipped``: reason}.
+    ``on_step(text)`` is called before each stage (for progress). Before each implementation
+    the process sleeps ``pause`` seconds, so that the threads of the one before (BLAS, OpenMP)
+    stop spinning and go to sleep before the next is timed.
+    """
+    dtype = np.dtype(config.dtype)
+    model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
+                                       dtype=dtype, activation=config.activation)
+    if on_step:
+        on_step("float64 oracle")
+    expected = compare.oracle(model, X, Y)
+    result = dict(asdict(config), flops=config.flops, impls={})
+    for name in impls:
+        if on_step:
+            on_step(name)
+        if not compare.supports(name, config.activation):
+            result["impls"][name] = {"skipped": f"{name} has no activation {config.activation}"}
+            continue
+        time.sleep(pause)
+        try:
+            step = compare.make_step(name, model, X, Y)
+            start = time.perf_counter()
+            checked = compare.check(step(), expected, dtype)      # the first call also warms up
+            first = time.perf_counter() - start
+            n = reference_repeats if name == "reference" else repeats
+            best, rounds, _ = best_time(step, repeats=n, min_time=min_time, warmup=1)
+        except Exception as exc:  # noqa: BLE001 -- report it and go on with the others
+            result["impls"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        result["impls"][name] = {
+            "ms": best * 1e3, "rounds_ms": [r * 1e3 for r in rounds], "first_call_ms": first * 1e3,
+            "gflops": config.flops / best / 1e9,
+            **{k: checked[k] for k in ("ok", "tolerance", "loss_error", "max_grad_error",
+                                       "max_grad_abs_error", "worst")}}
+        del step
+    return result
+
+
+def fastest_fastbptt(result):
+    """(name, entry) of the fastest timed fastbptt variant of a result, or (None, None)."""
+    timed = [(e["ms"], name, e) for name, e in result["impls"].items()
+             if name.startswith("fastbptt") and "ms" in e]
+    if not timed:
+        return None, None
+    _, name, entry = min(timed)
+    return name, entry
+
+
+def summarize(result, peak_gflops):
+    """Add ``fastbptt`` (the fastest variant), its GFLOP/s, fraction of peak and speedups."""
+    name, fast = fastest_fastbptt(result)
+    result["fastbptt_variant"] = name
+    if fast is None:
+        return result
+    result["fastbptt_gflops"] = fast["gflops"]
+    result["peak_fraction"] = fast["gflops"] / peak_gflops if peak_gflops else None
+    result["speedup"] = {other: e["ms"] / fast["ms"] for other, e in result["impls"].items()
+                         if not other.startswith("fastbptt") and "ms" in e}
+    if "fastbptt" in result["impls"] and "fastbptt-parallel" in result["impls"]:
+        serial, par = result["impls"]["fastbptt"], result["impls"]["fastbptt-parallel"]
+        if "ms" in serial and "ms" in par:
+            result["parallel_speedup"] = serial["ms"] / par["ms"]
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _ms(entry):
+    if entry is None:
+        return "-"
+    if "ms" not in entry:
+        return "error" if "error" in entry else "skip"
+    text = f"{entry['ms']:.3f}" if entry["ms"] < 100 else f"{entry['ms']:.1f}"
+    return text if entry["ok"] else text + "!"
+
+
+def format_table(results, impls):
+    """The printed table: one line per configuration."""
+    others = [n for n in impls if not n.startswith("fastbptt")]
+    cols = [("T", 5), ("B", 3), ("D", 5), ("H", 5), ("O", 5), ("dtype", 5), ("act", 8)]
+    cols += [(f"{n} ms", max(9, len(n) + 3)) for n in impls]
+    cols += [("GFLOP/s", 8), ("%peak", 6)]
+    cols += [(f"×{n}", max(6, len(n) + 1)) for n in others]
+    if "fastbptt" in impls and "fastbptt-parallel" in impls:
+        cols.append(("×par", 5))
+    cols.append(("max err", 8))
+    lines = [" ".join(f"{name:>{w}}" for name, w in cols)]
+    for r in results:
+        cells = [r["T"], r["B"], r["D"], r["H"], r["O"], DTYPE_SHORT[r["dtype"]], r["activation"]]
+        cells += [_ms(r["impls"].get(n)) for n in impls]
+        g = r.get("fastbptt_gflops")
+        cells.append("-" if g is None else f"{g:.2f}" if g < 10 else f"{g:.1f}")
+        p = r.get("peak_fraction")
+        cells.append("-" if p is None else f"{100 * p:.0f}%" if p >= 0.1 else f"{100 * p:.1f}%")
+        speed = r.get("speedup", {})
+        cells += ["-" if n not in speed else f"{speed[n]:.1f}x" if speed[n] < 100 else f"{speed[n]:.0f}x"
+                  for n in others]
+        if "fastbptt" in impls and "fastbptt-parallel" in impls:
+            ps = r.get("parallel_speedup")
+            cells.append("-" if ps is None else f"{ps:.2f}")
+        errs = [e["max_grad_error"] for e in r["impls"].values() if "max_grad_error" in e]
+        cells.append(f"{max(errs):.1e}" if errs else "-")
+        lines.append(" ".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, cols)))
+    return "\n".join(lines)
+
+
+def machine_info(impls):
+    """What the numbers depend on: CPU, cores, threads and library versions."""
+    import numba
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "numba": numba.__version__}
+    for name in impls:
+        if name in ("torch", "jax"):
+            versions[name] = compare.version(name)
+    from . import __version__
+    versions["fastbptt"] = __version__
+    # numba.config, not numba.get_num_threads(): that would start Numba's thread pool, whose
+    # threads can then compete with the BLAS threads even in the serial benchmarks
+    try:
+        load = list(os.getloadavg())
+    except (AttributeError, OSError):
+        load = None
+    return {"cpu": cpu, "cores": compare.default_threads(), "platform": platform.platform(),
+            "load_average": load,
+            "numba_threads": numba.config.NUMBA_NUM_THREADS,
+            "torch_threads": compare.default_threads() if "torch" in impls else None,
+            "versions": versions}
+
+
+def write_plot(results, impls, path):
+    """A PNG: best time against T (left) and against H (right), log-log, a line per implementation
+    and per value of everything else."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    colors = {"fastbptt": "C3", "fastbptt-parallel": "C1", "reference": "C7", "torch": "C0", "jax": "C2"}
+    markers = "os^vDP*Xph"
+    for ax, x, fixed in ((fig.add_subplot(1, 2, 1), "T", ("H", "B", "D", "O", "dtype", "activation")),
+                         (fig.add_subplot(1, 2, 2), "H", ("T", "B", "D", "O", "dtype", "activation"))):
+        groups = sorted({tuple(r[k] for k in fixed) for r in results})
+        vary = [k for i, k in enumerate(fixed) if len({g[i] for g in groups}) > 1]
+        for gi, key in enumerate(groups):
+            rows = sorted((r for r in results if tuple(r[k] for k in fixed) == key), key=lambda r: r[x])
+            what = " ".join(f"{k}={key[fixed.index(k)]}" for k in vary)
+            for name in impls:
+                pts = [(r[x], r["impls"][name]["ms"]) for r in rows
+                       if "ms" in r["impls"].get(name, {})]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker=markers[gi % len(markers)], color=colors.get(name, "k"),
+                        linestyle="-" if name.startswith("fastbptt") else "--", markersize=4,
+                        label=f"{name} {what}".strip())
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = sorted({r[x] for r in results})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(x)
+        ax.set_ylabel("ms per training step (best)")
+        ax.set_title(f"time against {x}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2 if len(groups) > 3 else 1)
+    fig.suptitle("one BPTT training step: forward + softmax cross-entropy + all gradients", fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+class _Progress:
+    """A tqdm bar on stderr, or one plain line per stage when tqdm is missing or disabled."""
+
+    def __init__(self, total, enabled=True):
+        self.bar = None
+        self.total, self.done = total, 0
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                print("(tqdm is not installed: plain progress lines)", file=sys.stderr)
+            else:
+                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, text):
+        if self.bar is not None:
+            if self.done:
+                self.bar.update(1)
+            self.bar.set_description(text)
+        elif self.enabled:
+            print(f"[{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+        self.done += 1
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _ints(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _ints_or_names(text):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def _config(text):
+    values = _ints(text)
+    if len(values) != 5:
+        raise argparse.ArgumentTypeError(f"expected T,B,D,H,O (five positive integers), got {text!r}")
+    return tuple(values)
+
+
+def _choices(allowed, what):
+    def parse(text):
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; choose from {', '.join(allowed)}")
+        return values
+    return parse
+
+
+def build_parser():
+    sets = "\n".join(f"  {name:<8} {text}" for name, text in SETS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbptt bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"""\
+Time one BPTT training step -- forward, softmax cross-entropy averaged over the T*B
+positions, and the gradient of every parameter, from h_0 = 0, on dense inputs of size D
+with a linear readout of size O and biases -- in fastbptt, the plain NumPy reference
+(fastbptt.reference), PyTorch (torch.nn.RNN + nn.Linear + F.cross_entropy) and JAX
+(jit(value_and_grad(loss)) over lax.scan), all from the same weights and batch.
+
+Each implementation is first checked against the reference run in float64 (loss and
+every gradient; the table's "max err" is the largest gradient error relative to that
+gradient's largest magnitude, and a time marked "!" failed the check), then warmed up
+(compiled / traced) untimed, then timed: the best of N rounds, each round calling the
+step enough times to last --min-time. PyTorch and JAX are used when installed
+(pip install torch jax; or the "compare" extra) and skipped otherwise.
+
+Columns: ms per step for each implementation; GFLOP/s and %peak of the fastest fastbptt
+variant, where a step counts {compare.FLOP_FORMULA} flops (the matrix products of
+forward and backward; see fastbptt.compare.step_flops) and the peak is NumPy's GEMM of
+two n x n matrices, measured before and after the run (the higher of the two; sgemm,
+n = 2048, by default; dgemm for float64 rows); x<name> is how many times faster fastbptt is than <name>.
+
+configuration sets (--configs):
+{sets}
+""")
+    sel = parser.add_argument_group("what to run")
+    sel.add_argument("--configs", choices=list(SETS), default=None,
+                     help="a named set of configurations (default: default)")
+    sel.add_argument("--quick", action="store_true",
+                     help="shorthand for --configs quick --repeats 3 --min-time 0.005")
+    sel.add_argument("--config", type=_config, action="append", metavar="T,B,D,H,O",
+                     help="a configuration of your own (repeat the flag for several); replaces the set")
+    sel.add_argument("--T", type=_ints, metavar="T1,T2,...", help="sequence lengths of the grid")
+    sel.add_argument("--H", type=_ints, metavar="H1,H2,...", help="hidden sizes of the grid")
+    sel.add_argument("--B", type=_ints, metavar="B1,B2,...", help="batch sizes of the grid")
+    sel.add_argument("--D", type=int, metavar="D", help="input size = output size O of the grid")
+    sel.add_argument("--dtype", type=_choices(["float32", "float64"], "dtype"), default=None,
+                     metavar="float32,float64", help="dtypes to run each configuration in (default float32)")
+    sel.add_argument("--activation", type=_choices(["tanh", "relu", "identity"], "activation"),
+                     default=None, metavar="tanh,relu,identity",
+                     help="activations to run each configuration with (default tanh; torch has no identity)")
+    sel.add_argument("--impl", type=_choices(list(compare.IMPLEMENTATIONS), "implementation"),
+                     default=None, metavar="NAME,...",
+                     help="implementations to time, from " + ", ".join(compare.IMPLEMENTATIONS)
+                          + " (default: fastbptt, reference, and torch and jax when installed)")
+    sel.add_argument("--method", type=_ints_or_names, metavar="NAME,...",
+                     help="time fastbptt once per method of loss_and_grad(method=...) (e.g. auto,fused,blas), "
+                          "as columns fastbptt:NAME; speedups are over the fastest")
+    sel.add_argument("--parallel", action="store_true",
+                     help="also time fastbptt with parallel=True (column fastbptt-parallel, "
+                          "speedup over serial in column xpar)")
+    tim = parser.add_argument_group("timing")
+    tim.add_argument("--repeats", type=int, default=None,
+                     help="best of this many rounds (default 5; 3 with --quick)")
+    tim.add_argument("--reference-repeats", type=int, default=3,
+                     help="rounds for the slow NumPy reference (default 3)")
+    tim.add_argument("--min-time", type=float, default=None,
+                     help="seconds a round lasts at least (default 0.02; 0.005 with --quick)")
+    tim.add_argument("--pause", type=float, default=0.1,
+                     help="seconds to sleep before each implementation, so that the thread pools of "
+                          "the one before go idle (default 0.1)")
+    tim.add_argument("--peak-n", type=int, default=2048,
+                     help="matrix size of the GEMM peak measurement (default 2048; 0 skips it)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write every result and the machine's details as JSON")
+    out.add_argument("--plot", metavar="PATH",
+                     help="write a PNG of time against T and against H (needs matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def select_configs(args, parser):
+    """The Configs the arguments ask for."""
+    name = "quick" if args.quick and args.configs is None else (args.configs or "default")
+    dtypes = args.dtype or ["float32"]
+    acts = args.activation or ["tanh"]
+    grid_flags = [f for f in ("T", "H", "B", "D") if getattr(args, f) is not None]
+    if args.config:
+        if args.configs or grid_flags:
+            parser.error("--config replaces the set: do not combine it with --configs, --T, --H, --B or --D")
+        shapes = args.config
+    elif name in GRIDS:
+        Ts, Hs, Bs, D = GRIDS[name]
+        return grid(args.T or Ts, args.H or Hs, args.B or Bs, args.D or D, dtypes, acts)
+    else:
+        if grid_flags:
+            parser.error(f"--{', --'.join(grid_flags)} shape a grid; the set {name!r} is a fixed list")
+        shapes = ISSUE_CONFIGS
+    return [Config(*shape, dt, act) for dt, act in itertools.product(dtypes, acts) for shape in shapes]
+
+
+def select_impls(args, parser):
+    """The implementations to time, and a note on each one left out."""
+    notes = []
+    if args.impl:
+        impls = list(args.impl)
+        for name in impls:
+            if not compare.available(name):
+                parser.error(f"--impl {name}: {name} is not installed (pip install {name})")
+    else:
+        impls = []
+        for name in ("fastbptt", "reference", "torch", "jax"):
+            if compare.available(name):
+                impls.append(name)
+            else:
+                notes.append(f"{name} is not installed: skipped (pip install {name})")
+    if args.parallel and "fastbptt-parallel" not in impls:
+        impls.insert(impls.index("fastbptt") + 1 if "fastbptt" in impls else 0, "fastbptt-parallel")
+    impls = [n for n in compare.IMPLEMENTATIONS if n in impls]
+    if args.method:
+        from . import api
+        known = getattr(api, "METHODS", None)
+        if known is None:
+            parser.error("--method: this fastbptt's loss_and_grad has no method keyword")
+        bad = [m for m in args.method if m not in known]
+        if bad:
+            parser.error(f"--method: unknown {bad}; choose from {', '.join(known)}")
+        impls = [f"{n}:{m}" if n.startswith("fastbptt") else n
+                 for n in impls for m in (args.method if n.startswith("fastbptt") else [None])]
+    return impls, notes
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.min_time is None:
+        args.min_time = 0.005 if args.quick else 0.02
+    for flag in ("repeats", "reference_repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.min_time < 0 or args.peak_n < 0 or args.pause < 0:
+        parser.error("--min-time, --pause and --peak-n must not be negative")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed: "
+                         "pip install matplotlib (or pip install 'fastbptt[bench]')")
+    for path in (args.json, args.plot):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"cannot write {path}: no such directory")
+    configs = select_configs(args, parser)
+    impls, notes = select_impls(args, parser)
+
+    peaks, peak_runs = {}, {}       # first, before anything starts a thread pool of its own
+    if args.peak_n:
+        for dt in sorted({c.dtype for c in configs}):
+            peaks[dt] = gemm_peak(np.dtype(dt), n=args.peak_n)
+    info = machine_info(impls)
+    print(f"fastbptt {info['versions']['fastbptt']} bench on {info['cpu']}, {info['cores']} cores; "
+          + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "fastbptt"))
+    print(f"numba threads {info['numba_threads']}"
+          + (f", torch threads {info['torch_threads']}" if "torch" in impls else "")
+          + (f"; load average {info['load_average'][0]:.2f} before the run" if info["load_average"] else ""))
+    if info["load_average"] and info["load_average"][0] > 0.5 * info["cores"]:
+        print("note: the load average is high; if other processes are running, they will show in "
+              "these timings")
+    for note in notes:
+        print(note)
+    print(f"one step: forward + softmax cross-entropy + all gradients, dense inputs, biases, h_0 = 0; "
+          f"flops = {compare.FLOP_FORMULA}; best of {args.repeats} "
+          f"(reference: {args.reference_repeats}) rounds of >= {args.min_time:g} s", flush=True)
+
+    progress = _Progress(len(configs) * (len(impls) + 1), enabled=not args.no_progress)
+    results = []
+    started = time.perf_counter()
+    try:
+        for config in configs:
+            r = run_config(config, impls, repeats=args.repeats, reference_repeats=args.reference_repeats,
+                           min_time=args.min_time, pause=args.pause,
+                           on_step=lambda what, c=config: progress.step(f"{c.label}: {what}"))
+            results.append(r)
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - started
+    for dt, first in list(peaks.items()):
+        # again at the end: a neighbour on the host can halve one measurement; keep the higher
+        again = gemm_peak(np.dtype(dt), n=args.peak_n)
+        peak_runs[dt] = [first, again]
+        peaks[dt] = max(first, again)
+    for r in results:
+        summarize(r, peaks.get(r["dtype"]))
+
+    for dt, runs in peak_runs.items():
+        print(f"NumPy {'s' if dt == 'float32' else 'd'}gemm peak (n = {args.peak_n}): {peaks[dt]:.1f} "
+              f"GFLOP/s (the higher of {runs[0]:.1f} before and {runs[1]:.1f} after the run)")
+    print()
+    print(format_table(results, impls))
+    print(f"\n{len(configs)} configurations in {elapsed:.0f} s; ms = best time per step; "
+          "×name = name's time / fastbptt's (fastest variant); max err = largest relative gradient "
+          "error of any implementation against the float64 reference")
+    failed = [(r, n, e) for r in results for n, e in r["impls"].items() if "error" in e or e.get("ok") is False]
+    for r, n, e in failed:
+        what = e.get("error") or (f"max gradient error {e['max_grad_error']:.2e} ({e['worst']}), "
+                                  f"loss error {e['loss_error']:.2e} > tolerance {e['tolerance']:.0e}")
+        config = Config(*(r[k] for k in ("T", "B", "D", "H", "O", "dtype", "activation")))
+        print(f"FAILED {n} at {config.label}: {what}", file=sys.stderr)
+
+    if args.json:
+        command = ["python", "-m", "fastbptt", "bench"] + list(sys.argv[1:] if argv is None else argv)
+        doc = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": info,
+               "gemm_peak_gflops": peaks, "gemm_peak_runs_gflops": peak_runs, "gemm_peak_n": args.peak_n,
+               "flop_formula": compare.FLOP_FORMULA, "repeats": args.repeats,
+               "reference_repeats": args.reference_repeats, "min_time_s": args.min_time,
+               "pause_s": args.pause, "implementations": impls, "elapsed_s": elapsed, "results": results}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(results, impls, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
