@@ -33,9 +33,20 @@ class UsageError(Exception):
     """A bad argument: reported in one line, exit status 2."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the empty ones (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Train a character-level RNN language model with fastbptt; the defaults are "
+                    "Dive into Deep Learning's recipe for The Time Machine.")
     p.add_argument("--text", metavar="PATH", help="UTF-8 text file (default: text that ships with Python)")
     p.add_argument("--max-tokens", metavar="N", type=int, default=10000,
                    help="train on the first N characters (0: all)")
@@ -50,12 +61,13 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=500, help="epochs (in total, when resuming)")
     p.add_argument("--sampling", choices=("sequential", "random"), default="sequential",
                    help="minibatches: sequential partitioning (state carried) or random sampling")
-    p.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="sgd")
+    p.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="sgd",
+                   help="update rule (momentum: SGD with μ = 0.9; adagrad as min-char-rnn)")
     p.add_argument("--random-truncation", metavar="PI", type=float, default=None,
                    help="randomized truncation (Tallec & Ollivier): carry the gradient back each step "
                         "with probability PI, weighted 1/PI")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batches")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter dtype")
     p.add_argument("--parallel", action="store_true", help="spread the batch over Numba's threads")
     p.add_argument("--prefix", default="time traveller", help="text to continue at the end")
     p.add_argument("--predict", metavar="N", type=int, default=50, help="characters to generate")
