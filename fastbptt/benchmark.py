@@ -271,29 +271,56 @@ def machine_info(impls):
 
 
 def write_plot(results, impls, path):
-    """A PNG: best time against T (left) and against H (right), log-log, a line per implementation
-    and per value of everything else."""
-    from matplotlib.figure import Figure
+    """A PNG: best time against T (left) and against H (right), log-log.
 
-    fig = Figure(figsize=(13, 5.5), layout="constrained")
-    colors = {"fastbptt": "C3", "fastbptt-parallel": "C1", "reference": "C7", "torch": "C0", "jax": "C2"}
-    markers = "os^vDP*Xph"
+    Configurations that differ only in T (left) or only in H (right) make a line, one per
+    implementation (colour) and per value of everything else (marker); a configuration
+    with no such partner is a lone point.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(13, 6), layout="constrained")
+    base_colors = {"fastbptt": "C3", "fastbptt-parallel": "C1", "reference": "C7", "torch": "C0", "jax": "C2"}
+    styles = ["-", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    methods = sorted({compare.parse_name(n)[1].get("method", "") for n in impls})
+
+    def look(name):
+        base, options = compare.parse_name(name)
+        color = base_colors.get(base, "k")
+        if base.startswith("fastbptt"):
+            return color, styles[methods.index(options.get("method", "")) % len(styles)]
+        return color, "--"
+
+    markers = "os^vDP*Xph<>"
     for ax, x, fixed in ((fig.add_subplot(1, 2, 1), "T", ("H", "B", "D", "O", "dtype", "activation")),
                          (fig.add_subplot(1, 2, 2), "H", ("T", "B", "D", "O", "dtype", "activation"))):
-        groups = sorted({tuple(r[k] for k in fixed) for r in results})
-        vary = [k for i, k in enumerate(fixed) if len({g[i] for g in groups}) > 1]
-        for gi, key in enumerate(groups):
-            rows = sorted((r for r in results if tuple(r[k] for k in fixed) == key), key=lambda r: r[x])
-            what = " ".join(f"{k}={key[fixed.index(k)]}" for k in vary)
+        groups = {}
+        for r in results:
+            groups.setdefault(tuple(r[k] for k in fixed), []).append(r)
+        lines = sorted(k for k, rows in groups.items() if len({r[x] for r in rows}) > 1)
+        vary = [k for i, k in enumerate(fixed) if len({g[i] for g in lines}) > 1]
+        handles = []
+        for name in impls:
+            color, style = look(name)
+            handles.append(Line2D([], [], color=color, linestyle=style, label=name))
+        for key, rows in sorted(groups.items()):
+            rows = sorted(rows, key=lambda r: r[x])
+            marker = markers[lines.index(key) % len(markers)] if key in lines else "."
             for name in impls:
-                pts = [(r[x], r["impls"][name]["ms"]) for r in rows
-                       if "ms" in r["impls"].get(name, {})]
-                if not pts:
-                    continue
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker=markers[gi % len(markers)], color=colors.get(name, "k"),
-                        linestyle="-" if name.startswith("fastbptt") else "--", markersize=4,
-                        label=f"{name} {what}".strip())
+                pts = [(r[x], r["impls"][name]["ms"]) for r in rows if "ms" in r["impls"].get(name, {})]
+                if pts:
+                    color, style = look(name)
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker=marker, color=color, linestyle=style if key in lines else "none",
+                            markersize=4 if key in lines else 7)
+        for key in lines:
+            what = " ".join(f"{k}={key[fixed.index(k)]}" for k in vary) or "all"
+            handles.append(Line2D([], [], color="k", marker=markers[lines.index(key) % len(markers)],
+                                  linestyle="none", label=what))
+        if len(lines) < len(groups):
+            handles.append(Line2D([], [], color="k", marker=".", markersize=7, linestyle="none",
+                                  label=f"a configuration alone in its {x}"))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ticks = sorted({r[x] for r in results})
@@ -303,8 +330,9 @@ def write_plot(results, impls, path):
         ax.set_ylabel("ms per training step (best)")
         ax.set_title(f"time against {x}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2 if len(groups) > 3 else 1)
-    fig.suptitle("one BPTT training step: forward + softmax cross-entropy + all gradients", fontsize=10)
+        ax.legend(handles=handles, fontsize=7, ncol=2 if len(handles) > 10 else 1)
+    fig.suptitle("one BPTT training step: forward + softmax cross-entropy + all gradients "
+                 "(python -m fastbptt bench)", fontsize=10)
     fig.savefig(path, dpi=110)
 
 
