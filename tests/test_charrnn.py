@@ -153,7 +153,8 @@ def test_reproduce_d2l_script_smoke(tmp_path):
     """The reproduction script, one epoch of a tiny model (with PyTorch when it is installed)."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_d2l.py"
     proc = subprocess.run([sys.executable, str(script), "--epochs", "1", "--hidden", "8", "--batch", "4",
-                           "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=300)
+                           "--max-tokens", "2000", "--json", str(tmp_path / "rows.json")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| implementation | sampling | epochs | perplexity | tokens/s |" in proc.stdout
     rows = json.loads((tmp_path / "rows.json").read_text())
