@@ -170,7 +170,10 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
         except ValueError as exc:
             raise ValueError(f"{exc} (resume with the --hidden and --dtype it was trained with, "
                              f"on the same text)") from None
-        if saved.extra.get("vocab") != vocab.idx_to_token:
+        if "vocab" not in saved.extra or "rng" not in saved.extra:
+            raise ValueError(f"checkpoint {resume!r} was not written by '{PROG} --save' "
+                             f"(it lacks the vocabulary and the state of the batches)")
+        if saved.extra["vocab"] != vocab.idx_to_token:
             raise ValueError(f"checkpoint {resume!r} was trained on a different vocabulary")
         if saved.optimizer is None:
             raise ValueError(f"checkpoint {resume!r} holds no optimizer state")

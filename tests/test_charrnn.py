@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastbptt import charrnn
+from fastbptt import charrnn, checkpoint, optim
+from fastbptt.model import RNN
 
 SMALL = ["--hidden", "16", "--steps", "10", "--batch", "4", "--max-tokens", "3000", "--quiet"]
 TIME_MACHINE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "timemachine.txt"
@@ -120,6 +121,10 @@ def test_checkpoint_of_a_different_model(capsys, tmp_path):
     assert code == 2 and "does not fit --optimizer adam" in err
     code, _, err = run(capsys, "--epochs", "1", "--resume", str(tmp_path / "m.npz"))
     assert code == 2 and "already trained 1 epochs" in err
+    model = RNN(28, 16, 28)
+    checkpoint.save(tmp_path / "lib.npz", model, optim.SGD(model, lr=1.0))
+    code, _, err = run(capsys, "--epochs", "2", "--resume", str(tmp_path / "lib.npz"))
+    assert code == 2 and "was not written by 'python -m fastbptt train --save'" in err
     (tmp_path / "junk.npz").write_bytes(b"junk")
     code, _, err = run(capsys, "--epochs", "2", "--resume", str(tmp_path / "junk.npz"))
     assert code == 2 and "is not a fastbptt checkpoint" in err
