@@ -419,14 +419,16 @@ Each implementation is first checked against the reference run in float64 (loss 
 every gradient; the table's "max err" is the largest gradient error relative to that
 gradient's largest magnitude, and a time marked "!" failed the check), then warmed up
 (compiled / traced) untimed, then timed: the best of N rounds, each round calling the
-step enough times to last --min-time. PyTorch and JAX are used when installed
-(pip install torch jax; or the "compare" extra) and skipped otherwise.
+step enough times to last --min-time. PyTorch and JAX are used when installed and
+skipped otherwise (pip install jax; for PyTorch's CPU build, pip install torch
+--index-url https://download.pytorch.org/whl/cpu).
 
 Columns: ms per step for each implementation; GFLOP/s and %peak of the fastest fastbptt
 variant, where a step counts {compare.FLOP_FORMULA} flops (the matrix products of
 forward and backward; see fastbptt.compare.step_flops) and the peak is NumPy's GEMM of
 two n x n matrices, measured before and after the run (the higher of the two; sgemm,
-n = 2048, by default; dgemm for float64 rows); x<name> is how many times faster fastbptt is than <name>.
+n = 2048, by default; dgemm for float64 rows); x<name> is how many times faster fastbptt
+is than <name>. "xpar" (with --parallel) is serial time / parallel time.
 
 configuration sets (--configs):
 {sets}
