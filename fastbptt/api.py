@@ -9,12 +9,16 @@ Inputs are either dense floats X of shape (T, B, D) or integer token ids of
 shape (T, B), meaning one-hot vectors of size D = ``model.input_size``.
 """
 
+import contextlib
+
+import numba
 import numpy as np
 
 from .kernels import backward as _bw
 from .kernels import forward as _fw
 from .kernels import losses as _losses
 from .model import ACTIVATIONS, RNN
+from .threads import blas_single_threaded
 from .workspace import Workspace, model_signature
 
 LOSSES = ("cross_entropy", "mse")
@@ -97,6 +101,18 @@ def _check_method(method, B, H):
     return choose_method(B, H) if method == "auto" else method
 
 
+def _threads(parallel, method):
+    """(whether the compiled kernels run in parallel, the context to run the step in).
+
+    ``parallel`` spreads the fused kernels over Numba's threads, with BLAS held to
+    one thread meanwhile; the per-step BLAS method leaves the threads to BLAS and
+    runs its own small kernels serially. Either way the bits do not depend on it.
+    """
+    if parallel and method == "fused":
+        return True, blas_single_threaded()
+    return False, contextlib.nullcontext()
+
+
 def _check_flag(value, name):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -176,8 +192,10 @@ def _forward(model, ws, kind, X, h0, parallel, method):
     act = ACTIVATIONS[model.activation]
     if method == "fused":
         ws.W_hhT[...] = p["W_hh"].T
-        recur = _fw.recurrence_parallel if parallel else _fw.recurrence
-        recur(hs, b_h, ws.W_hhT, act)
+        if parallel:
+            _fw.recurrence_parallel(hs, b_h, ws.W_hhT, ws.ones[:B], act, numba.get_num_threads())
+        else:
+            _fw.recurrence(hs, b_h, ws.W_hhT, ws.ones[:B], act)
     else:
         for t in range(T):
             np.dot(hs[t], p["W_hh"].T, out=ws.step)                   # h_{t-1} W_hhᵀ
@@ -221,8 +239,11 @@ def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
         weights[...] = carry if carry.ndim == 2 else carry[:, None]
     act = ACTIVATIONS[model.activation]
     if method == "fused":
-        sweep = _bw.reverse_sweep_parallel if parallel else _bw.reverse_sweep
-        sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], act)
+        if parallel:
+            _bw.reverse_sweep_parallel(ws.dz, ws.dh0, hs, weights, p["W_hh"], act,
+                                       numba.get_num_threads())
+        else:
+            _bw.reverse_sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], act)
     else:
         ws.step[...] = 0
         for t in range(T - 1, -1, -1):
@@ -278,8 +299,10 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     workspace : fastbptt.Workspace, optional
         Buffers made for this model and this (T, B); a new one when None.
     parallel : bool
-        Spread the B sequences over Numba's threads. Results are bitwise equal to
-        ``parallel=False``.
+        Spread the B sequences of the fused method over Numba's threads, with BLAS held
+        to one thread meanwhile (through threadpoolctl, when installed). The per-step
+        BLAS method takes its parallelism from BLAS either way. Results are bitwise
+        equal to ``parallel=False``.
     return_dh0, return_dX : bool
         Also return ∂L/∂h_0 (B, H) and ∂L/∂X (T, B, D) (for token ids: the
         gradient with respect to the one-hot vectors), in that order.
@@ -322,16 +345,18 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     # -- everything is valid from here on
     if kind == "tokens":
         np.copyto(ws.tokens, X, casting="unsafe")     # ids are in range: the cast is exact
-    _forward(model, ws, kind, X, h0, parallel, method)
-    ws.forward_kind = None                            # ws.out is about to hold ∂L/∂o, not o
-    if loss == "cross_entropy":
-        np.copyto(ws.targets, Y.reshape(T * B), casting="unsafe")
-        kernel = _losses.cross_entropy_parallel if parallel else _losses.cross_entropy
-        value = kernel(ws.out, ws.row_loss, ws.targets)
-    else:
-        kernel = _losses.mse_parallel if parallel else _losses.mse
-        value = kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
-    _backward(model, ws, kind, X, parallel, method, return_dX, carry)
+    parallel, context = _threads(parallel, method)
+    with context:
+        _forward(model, ws, kind, X, h0, parallel, method)
+        ws.forward_kind = None                        # ws.out is about to hold ∂L/∂o, not o
+        if loss == "cross_entropy":
+            np.copyto(ws.targets, Y.reshape(T * B), casting="unsafe")
+            kernel = _losses.cross_entropy_parallel if parallel else _losses.cross_entropy
+            value = kernel(ws.out, ws.row_loss, ws.targets)
+        else:
+            kernel = _losses.mse_parallel if parallel else _losses.mse
+            value = kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
+        _backward(model, ws, kind, X, parallel, method, return_dX, carry)
     return (value, ws.grads, ws.hs[T]) + _extras(ws, return_dh0, return_dX)
 
 
@@ -359,7 +384,9 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
     else:
         np.copyto(ws.x_buffer(), X)
         X = ws.x_buffer()
-    _forward(model, ws, kind, X, h0, parallel, method)
+    parallel, context = _threads(parallel, method)
+    with context:
+        _forward(model, ws, kind, X, h0, parallel, method)
     ws.forward_kind = kind
     return ws.out.reshape(T, B, model.output_size), ws.hs[T]
 
@@ -408,6 +435,8 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     kind = ws.forward_kind
     np.copyto(ws.out, dO.reshape(ws.T * ws.B, model.output_size))
     ws.forward_kind = None
-    _backward(model, ws, kind, ws._x, parallel, method, return_dX, carry)
+    parallel, context = _threads(parallel, method)
+    with context:
+        _backward(model, ws, kind, ws._x, parallel, method, return_dX, carry)
     extras = _extras(ws, return_dh0, return_dX)
     return (ws.grads,) + extras if extras else ws.grads

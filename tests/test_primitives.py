@@ -1,10 +1,10 @@
-"""The inlined building blocks: fast tanh and exp against NumPy, matvec_acc against a product."""
+"""The inlined building blocks: fast tanh and exp against NumPy, matmat_acc against a product."""
 
 import numpy as np
 import pytest
 from numba import njit
 
-from fastbptt.kernels.primitives import exp, matvec_acc, tanh
+from fastbptt.kernels.primitives import exp, matmat_acc, tanh
 
 
 @njit(error_model="numpy")
@@ -20,8 +20,8 @@ def _apply_exp(x, out):
 
 
 @njit(error_model="numpy")
-def _matvec(out, M, v, c):
-    matvec_acc(out, M, v, c)
+def _matmat(out, M, V, c, b0, b1):
+    matmat_acc(out, M, V, c, b0, b1)
 
 
 def _grid(dtype):
@@ -77,9 +77,18 @@ def test_special_values(dtype):
 
 
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 3), (8, 5), (17, 33), (64, 64)])
-def test_matvec_acc(K, N):
+def test_matmat_acc(K, N):
     rng = np.random.default_rng(K * 100 + N)
-    M, v, out = rng.normal(size=(K, N)), rng.normal(size=K), rng.normal(size=N)
-    want = out + 0.5 * (v @ M)
-    _matvec(out, M, v, 0.5)
+    B = 5
+    M, V, out = rng.normal(size=(K, N)), rng.normal(size=(B, K)), rng.normal(size=(B, N))
+    c = rng.normal(size=B)
+    want = out.copy()
+    want[1:4] += c[1:4, None] * (V[1:4] @ M)
+    _matmat(out, M, V, c, 1, 4)
     np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    together = out.copy()
+    _matmat(together, M, V, c, 0, B)          # rows 0..4 in one block
+    apart = out.copy()
+    for b in range(B):                        # the same rows one at a time: the same bits
+        _matmat(apart, M, V, c, b, b + 1)
+    assert np.array_equal(together, apart)

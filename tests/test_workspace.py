@@ -84,10 +84,11 @@ from numba.core.runtime import rtsys
 from fastbptt.kernels import forward as fw, backward as bw, losses
 
 @njit
-def step(n, hs, ws_out, row_loss, targets, dz, dh0, carry, tokens, W_hx, b_h, W_hhT, W_hh, dW_hx, act):
+def step(n, hs, ws_out, row_loss, targets, dz, dh0, carry, tokens, W_hx, b_h, W_hhT, W_hh, dW_hx,
+         ones, act):
     for _ in range(n):   # the fused path's compiled kernels, called as the API calls them
         fw.gather_input(hs[1:], tokens, W_hx)
-        fw.recurrence(hs, b_h, W_hhT, act)
+        fw.recurrence(hs, b_h, W_hhT, ones, act)
         losses.cross_entropy(ws_out, row_loss, targets)
         bw.reverse_sweep(dz, dh0, hs, carry, W_hh, act)
         bw.scatter_input_grad(dW_hx, dz, tokens)
@@ -101,7 +102,7 @@ args = (np.zeros((T + 1, B, H), np.float32), rng.normal(size=(T * B, O)).astype(
         np.zeros((B, H), np.float32), np.ones((T, B), np.float32), rng.integers(0, D, (T, B)),
         rng.normal(size=(H, D)).astype(np.float32), np.zeros(H, np.float32),
         rng.normal(size=(H, H)).astype(np.float32), rng.normal(size=(H, H)).astype(np.float32),
-        np.zeros((H, D), np.float32), 1)
+        np.zeros((H, D), np.float32), np.ones(B, np.float32), 1)
 step(1, *args)
 counts = []
 for n in (1, 10):

@@ -10,7 +10,7 @@ other values give randomized truncation (Tallec & Ollivier, 2017).
 The direct terms W_qhᵀ ∂L/∂o_t of all steps are one GEMM done before the sweep and
 written into ``dz``; the sweep adds the recurrent term and multiplies by φ' in
 place, leaving ∂L/∂z_t in ``dz``: either fused (``reverse_sweep``, one compiled
-loop over t per sequence) or with one GEMM per step done by the caller
+loop over t for the batch) or with one GEMM per step done by the caller
 (``reverse_step``). The weight gradients are then sums over t of
 outer products, done afterwards as single GEMMs over all T·B rows by the caller
 (or, for token inputs, by ``scatter_input_grad``). φ' is read off h_t = φ(z_t):
@@ -19,7 +19,7 @@ tanh' = 1 - h², relu' = [h > 0], identity' = 1.
 
 from numba import njit, prange
 
-from .primitives import matvec_acc
+from .primitives import matmat_acc
 
 
 @njit(inline="always", error_model="numpy")
@@ -36,8 +36,8 @@ def _dphi(g, h, act):
 
 
 @njit(inline="always", error_model="numpy")
-def _reverse_one(dz, dh0, hs, carry, W_hh, act, b):
-    """Reverse sweep of sequence b.
+def _reverse_block(dz, dh0, hs, carry, W_hh, act, b0, b1):
+    """Reverse sweep of sequences b0 .. b1-1, step by step.
 
     dz    (T, B, H)   in: W_qhᵀ ∂L/∂o_t; out: ∂L/∂z_t
     dh0   (B, H)      out: ∂L/∂h_0 = c_1 W_hhᵀ ∂L/∂z_1
@@ -47,28 +47,32 @@ def _reverse_one(dz, dh0, hs, carry, W_hh, act, b):
     """
     T, _, H = dz.shape
     for t in range(T - 1, -1, -1):
-        g = dz[t, b]
+        g = dz[t]
         if t < T - 1:
-            matvec_acc(g, W_hh, dz[t + 1, b], carry[t + 1, b])   # += c W_hhᵀ ∂L/∂z_{t+1}
-        _dphi(g, hs[t + 1, b], act)
-    out = dh0[b]
-    for j in range(H):
-        out[j] = 0
-    matvec_acc(out, W_hh, dz[0, b], carry[0, b])
+            matmat_acc(g, W_hh, dz[t + 1], carry[t + 1], b0, b1)   # += c W_hhᵀ ∂L/∂z_{t+1}
+        for b in range(b0, b1):
+            _dphi(g[b], hs[t + 1, b], act)
+    for b in range(b0, b1):
+        out = dh0[b]
+        for j in range(H):
+            out[j] = 0
+    matmat_acc(dh0, W_hh, dz[0], carry[0], b0, b1)
 
 
 @njit(cache=True, error_model="numpy")
 def reverse_sweep(dz, dh0, hs, carry, W_hh, act):
-    """The reverse sweep over every sequence of the batch, one after the other (see ``_reverse_one``)."""
-    for b in range(dz.shape[1]):
-        _reverse_one(dz, dh0, hs, carry, W_hh, act, b)
+    """The fused reverse sweep over the whole batch on one thread (see ``_reverse_block``)."""
+    _reverse_block(dz, dh0, hs, carry, W_hh, act, 0, dz.shape[1])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def reverse_sweep_parallel(dz, dh0, hs, carry, W_hh, act):
-    """``reverse_sweep`` with the sequences spread over threads; each writes only its own slices."""
-    for b in prange(dz.shape[1]):
-        _reverse_one(dz, dh0, hs, carry, W_hh, act, b)
+def reverse_sweep_parallel(dz, dh0, hs, carry, W_hh, act, n_blocks):
+    """``reverse_sweep`` with the sequences split into ``n_blocks`` blocks, one per thread;
+    bitwise the same."""
+    B = dz.shape[1]
+    n = min(B, n_blocks)
+    for k in prange(n):
+        _reverse_block(dz, dh0, hs, carry, W_hh, act, k * B // n, (k + 1) * B // n)
 
 
 @njit(cache=True, error_model="numpy")

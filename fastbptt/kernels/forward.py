@@ -10,9 +10,10 @@ applies φ in place, so ``hs`` ends up holding h_0 .. h_T.
 
 Two ways to run the recurrence:
 
-- fused (``recurrence``): one compiled loop over t per sequence, the product
+- fused (``recurrence``): one compiled loop over t for the whole batch, the product
   W_hh h_{t-1} done inline; best when a step is too small for BLAS to pay off.
-  ``recurrence_parallel`` gives each thread whole sequences, with no barrier per step.
+  ``recurrence_parallel`` gives each thread a block of whole sequences, with no
+  barrier per step.
 - per-step BLAS (``activate_step``): the caller computes h_{t-1} W_hhᵀ for the whole
   batch with one GEMM per step and this kernel adds it and applies φ.
 
@@ -21,7 +22,7 @@ Activation codes: 0 identity, 1 tanh, 2 relu (``fastbptt.model.ACTIVATIONS``).
 
 from numba import njit, prange
 
-from .primitives import matvec_acc, tanh
+from .primitives import matmat_acc, matvec_acc, tanh
 
 
 @njit(cache=True, error_model="numpy")
@@ -53,42 +54,62 @@ def _activate(cur, act):
 
 
 @njit(inline="always", error_model="numpy")
-def _recur_one(hs, b_h, W_hhT, act, b):
-    """Run sequence b: hs[t+1, b] = φ(hs[t+1, b] + b_h + W_hh hs[t, b]) for t = 0 .. T-1.
+def _recur_block(hs, b_h, W_hhT, ones, act, b0, b1):
+    """Run sequences b0 .. b1-1 together, step by step:
+    hs[t+1, b] = φ(hs[t+1, b] + b_h + W_hh hs[t, b]) for t = 0 .. T-1.
 
     hs    (T+1, B, H) in/out: hs[0] = h_0, hs[1:] hold the input projections W_hx x_t
     b_h   (H,)        zeros when the model has no bias
     W_hhT (H, H)      W_hh transposed, so the inner loop runs over contiguous rows
+    ones  (B,)        ones (the weights ``matmat_acc`` takes)
+    Each block of W_hh's rows is used for every sequence of the block while in L1.
     """
     T = hs.shape[0] - 1
     H = hs.shape[2]
-    one = hs.dtype.type(1)
+    if b1 - b0 == 1:                   # one sequence: the same operations, less bookkeeping
+        one = hs.dtype.type(1)
+        for t in range(T):
+            cur = hs[t + 1, b0]
+            for i in range(H):
+                cur[i] += b_h[i]
+            matvec_acc(cur, W_hhT, hs[t, b0], one)
+            _activate(cur, act)
+        return
     for t in range(T):
-        cur = hs[t + 1, b]
-        for i in range(H):
-            cur[i] += b_h[i]
-        matvec_acc(cur, W_hhT, hs[t, b], one)
-        _activate(cur, act)
+        cur = hs[t + 1]
+        for b in range(b0, b1):
+            row = cur[b]
+            for i in range(H):
+                row[i] += b_h[i]
+        matmat_acc(cur, W_hhT, hs[t], ones, b0, b1)
+        for b in range(b0, b1):
+            _activate(cur[b], act)
 
 
 @njit(cache=True, error_model="numpy")
-def recurrence(hs, b_h, W_hhT, act):
-    """The fused recurrence over every sequence of the batch, one after the other.
+def recurrence(hs, b_h, W_hhT, ones, act):
+    """The fused recurrence over the whole batch on one thread.
 
-    hs    (T+1, B, H) in/out (see ``_recur_one``)
+    hs    (T+1, B, H) in/out (see ``_recur_block``)
     b_h   (H,)
     W_hhT (H, H)
+    ones  (B,)
     act   int, the activation code
     """
-    for b in range(hs.shape[1]):
-        _recur_one(hs, b_h, W_hhT, act, b)
+    _recur_block(hs, b_h, W_hhT, ones, act, 0, hs.shape[1])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def recurrence_parallel(hs, b_h, W_hhT, act):
-    """``recurrence`` with the sequences spread over threads; each writes only its own hs[:, b]."""
-    for b in prange(hs.shape[1]):
-        _recur_one(hs, b_h, W_hhT, act, b)
+def recurrence_parallel(hs, b_h, W_hhT, ones, act, n_blocks):
+    """``recurrence`` with the sequences split into ``n_blocks`` blocks, one per thread.
+
+    Each block writes only its own hs[:, b]; a sequence's arithmetic does not depend
+    on its block, so the result is bitwise that of ``recurrence``.
+    """
+    B = hs.shape[1]
+    n = min(B, n_blocks)
+    for k in prange(n):
+        _recur_block(hs, b_h, W_hhT, ones, act, k * B // n, (k + 1) * B // n)
 
 
 @njit(cache=True, error_model="numpy")

@@ -10,7 +10,8 @@ polynomial for e^r and 2^n built from its bits (as two factors, so that both sta
 normal); within about 2 float32 ulp where the result is normal, 0 below -104 and
 +inf above 88.72. For float64, libm's exp.
 
-``matvec_acc(out, M, v, c)``: out += c Σ_j v[j] M[j], eight rows at a time.
+``matmat_acc(out, M, V, c, b0, b1)``: out[b] += c[b] Σ_j V[b, j] M[j] for a range of
+rows b, eight rows of M at a time, each block of eight reused for every b while in L1.
 
 NaN stays NaN. Callers compile with ``error_model="numpy"`` so that a division
 carries no ZeroDivisionError branch, which would stop vectorization.
@@ -133,14 +134,10 @@ def _exp_overload(x):
 
 @njit(inline="always", error_model="numpy")
 def matvec_acc(out, M, v, c):
-    """out[i] += c * Σ_j v[j] M[j, i]: a row-vector times a matrix, accumulated.
+    """out += c * Σ_j v[j] M[j]: ``matmat_acc`` for a single row, operation for operation
+    (c = 1 in the forward recurrence, where the multiplications by c fold away).
 
-    out (N,)   in/out
-    M   (K, N) rows M[j] are contiguous, so the inner loop runs over them
-    v   (K,)
-    c   scalar
-    Eight rows of M go into each pass over ``out``, so ``out`` is loaded and stored
-    K/8 times rather than K times.
+    out (N,) in/out;  M (K, N);  v (K,);  c scalar
     """
     K, N = M.shape
     j = 0
@@ -158,4 +155,44 @@ def matvec_acc(out, M, v, c):
         row = M[j]
         for i in range(N):
             out[i] += row[i] * vj
+        j += 1
+
+
+@njit(inline="always", error_model="numpy")
+def matmat_acc(out, M, V, c, b0, b1):
+    """out[b] += c[b] * Σ_j V[b, j] M[j] for b in [b0, b1): row-vectors times a matrix, accumulated.
+
+    out (B, N) in/out
+    M   (K, N)
+    V   (B, K)
+    c   (B,)
+    Eight rows of M go into each pass over ``out[b]``, so it is loaded and stored K/8
+    times rather than K times. Each row b gets the same operations in the same order
+    whatever [b0, b1) is, so the result does not depend on how rows are grouped.
+    """
+    if b1 - b0 == 1:                  # one row: the same operations, with less bookkeeping
+        matvec_acc(out[b0], M, V[b0], c[b0])
+        return
+    K, N = M.shape
+    j = 0
+    while j + 8 <= K:
+        m0, m1, m2, m3 = M[j], M[j + 1], M[j + 2], M[j + 3]
+        m4, m5, m6, m7 = M[j + 4], M[j + 5], M[j + 6], M[j + 7]
+        for b in range(b0, b1):
+            v = V[b]
+            cb = c[b]
+            v0, v1, v2, v3 = cb * v[j], cb * v[j + 1], cb * v[j + 2], cb * v[j + 3]
+            v4, v5, v6, v7 = cb * v[j + 4], cb * v[j + 5], cb * v[j + 6], cb * v[j + 7]
+            o = out[b]
+            for i in range(N):
+                o[i] += (((m0[i] * v0 + m1[i] * v1) + (m2[i] * v2 + m3[i] * v3))
+                         + ((m4[i] * v4 + m5[i] * v5) + (m6[i] * v6 + m7[i] * v7)))
+        j += 8
+    while j < K:
+        row = M[j]
+        for b in range(b0, b1):
+            vj = c[b] * V[b, j]
+            o = out[b]
+            for i in range(N):
+                o[i] += row[i] * vj
         j += 1
