@@ -3,13 +3,18 @@
     h_t = φ(W_hx x_t + W_hh h_{t-1} + b_h)        o_t = W_qh h_t + b_q        L = mean_t ℓ(o_t, y_t)
 
 Public API: ``RNN``, ``Workspace``, ``loss_and_grad``, ``forward``, ``backward``;
-``fastbptt.reference`` is the plain NumPy oracle.
+``fastbptt.reference`` is the plain NumPy oracle. For training loops: ``data``
+(d2l's character corpus and minibatches), ``optim`` (clipping and optimizers over
+the flat buffer), ``training`` (truncated BPTT steps and epochs), ``diagnostics``
+(gradient flow through time), ``checkpoint`` (save and resume), ``predict``.
 """
 
-from . import reference
+from . import checkpoint, data, diagnostics, optim, reference, training
 from .api import backward, forward, loss_and_grad
+from .generate import predict
 from .model import RNN
 from .workspace import Workspace
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "Workspace", "loss_and_grad", "forward", "backward", "reference", "__version__"]
+__all__ = ["RNN", "Workspace", "loss_and_grad", "forward", "backward", "predict", "reference",
+           "data", "optim", "training", "diagnostics", "checkpoint", "__version__"]

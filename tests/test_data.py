@@ -14,8 +14,9 @@ needs_time_machine = pytest.mark.skipif(not TIME_MACHINE.is_file(),
                                         reason=f"{TIME_MACHINE} is absent")
 
 
-# ----------------------------------------------------------------------------- d2l, transcribed
-# These follow d2l's code line by line (lists and slices), with the random draws made explicit.
+# ----------------------------------------------------------------------------- d2l, restated
+# Plain-Python restatements of the algorithms d2l describes (lists and slices, the random
+# draws made explicit), written as an independent oracle for fastbptt.data.
 
 
 def d2l_read(lines):
