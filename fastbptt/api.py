@@ -114,10 +114,12 @@ def _threads(parallel, method):
     return False, contextlib.nullcontext()
 
 
-def _check_flag(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+def _check_flags(**flags):
+    """The values of ``flags`` as bools, in order; a TypeError names any that is not one."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    return tuple(bool(value) for value in flags.values())
 
 
 def _check_inputs(model, X, check_finite):
@@ -332,10 +334,8 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     dh0 : ndarray (B, H), only if ``return_dh0``
     dX : ndarray (T, B, D), only if ``return_dX``
     """
-    check_finite = _check_flag(check_finite, "check_finite")
-    parallel = _check_flag(parallel, "parallel")
-    return_dh0 = _check_flag(return_dh0, "return_dh0")
-    return_dX = _check_flag(return_dX, "return_dX")
+    check_finite, parallel, return_dh0, return_dX = _check_flags(
+        check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
     _check_model(model, check_finite)
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
@@ -373,8 +373,7 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
         The outputs o_1 .. o_T (a view into the workspace, overwritten by ``backward``).
     h_T : ndarray (B, H)
     """
-    check_finite = _check_flag(check_finite, "check_finite")
-    parallel = _check_flag(parallel, "parallel")
+    check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
     _check_model(model, check_finite)
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
@@ -418,10 +417,8 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     dh0 : ndarray (B, H), only if ``return_dh0``
     dX : ndarray (T, B, D), only if ``return_dX``
     """
-    check_finite = _check_flag(check_finite, "check_finite")
-    parallel = _check_flag(parallel, "parallel")
-    return_dh0 = _check_flag(return_dh0, "return_dh0")
-    return_dX = _check_flag(return_dX, "return_dX")
+    check_finite, parallel, return_dh0, return_dX = _check_flags(
+        check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
     _check_model(model, check_finite)
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace must be the fastbptt.Workspace that forward() used, "

@@ -6,7 +6,6 @@ gradient, on token inputs (a character-level model: D = O = vocabulary size).
 
 import argparse
 import platform
-import time
 
 import numpy as np
 
@@ -17,24 +16,9 @@ from .workspace import Workspace
 
 
 def best_time(fn, repeats=5, min_time=0.05):
-    """Best wall time of one call of ``fn`` in seconds, over ``repeats`` rounds of enough calls."""
-    fn()
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time or calls >= 1 << 16:
-            break
-        calls *= 2
-    best = elapsed / calls
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
+    """Best wall time of one call of ``fn`` in seconds (``fastbptt.benchmark.best_time``)."""
+    from .benchmark import best_time as timer
+    return timer(fn, repeats=repeats, min_time=min_time)[0]
 
 
 def profile_step(T, H, B=1, vocab=28, dtype=np.float32, parallel=False, seed=0):

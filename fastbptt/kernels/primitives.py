@@ -34,7 +34,7 @@ _Q0, _Q1, _Q2, _Q3 = (_F(c) for c in (
 
 def tanh(x):
     """tanh(x) for one float32 or float64 scalar; only callable from compiled code."""
-    raise NotImplementedError("fastbptt.kernels.mathfn.tanh is only callable from @njit code")
+    raise NotImplementedError("fastbptt.kernels.primitives.tanh is only callable from @njit code")
 
 
 @overload(tanh, inline="always")
