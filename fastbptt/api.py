@@ -40,6 +40,9 @@ def choose_method(B, H):
     return "fused"
 
 
+# ----------------------------------------------------------------------------- checks
+
+
 def _all_finite(a):
     """True when ``a`` holds no NaN or Inf (two reductions, no temporary arrays)."""
     return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
@@ -174,6 +177,20 @@ def _check_targets(Y, loss, model, T, B, check_finite):
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
+def _check_carry(carry, T, B):
+    """Carry weights of shape (T,) or (T, B), finite floats; None means full BPTT."""
+    if carry is None:
+        return None
+    carry = _as_array(carry, "carry")
+    if carry.dtype.kind != "f":
+        raise TypeError(f"carry must hold floats, got dtype {carry.dtype}")
+    if carry.shape not in ((T,), (T, B)):
+        raise ValueError(f"carry must have shape ({T},) or ({T}, {B}), got {carry.shape}")
+    if not _all_finite(carry):
+        raise ValueError("carry contains NaN or Inf")
+    return carry
+
+
 # ----------------------------------------------------------------------------- passes
 
 
@@ -208,20 +225,6 @@ def _forward(model, ws, kind, X, h0, parallel, method):
         _fw.add_rows(ws.out, p["b_q"])
 
 
-def _check_carry(carry, T, B):
-    """Carry weights of shape (T,) or (T, B), finite floats; None means full BPTT."""
-    if carry is None:
-        return None
-    carry = _as_array(carry, "carry")
-    if carry.dtype.kind != "f":
-        raise TypeError(f"carry must hold floats, got dtype {carry.dtype}")
-    if carry.shape not in ((T,), (T, B)):
-        raise ValueError(f"carry must have shape ({T},) or ({T}, {B}), got {carry.shape}")
-    if not _all_finite(carry):
-        raise ValueError("carry contains NaN or Inf")
-    return carry
-
-
 def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
     """From ∂L/∂o in ws.out, fill ws.grads, ws.dh0 and (if wanted) ws.dX_buffer()."""
     p, g = model.params, ws.grads
@@ -248,11 +251,12 @@ def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
         else:
             _bw.reverse_sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], act)
     else:
-        ws.step[...] = 0
+        ws.step[...] = 0                                             # nothing comes back into step T
         for t in range(T - 1, -1, -1):
             if t < T - 1:
                 np.dot(ws.dz[t + 1], p["W_hh"], out=ws.step)          # ∂L/∂z_{t+1} W_hh
-            _bw.reverse_step(ws.dz[t], ws.step, weights[t + 1 if t < T - 1 else t], hs[t + 1], act)
+            c = weights[min(t + 1, T - 1)]                            # (times zero at t = T-1)
+            _bw.reverse_step(ws.dz[t], ws.step, c, hs[t + 1], act)
         np.dot(ws.dz[0], p["W_hh"], out=ws.dh0)
         _bw.scale_rows(ws.dh0, weights[0])
     np.dot(dz.T, hs[:-1].reshape(T * B, H), out=g["W_hh"])          # Σ_t ∂L/∂z_t h_{t-1}ᵀ

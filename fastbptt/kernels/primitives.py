@@ -41,21 +41,18 @@ def tanh(x):
 def _tanh_overload(x):
     if x == types.float32:
         def tanh_float32(x):
-            if x > _CLAMP:            # comparisons with NaN are false: NaN goes on
-                x = _CLAMP
-            if x < -_CLAMP:
-                x = -_CLAMP
-            x2 = x * x
-            p = x2 * _P0 + _P1
-            p = x2 * p + _P2
-            p = x2 * p + _P3
-            p = x2 * p + _P4
-            p = x2 * p + _P5
-            p = x2 * p + _P6
-            q = x2 * _Q0 + _Q1
-            q = x2 * q + _Q2
-            q = x2 * q + _Q3
-            return x * p / q
+            y = np.minimum(np.maximum(x, -_CLAMP), _CLAMP)   # NaN stays NaN
+            y2 = y * y
+            p = y2 * _P0 + _P1
+            p = y2 * p + _P2
+            p = y2 * p + _P3
+            p = y2 * p + _P4
+            p = y2 * p + _P5
+            p = y2 * p + _P6
+            q = y2 * _Q0 + _Q1
+            q = y2 * q + _Q2
+            q = y2 * q + _Q3
+            return y * p / q
         return tanh_float32
     if isinstance(x, types.Float):
         def tanh_libm(x):
@@ -102,9 +99,7 @@ def exp(x):
 def _exp_overload(x):
     if x == types.float32:
         def exp_float32(x):
-            big = x > _EXP_HI
-            small = x < _EXP_LO
-            y = min(max(x, _EXP_LO), _EXP_HI)   # NaN comparisons are false: NaN goes on
+            y = min(max(x, _EXP_LO), _EXP_HI)
             n = np.floor(y * _LOG2E + _HALF)
             r = (y - n * _LN2_HI) - n * _LN2_LO
             p = r * _E7 + _E6
@@ -116,14 +111,10 @@ def _exp_overload(x):
             p = r * p + _ONE
             k = np.int32(n)                    # in [-150, 128]: 2^k in two normal halves
             half = k >> 1
-            result = (p * _float32_from_bits((half + 127) << 23)) * _float32_from_bits((k - half + 127) << 23)
-            if big:
-                result = _INF
-            if small:
-                result = _ZERO
-            if x != x:
-                result = x
-            return result
+            e = (p * _float32_from_bits((half + 127) << 23)) * _float32_from_bits((k - half + 127) << 23)
+            e = _INF if x > _EXP_HI else e
+            e = _ZERO if x < _EXP_LO else e
+            return e if x == x else x          # NaN goes on
         return exp_float32
     if isinstance(x, types.Float):
         def exp_libm(x):
