@@ -51,7 +51,7 @@ class Workspace:
         self.out = np.zeros((T * B, O), dtype)        # o_t, then ∂L/∂o_t
         self.row_loss = np.zeros(T * B, dtype)        # ℓ(o_t, y_t) per position
         self.W_hhT = np.zeros((H, H), dtype)          # W_hhᵀ, contiguous
-        self.step = np.zeros((B, H), dtype)           # one step's GEMM result (per-step BLAS)
+        self.stepT = np.zeros((H, B), dtype)          # one step's GEMM result, transposed (per-step BLAS)
         self.zero_h = np.zeros(H, dtype)              # b_h of a model without bias
         self.ones = np.ones(T * B, dtype)             # sums over positions as GEMVs
         self.carry_full = np.ones((T, B), dtype)      # carry weights of full BPTT

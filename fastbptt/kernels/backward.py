@@ -110,7 +110,7 @@ def reverse_step(g, back, carry, h, act):
     """One step of the per-step BLAS sweep: g = φ'(z_t) ⊙ (g + c back).
 
     g     (B, H) in: W_qhᵀ ∂L/∂o_t; out: ∂L/∂z_t
-    back  (B, H) ∂L/∂z_{t+1} W_hh, from the caller's GEMM
+    back  (B, H) ∂L/∂z_{t+1} W_hh, from the caller's GEMM (any layout)
     carry (B,)   c, the weights of step t+1
     h     (B, H) h_t
     act   int

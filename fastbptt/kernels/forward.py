@@ -117,7 +117,7 @@ def activate_step(cur, rec, b_h, act):
     """One step of the per-step BLAS recurrence: cur = φ(cur + b_h + rec).
 
     cur (B, H) in: W_hx x_t; out: h_t
-    rec (B, H) h_{t-1} W_hhᵀ, from the caller's GEMM
+    rec (B, H) h_{t-1} W_hhᵀ, from the caller's GEMM (any layout)
     b_h (H,)
     act int
     """
