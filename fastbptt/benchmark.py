@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import compare
+from .profile import positive_ints
 
 DTYPE_SHORT = {"float32": "f32", "float64": "f64"}
 
@@ -369,16 +370,6 @@ class _Progress:
 # ----------------------------------------------------------------------------- command line
 
 
-def _ints(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def _ints_or_names(text):
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
@@ -387,7 +378,7 @@ def _ints_or_names(text):
 
 
 def _config(text):
-    values = _ints(text)
+    values = positive_ints(text)
     if len(values) != 5:
         raise argparse.ArgumentTypeError(f"expected T,B,D,H,O (five positive integers), got {text!r}")
     return tuple(values)
@@ -440,9 +431,9 @@ configuration sets (--configs):
                      help="shorthand for --configs quick --repeats 3 --min-time 0.005")
     sel.add_argument("--config", type=_config, action="append", metavar="T,B,D,H,O",
                      help="a configuration of your own (repeat the flag for several); replaces the set")
-    sel.add_argument("--T", type=_ints, metavar="T1,T2,...", help="sequence lengths of the grid")
-    sel.add_argument("--H", type=_ints, metavar="H1,H2,...", help="hidden sizes of the grid")
-    sel.add_argument("--B", type=_ints, metavar="B1,B2,...", help="batch sizes of the grid")
+    sel.add_argument("--T", type=positive_ints, metavar="T1,T2,...", help="sequence lengths of the grid")
+    sel.add_argument("--H", type=positive_ints, metavar="H1,H2,...", help="hidden sizes of the grid")
+    sel.add_argument("--B", type=positive_ints, metavar="B1,B2,...", help="batch sizes of the grid")
     sel.add_argument("--D", type=int, metavar="D", help="input size = output size O of the grid")
     sel.add_argument("--dtype", type=_choices(["float32", "float64"], "dtype"), default=None,
                      metavar="float32,float64", help="dtypes to run each configuration in (default float32)")

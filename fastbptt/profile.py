@@ -60,7 +60,8 @@ def format_row(r):
             f"{r['speedup']:>7.1f}x {r['max_grad_error']:>12.1e}")
 
 
-def _sizes(text):
+def positive_ints(text):
+    """Parse "10,100,1000" for argparse: comma-separated positive integers."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -75,9 +76,9 @@ def main(argv=None):
         prog="python -m fastbptt profile",
         description="Profile one BPTT training step (forward, cross-entropy, all gradients) of "
                     "fastbptt against the plain NumPy reference over a grid of T and H.")
-    parser.add_argument("--T", type=_sizes, default=[10, 100, 1000], metavar="T1,T2,...",
+    parser.add_argument("--T", type=positive_ints, default=[10, 100, 1000], metavar="T1,T2,...",
                         help="sequence lengths (default 10,100,1000)")
-    parser.add_argument("--H", type=_sizes, default=[16, 64, 256], metavar="H1,H2,...",
+    parser.add_argument("--H", type=positive_ints, default=[16, 64, 256], metavar="H1,H2,...",
                         help="hidden sizes (default 16,64,256)")
     parser.add_argument("--B", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
