@@ -243,6 +243,7 @@ def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
     else:
         weights = ws.carry
         weights[...] = carry if carry.ndim == 2 else carry[:, None]
+    ws.last_carry = weights
     act = ACTIVATIONS[model.activation]
     if method == "fused":
         if parallel:

@@ -49,7 +49,8 @@ def hidden_grads(model, workspace, carry=None):
     workspace : fastbptt.Workspace
         The one that call used.
     carry : ndarray (T,) or (T, B), optional
-        The carry weights passed to that call (None: full BPTT).
+        The carry weights of that call; None takes the ones the workspace recorded
+        (``workspace.last_carry``), so it need not be passed again.
 
     Returns
     -------
@@ -59,6 +60,8 @@ def hidden_grads(model, workspace, carry=None):
     _check(model, workspace)
     T, B, H = workspace.T, workspace.B, model.hidden_size
     carry = api._check_carry(carry, T, B)
+    if carry is None:
+        carry = workspace.last_carry
     p = model.params
     dh = (workspace.out @ p["W_qh"]).reshape(T, B, H)                  # W_qhᵀ ∂L/∂o_t
     if T > 1:

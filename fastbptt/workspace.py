@@ -56,6 +56,7 @@ class Workspace:
         self.ones = np.ones(T * B, dtype)             # sums over positions as GEMVs
         self.carry_full = np.ones((T, B), dtype)      # carry weights of full BPTT
         self.carry = np.ones((T, B), dtype)           # caller's carry weights, copied
+        self.last_carry = self.carry_full             # the weights the last backward pass used
         self.dh0 = np.zeros((B, H), dtype)            # ∂L/∂h_0
         self.tokens = np.zeros((T, B), np.intp)       # token ids, when inputs are tokens
         self.targets = np.zeros(T * B, np.intp)       # class labels, for cross-entropy

@@ -147,3 +147,20 @@ def test_plot_grad_norms():
     plt.close("all")
     with pytest.raises(ValueError, match="norms must have shape"):
         diagnostics.plot_grad_norms(np.ones((2, 2, 2)))
+
+
+def test_hidden_grads_reads_the_carry_the_workspace_recorded():
+    """After a call with carry weights, hidden_grads without them uses the recorded ones."""
+    import fastbptt
+    from fastbptt import diagnostics
+    rng = np.random.default_rng(2)
+    model = fastbptt.RNN(5, 6, 5, dtype=np.float64, seed=2)
+    X, Y = rng.integers(0, 5, (7, 3)), rng.integers(0, 5, (7, 3))
+    carry = rng.choice([0.0, 2.0], size=(7, 3))
+    ws = fastbptt.Workspace(model, 7, 3)
+    fastbptt.loss_and_grad(model, X, Y, workspace=ws, carry=carry)
+    np.testing.assert_array_equal(diagnostics.hidden_grads(model, ws),
+                                  diagnostics.hidden_grads(model, ws, carry))
+    full = fastbptt.Workspace(model, 7, 3)
+    fastbptt.loss_and_grad(model, X, Y, workspace=full)
+    assert not np.allclose(diagnostics.hidden_grads(model, ws), diagnostics.hidden_grads(model, full))
