@@ -32,3 +32,44 @@ def test_parallel_equals_serial(threads, inputs, loss, dtype, method):
     for name, value in serial.items():
         assert np.array_equal(parallel[name], value), (
             f"{name} differs with {threads} threads: max {np.abs(parallel[name] - value).max():.3e}")
+
+
+def test_blas_is_held_to_one_thread_during_a_parallel_step(monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+
+    from fastbptt import threads
+    seen = []
+    real = threads.blas_single_threaded
+
+    def spy():
+        context = real()
+
+        class Spy:
+            def __enter__(self):
+                context.__enter__()
+                seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+
+            def __exit__(self, *exc):
+                return context.__exit__(*exc)
+        return Spy()
+
+    monkeypatch.setattr(fastbptt.api, "blas_single_threaded", spy)
+    model, X, Y, h0 = make_problem(T=5, B=4, H=8)
+    fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")
+    assert seen and all(n == 1 for n in seen[0])
+    seen.clear()
+    fastbptt.loss_and_grad(model, X, Y, h0, parallel=False)
+    assert not seen                                  # the serial path leaves BLAS alone
+
+
+def test_parallel_without_threadpoolctl_warns(monkeypatch):
+    import sys
+
+    from fastbptt import threads
+    monkeypatch.setattr(threads, "_controller", None)
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)   # makes the import fail
+    with pytest.warns(RuntimeWarning, match="without threadpoolctl"):
+        context = threads.blas_single_threaded()
+    with context:
+        pass
