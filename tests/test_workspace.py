@@ -14,8 +14,8 @@ from helpers import make_problem
 def test_steady_state_allocates_no_arrays(inputs, parallel):
     """NumPy reports every array it allocates to tracemalloc: after a warm-up call, a call
     with a workspace must not allocate anything array-sized."""
-    model, X, Y, h0 = make_problem(T=50, B=16, D=20, H=64, O=20, inputs=inputs, dtype=np.float32)
-    ws = fastbptt.Workspace(model, 50, 16)
+    model, X, Y, h0 = make_problem(T=50, B=32, D=20, H=64, O=20, inputs=inputs, dtype=np.float32)
+    ws = fastbptt.Workspace(model, 50, 32)
     kwargs = dict(workspace=ws, parallel=parallel, return_dh0=True, return_dX=True)
     fastbptt.loss_and_grad(model, X, Y, h0, **kwargs)          # compile and make lazy buffers
     tracemalloc.start()
@@ -27,7 +27,7 @@ def test_steady_state_allocates_no_arrays(inputs, parallel):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    smallest_array = 16 * 64 * 4        # one (B, H) float32 array; Python objects take about 1.3 kB
+    smallest_array = 32 * 64 * 4        # one (B, H) float32 array; Python objects take up to 3 kB
     assert peak - base < smallest_array, f"{peak - base} bytes allocated per call"
 
 
