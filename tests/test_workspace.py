@@ -11,12 +11,13 @@ from helpers import make_problem
 
 @pytest.mark.parametrize("inputs", ["dense", "tokens"])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_steady_state_allocates_no_arrays(inputs, parallel):
+@pytest.mark.parametrize("method", ["fused", "blas"])
+def test_steady_state_allocates_no_arrays(inputs, parallel, method):
     """NumPy reports every array it allocates to tracemalloc: after a warm-up call, a call
     with a workspace must not allocate anything array-sized."""
     model, X, Y, h0 = make_problem(T=50, B=32, D=20, H=64, O=20, inputs=inputs, dtype=np.float32)
     ws = fastbptt.Workspace(model, 50, 32)
-    kwargs = dict(workspace=ws, parallel=parallel, return_dh0=True, return_dX=True)
+    kwargs = dict(workspace=ws, parallel=parallel, return_dh0=True, return_dX=True, method=method)
     fastbptt.loss_and_grad(model, X, Y, h0, **kwargs)          # compile and make lazy buffers
     tracemalloc.start()
     try:
