@@ -35,6 +35,8 @@ import re
 
 import numpy as np
 
+from .model import _positive_int
+
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 """SHA-1 of d2l's ``timemachine.txt``, the text its language-model chapters use."""
 
@@ -215,14 +217,6 @@ def file_sha1(path):
 # ----------------------------------------------------------------------------- minibatches
 
 
-def _positive(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
-
-
 def _check_corpus(corpus):
     corpus = np.asarray(corpus)
     if corpus.ndim != 1:
@@ -244,7 +238,7 @@ def min_tokens(T, B, sampling="sequential"):
     Sequential partitioning draws an offset in [0, T] and needs T·B + 1 tokens after it;
     random sampling draws one in [0, T) and needs B subsequences of T plus one token.
     """
-    T, B = _positive(T, "T"), _positive(B, "B")
+    T, B = _positive_int(T, "T"), _positive_int(B, "B")
     if sampling == "sequential":
         return T * (B + 1) + 1
     if sampling == "random":
@@ -279,7 +273,7 @@ def sequential_batches(corpus, T, B, rng=None):
         Inputs and next-token targets, time first, C-contiguous (new arrays).
     """
     corpus = _check_corpus(corpus)
-    T, B = _positive(T, "T"), _positive(B, "B")
+    T, B = _positive_int(T, "T"), _positive_int(B, "B")
     rng = _check_rng(rng)
     need = min_tokens(T, B, "sequential") if rng is not None else T * B + 1
     if corpus.size < need:
@@ -316,7 +310,7 @@ def random_batches(corpus, T, B, rng):
     X, Y : ndarray (T, B) int64
     """
     corpus = _check_corpus(corpus)
-    T, B = _positive(T, "T"), _positive(B, "B")
+    T, B = _positive_int(T, "T"), _positive_int(B, "B")
     if _check_rng(rng) is None:
         raise TypeError("random_batches needs rng, a numpy.random.Generator")
     need = min_tokens(T, B, "random")
@@ -356,7 +350,7 @@ class SeqDataLoader:
 
     def __init__(self, corpus, T, B, sampling="sequential", rng=None):
         self.corpus = _check_corpus(corpus)
-        self.T, self.B = _positive(T, "T"), _positive(B, "B")
+        self.T, self.B = _positive_int(T, "T"), _positive_int(B, "B")
         need = min_tokens(self.T, self.B, sampling)
         if self.corpus.size < need:
             raise _too_short(self.corpus.size, need, self.T, self.B)

@@ -22,7 +22,7 @@ Activation codes: 0 identity, 1 tanh, 2 relu (``fastbptt.model.ACTIVATIONS``).
 
 from numba import njit, prange
 
-from .primitives import matmat_acc, matvec_acc, tanh
+from .primitives import matmat_acc, tanh
 
 
 @njit(cache=True, error_model="numpy")
@@ -66,15 +66,6 @@ def _recur_block(hs, b_h, W_hhT, ones, act, b0, b1):
     """
     T = hs.shape[0] - 1
     H = hs.shape[2]
-    if b1 - b0 == 1:                   # one sequence: the same operations, less bookkeeping
-        one = hs.dtype.type(1)
-        for t in range(T):
-            cur = hs[t + 1, b0]
-            for i in range(H):
-                cur[i] += b_h[i]
-            matvec_acc(cur, W_hhT, hs[t, b0], one)
-            _activate(cur, act)
-        return
     for t in range(T):
         cur = hs[t + 1]
         for b in range(b0, b1):

@@ -125,8 +125,7 @@ def _exp_overload(x):
 
 @njit(inline="always", error_model="numpy")
 def matvec_acc(out, M, v, c):
-    """out += c * Σ_j v[j] M[j]: ``matmat_acc`` for a single row, operation for operation
-    (c = 1 in the forward recurrence, where the multiplications by c fold away).
+    """out += c * Σ_j v[j] M[j]: ``matmat_acc`` for a single row, operation for operation.
 
     out (N,) in/out;  M (K, N);  v (K,);  c scalar
     """
