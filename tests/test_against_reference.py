@@ -150,3 +150,76 @@ def test_larger_sizes_both_methods(dtype):
     assert fastbptt.api.choose_method(16, 260) == "blas"
     for method in ("fused", "blas", "auto"):
         check_against_reference(model, X, Y, h0, "cross_entropy", method=method)
+
+
+# ----------------------------------------------------------------------------- relu' at the kink
+
+
+def zero_preactivation_problem(which, inputs, dtype):
+    """A relu model whose pre-activations are exactly 0: at every unit ("all": zero inputs,
+    zero h0, zero b_h) or at a few units only ("some": their rows of W_hx, W_hh and b_h
+    are zero, while the other units run normally)."""
+    model, X, Y, h0 = make_problem(T=6, B=3, D=5, H=9, O=4, activation="relu", inputs=inputs,
+                                   dtype=dtype, seed=21)
+    p = model.params
+    if which == "all":
+        p["b_h"][...] = 0
+        h0 = np.zeros_like(h0)
+        if inputs == "dense":
+            X = np.zeros_like(X)
+        else:
+            p["W_hx"][...] = 0          # one-hot inputs: W_hx x_t = 0 needs W_hx = 0
+    else:
+        dead = [1, 4, 8]
+        for name in ("W_hx", "W_hh", "b_h"):
+            p[name][dead] = 0
+    return model, X, Y, h0
+
+
+@pytest.mark.parametrize("which", ["all", "some"])
+@pytest.mark.parametrize("inputs", ["dense", "tokens"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("method", ["fused", "blas"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_relu_derivative_at_exactly_zero(which, inputs, dtype, method, parallel):
+    """relu'(0) = 0 (as PyTorch and the reference): a unit at exactly z = 0 passes no gradient."""
+    model, X, Y, h0 = zero_preactivation_problem(which, inputs, dtype)
+    check_against_reference(model, X, Y, h0, "cross_entropy", parallel, method=method)
+    _, grads, hT, dh0 = fastbptt.loss_and_grad(model, X, Y, h0, parallel=parallel, method=method,
+                                               return_dh0=True)
+    if which == "all":
+        assert not hT.any()
+        for name in ("W_hx", "W_hh", "b_h"):
+            assert not grads[name].any(), f"{name}: relu'(0) must be 0, so no gradient reaches it"
+        assert not dh0.any()
+        assert grads["b_q"].any()       # the readout still learns: the test is not vacuous
+    else:
+        dead = [1, 4, 8]
+        assert not hT[:, dead].any()
+        assert not grads["W_hh"][dead].any() and not grads["b_h"][dead].any()
+        assert grads["W_hh"].any() and grads["b_h"].any()
+
+
+def test_relu_derivative_at_zero_against_torch():
+    """The convention pinned against PyTorch's autograd on the same zero pre-activations."""
+    torch = pytest.importorskip("torch")
+    z = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    torch.relu(z).sum().backward()
+    assert not z.grad.any()                     # PyTorch: relu'(0) = 0
+    for which in ("all", "some"):
+        model, X, Y, h0 = zero_preactivation_problem(which, "dense", np.float64)
+        L, grads, _, dh0 = fastbptt.loss_and_grad(model, X, Y, h0, return_dh0=True)
+        p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+        h = torch.tensor(h0, requires_grad=True)
+        logits = []
+        for x in torch.tensor(X):
+            h_prev = h if not logits else h_t
+            h_t = torch.relu(x @ p["W_hx"].T + h_prev @ p["W_hh"].T + p["b_h"])
+            logits.append(h_t @ p["W_qh"].T + p["b_q"])
+        out = torch.stack(logits).reshape(-1, model.output_size)
+        loss = torch.nn.functional.cross_entropy(out, torch.tensor(Y).reshape(-1))
+        loss.backward()
+        assert_close("loss", L, loss.item(), np.float64)
+        for name in grads:
+            assert_close(f"{which} {name}", grads[name], p[name].grad.numpy(), np.float64)
+        assert_close(f"{which} dh0", dh0, h.grad.numpy(), np.float64)
