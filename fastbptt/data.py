@@ -32,6 +32,7 @@ import importlib
 import io
 import os
 import re
+import stat
 
 import numpy as np
 
@@ -101,9 +102,18 @@ class Vocab:
     def __init__(self, tokens=(), min_freq=0, reserved_tokens=None):
         if tokens and isinstance(tokens[0], list):
             tokens = [tok for line in tokens for tok in line]
-        counter = collections.Counter(tokens)
-        # sorted() is stable: ties keep the Counter's order, that of first appearance
-        self.token_freqs = sorted(counter.items(), key=lambda item: item[1], reverse=True)
+        self._build(collections.Counter(tokens), min_freq, reserved_tokens)
+
+    @classmethod
+    def from_counts(cls, counts, min_freq=0, reserved_tokens=None):
+        """The vocabulary of a corpus given by its token counts (a mapping in order of first appearance)."""
+        vocab = cls.__new__(cls)
+        vocab._build(counts, min_freq, reserved_tokens)
+        return vocab
+
+    def _build(self, counts, min_freq, reserved_tokens):
+        # sorted() is stable: ties keep the mapping's order, that of first appearance
+        self.token_freqs = sorted(counts.items(), key=lambda item: item[1], reverse=True)
         self.idx_to_token = ["<unk>"] + list(reserved_tokens or [])
         self.token_to_idx = {tok: idx for idx, tok in enumerate(self.idx_to_token)}
         for tok, freq in self.token_freqs:
@@ -161,6 +171,11 @@ def default_text():
 def load_corpus(path=None, *, text=None, max_tokens=None, token="char"):
     """Read, clean and tokenize a text; return its token ids and vocabulary (d2l's ``load_corpus_time_machine``).
 
+    The text is streamed, a line (or a megabyte of a longer line) at a time: memory holds
+    the token counts and the tokens kept, never the whole text, so ``max_tokens`` keeps a
+    small corpus of a text of any size. Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (as
+    d2l's ``readlines`` sees them), for a file and for ``text`` alike.
+
     Parameters
     ----------
     path : str or os.PathLike, optional
@@ -169,7 +184,7 @@ def load_corpus(path=None, *, text=None, max_tokens=None, token="char"):
         The text itself, instead of a file.
     max_tokens : int, optional
         Keep only the first ``max_tokens`` tokens (d2l uses 10,000). The vocabulary is
-        built from the whole text, as in d2l.
+        built from the whole text, as in d2l (so the whole text is read, once).
     token : {"char", "word"}
 
     Returns
@@ -185,24 +200,134 @@ def load_corpus(path=None, *, text=None, max_tokens=None, token="char"):
             raise TypeError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens}")
-    if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"text file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    else:
+        max_tokens = int(max_tokens)
+    if token not in ("char", "word"):
+        raise ValueError(f"token must be 'char' or 'word', got {token!r}")
+    count = _count_chars if token == "char" else _count_words
+    if path is None:
         if text is None:
             text = default_text()
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        lines = text.splitlines(keepends=True)
-    tokens = tokenize(preprocess_lines(lines), token)
-    vocab = Vocab(tokens)
-    corpus = np.array([vocab[tok] for line in tokens for tok in line], dtype=np.int64)
-    if max_tokens is not None:
-        corpus = corpus[:max_tokens]
-    return corpus, vocab
+        return count(io.StringIO(text, newline=None), max_tokens)
+    path = check_text_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return count(f, max_tokens)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text file {path!r} is not UTF-8 text ({exc}); convert it to UTF-8") from None
+
+
+def check_text_file(path, name="text file"):
+    """``path`` as a str if it names a regular file; else an error that says what it is.
+
+    A directory, a FIFO (whose ``open`` would wait forever for a writer) or a device is
+    refused before anything is opened.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name} {path!r} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"{name} {path!r} cannot be read: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{name} {path!r} is a directory; name a file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{name} {path!r} is {kind}; name a regular file")
+    return path
+
+
+_BLOCK = 1 << 20
+"""Characters read at a time."""
+
+_BREAK = re.compile(r"[^A-Za-z\n]*\n[^A-Za-z]*")     # a run of non-letters that holds a line break
+_GAP = re.compile(r"[^A-Za-z\n]+")                   # a run of non-letters within a line
+_LAST_LETTER = re.compile(r"[A-Za-z][^A-Za-z]*\Z")
+
+
+def _clean_blocks(f):
+    """d2l's line cleaning applied to a stream, a block at a time: yields ``(piece, at_word_end)``.
+
+    Each piece holds lower-case letters, spaces, and ``\\n`` where lines met. Without the
+    ``\\n``, the pieces joined are the cleaned lines joined (d2l's character corpus): a
+    run of non-letters within a line is one space, a run that holds a line break is
+    nothing (the spaces at the ends of lines are stripped), and so is a run at the start
+    or the end of the text. ``at_word_end`` is false when the next piece may continue the
+    piece's last word. A run of non-letters that straddles two blocks is carried over,
+    reduced to the one character that decides it.
+    """
+    carry, started = "", False
+    while True:
+        block = f.read(_BLOCK)
+        text = carry + block
+        if block:
+            m = _LAST_LETTER.search(text)
+            if m is None:                             # no letter: a run that goes on
+                carry = "\n" if "\n" in text else (" " if text else "")
+                continue
+            cut = m.start() + 1
+            text, carry = text[:cut], text[cut:]
+            carry = "\n" if "\n" in carry else carry[:1]
+        piece = _GAP.sub(" ", _BREAK.sub("\n", text)).lower()
+        if not started:
+            piece = piece.lstrip(" \n")
+        if not block:
+            piece = piece.rstrip(" \n")
+        started = started or bool(piece)
+        if piece or not block:
+            yield piece, bool(carry) or not block
+        if not block:
+            return
+
+
+def _count_chars(f, max_tokens):
+    """Character tokens: counts of the whole stream, and its first ``max_tokens`` characters as ids.
+
+    Cleaned text holds only lower-case ASCII letters and spaces, so every piece is
+    counted as bytes with ``np.bincount``, and the kept text is one byte per token.
+    """
+    counts = np.zeros(128, dtype=np.int64)
+    first_seen = []                                     # byte values in order of first appearance
+    kept = bytearray()
+    for piece, _ in _clean_blocks(f):
+        raw = piece.replace("\n", "").encode("ascii")
+        if not raw:
+            continue
+        c = np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=128)
+        new = np.flatnonzero((c > 0) & (counts == 0))
+        if new.size:
+            first_seen.extend(int(v) for _, v in sorted((raw.index(int(v)), v) for v in new))
+        counts += c
+        if max_tokens is None:
+            kept += raw
+        elif len(kept) < max_tokens:
+            kept += raw[:max_tokens - len(kept)]
+    vocab = Vocab.from_counts({chr(v): int(counts[v]) for v in first_seen})
+    lut = np.zeros(128, dtype=np.int64)
+    for v in first_seen:
+        lut[v] = vocab[chr(v)]
+    return lut[np.frombuffer(bytes(kept), dtype=np.uint8)], vocab
+
+
+def _count_words(f, max_tokens):
+    """Word tokens: counts of the whole stream, and its first ``max_tokens`` words as ids.
+
+    Words never span a line break (d2l splits each line).
+    """
+    counts = collections.Counter()
+    kept = []
+    partial = ""                                         # a word the next piece may continue
+    for piece, at_word_end in _clean_blocks(f):
+        words = (partial + piece).replace("\n", " ").split(" ")
+        partial = "" if at_word_end else words.pop()
+        words = [w for w in words if w]
+        counts.update(words)
+        if max_tokens is None or len(kept) < max_tokens:
+            kept.extend(words if max_tokens is None else words[:max_tokens - len(kept)])
+    vocab = Vocab.from_counts(counts)
+    return np.array(vocab[kept], dtype=np.int64), vocab
 
 
 def file_sha1(path):
@@ -226,10 +351,24 @@ def _check_corpus(corpus):
     return corpus
 
 
-def _check_rng(rng, name="rng"):
-    if rng is None or isinstance(rng, np.random.Generator):
+def as_generator(rng, name="rng", *, required_by=None):
+    """A ``numpy.random.Generator`` from what the library accepts as ``rng``.
+
+    A Generator is used as it is (and advanced); an int seed >= 0 makes a new one
+    (``numpy.random.default_rng(seed)``); None is returned as None, or refused when
+    ``required_by`` names what needs it. Anything else is a ``TypeError`` that names ``name``.
+    """
+    if isinstance(rng, np.random.Generator):
         return rng
-    raise TypeError(f"{name} must be a numpy.random.Generator or None, got {type(rng).__name__}")
+    if rng is None:
+        if required_by:
+            raise TypeError(f"{required_by} needs {name}: a numpy.random.Generator or an int seed")
+        return None
+    if isinstance(rng, (bool, np.bool_)) or not isinstance(rng, (int, np.integer)):
+        raise TypeError(f"{name} must be a numpy.random.Generator, an int seed or None, got {rng!r}")
+    if rng < 0:
+        raise ValueError(f"{name} must be a seed >= 0 (or a numpy.random.Generator), got {rng}")
+    return np.random.default_rng(int(rng))
 
 
 def min_tokens(T, B, sampling="sequential"):
@@ -264,8 +403,9 @@ def sequential_batches(corpus, T, B, rng=None):
     corpus : ndarray (N,) of int
     T, B : int
         Steps per batch and sequences per batch.
-    rng : numpy.random.Generator, optional
-        Draws the offset. None: offset 0, a plain deterministic iterator.
+    rng : numpy.random.Generator or int, optional
+        Draws the offset (an int seeds a new generator). None: offset 0, a plain
+        deterministic iterator.
 
     Yields
     ------
@@ -274,7 +414,7 @@ def sequential_batches(corpus, T, B, rng=None):
     """
     corpus = _check_corpus(corpus)
     T, B = _positive_int(T, "T"), _positive_int(B, "B")
-    rng = _check_rng(rng)
+    rng = as_generator(rng)
     need = min_tokens(T, B, "sequential") if rng is not None else T * B + 1
     if corpus.size < need:
         raise _too_short(corpus.size, need, T, B)
@@ -302,8 +442,8 @@ def random_batches(corpus, T, B, rng):
     ----------
     corpus : ndarray (N,) of int
     T, B : int
-    rng : numpy.random.Generator
-        Draws the offset and the order.
+    rng : numpy.random.Generator or int
+        Draws the offset and the order (an int seeds a new generator).
 
     Yields
     ------
@@ -311,8 +451,7 @@ def random_batches(corpus, T, B, rng):
     """
     corpus = _check_corpus(corpus)
     T, B = _positive_int(T, "T"), _positive_int(B, "B")
-    if _check_rng(rng) is None:
-        raise TypeError("random_batches needs rng, a numpy.random.Generator")
+    rng = as_generator(rng, required_by="random_batches")
     need = min_tokens(T, B, "random")
     if corpus.size < need:
         raise _too_short(corpus.size, need, T, B)
@@ -339,7 +478,7 @@ class SeqDataLoader:
     T, B : int
     sampling : {"sequential", "random"}
     rng : numpy.random.Generator or int or None
-        Source of offsets and order; an int or None seeds a new one.
+        Source of offsets and order; an int seeds a new one, None one from the OS's entropy.
 
     Attributes
     ----------
@@ -355,11 +494,8 @@ class SeqDataLoader:
         if self.corpus.size < need:
             raise _too_short(self.corpus.size, need, self.T, self.B)
         self.sampling = sampling
-        if not isinstance(rng, np.random.Generator):
-            if rng is not None and (isinstance(rng, bool) or not isinstance(rng, (int, np.integer))):
-                raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {rng!r}")
-            rng = np.random.default_rng(rng)
-        self.rng = rng
+        rng = as_generator(rng)
+        self.rng = np.random.default_rng() if rng is None else rng
         self.carries_state = sampling == "sequential"
 
     def __iter__(self):

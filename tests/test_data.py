@@ -1,7 +1,11 @@
 """Text preprocessing, vocabulary and minibatches against d2l's own definitions."""
 
 import collections
+import io
+import os
+import random
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -226,11 +230,102 @@ def test_loader_draws_afresh_each_epoch_and_is_reproducible():
     (lambda: data.sequential_batches(np.zeros((3, 40), int), 2, 2), ValueError, "corpus must be a 1-D"),
     (lambda: data.sequential_batches(np.arange(40), 0, 2), ValueError, "T must be a positive int"),
     (lambda: data.sequential_batches(np.arange(40), 2, 2.0), TypeError, "B must be a positive int"),
-    (lambda: data.sequential_batches(np.arange(40), 2, 2, rng=3), TypeError, "rng must be"),
-    (lambda: data.random_batches(np.arange(40), 2, 2, None), TypeError, "needs rng"),
+    (lambda: data.sequential_batches(np.arange(40), 2, 2, rng=2.5), TypeError, "rng must be"),
+    (lambda: data.sequential_batches(np.arange(40), 2, 2, rng=-1), ValueError, "rng must be a seed >= 0"),
+    (lambda: data.random_batches(np.arange(40), 2, 2, None), TypeError, "random_batches needs rng"),
+    (lambda: data.SeqDataLoader(np.arange(99), 2, 2, rng=-3), ValueError, "rng must be a seed >= 0"),
     (lambda: data.sequential_batches(np.arange(6), 2, 3), ValueError, "corpus has 6 tokens, fewer than the 7"),
     (lambda: data.SeqDataLoader(np.arange(99), 2, 2, "shuffled"), ValueError, "sampling must be"),
 ])
 def test_batches_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_an_int_seed_is_a_generator_everywhere():
+    corpus = np.arange(200)
+    for make in (lambda r: list(data.sequential_batches(corpus, 5, 3, r)),
+                 lambda r: list(data.random_batches(corpus, 5, 3, r))):
+        a, b = make(4), make(np.random.default_rng(4))
+        assert len(a) == len(b) > 0
+        for (Xa, Ya), (Xb, Yb) in zip(a, b):
+            np.testing.assert_array_equal(Xa, Xb)
+            np.testing.assert_array_equal(Ya, Yb)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def lines_oracle(text, token):
+    """The old, whole-text implementation: every line in memory, d2l's cleaning per line."""
+    lines = d2l_read(io.StringIO(text, newline=None).readlines())
+    tokens = [list(line) if token == "char" else line.split() for line in lines]
+    vocab = d2l_vocab(tokens)
+    return [vocab.index(tok) for line in tokens for tok in line], vocab
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 20])
+def test_streaming_in_blocks_equals_cleaning_whole_lines(monkeypatch, block):
+    """Blocks may end inside a word, a run of non-letters or a line break: the result never changes."""
+    monkeypatch.setattr(data, "_BLOCK", block)
+    rng = random.Random(block)
+    alphabet = "ab Zx,.\n\r-é  "
+    for _ in range(150):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 50)))
+        for token in ("char", "word"):
+            ids, vocab = lines_oracle(text, token)
+            corpus, got = data.load_corpus(text=text, token=token)
+            assert got.idx_to_token == vocab, (text, token)
+            assert corpus.tolist() == ids, (text, token)
+            head, _ = data.load_corpus(text=text, token=token, max_tokens=3)
+            assert head.tolist() == ids[:3]
+
+
+def test_a_file_is_streamed_the_same_as_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_BLOCK", 5)
+    text = "The Time Machine, by H. G. Wells [1898]\r\n\nI\n The Time  Traveller (for so)\rwas -- here"
+    (tmp_path / "t.txt").write_bytes(text.encode())
+    for token in ("char", "word"):
+        a, va = data.load_corpus(tmp_path / "t.txt", token=token)
+        b, vb = data.load_corpus(text=text, token=token)
+        np.testing.assert_array_equal(a, b)
+        assert va.idx_to_token == vb.idx_to_token
+    chars, vocab = data.load_corpus(tmp_path / "t.txt")
+    assert "".join(vocab.to_tokens(chars)) == "the time machine by h g wellsithe time traveller for sowas here"
+    assert va.to_tokens(a) == ["the", "time", "machine", "by", "h", "g", "wells", "i", "the", "time", "traveller",
+                               "for", "so", "was", "here"]
+
+
+def test_max_tokens_streams_a_big_file(tmp_path, monkeypatch):
+    """32 MB of text, 10,000 characters kept: memory stays at a block, never the whole text.
+
+    Before streaming, every line and every token of the file were held at once (about
+    28 bytes a character: some 900 MB here).
+    """
+    monkeypatch.setattr(data, "_BLOCK", 1 << 16)
+    line = "timetraveller" * 60 + " expounding a recondite matter, to us\n"
+    path = tmp_path / "big.txt"
+    with open(path, "w") as f:
+        for _ in range(32_000_000 // len(line)):
+            f.write(line)
+    size = os.path.getsize(path)
+    tracemalloc.start()
+    try:
+        corpus, vocab = data.load_corpus(path, max_tokens=10_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert corpus.size == 10_000 and len(vocab) == 19
+    assert "".join(vocab.to_tokens(corpus[:26])) == "timetraveller" * 2
+    assert peak < size / 8, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB file"
+
+
+def test_text_file_that_is_not_a_file_or_not_utf8(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; name a file"):
+        data.load_corpus(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="is a FIFO"):           # opening it would block forever
+        data.load_corpus(tmp_path / "pipe")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        data.load_corpus(tmp_path / "latin1.txt")
