@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import api
-from .data import Vocab
+from .data import Vocab, as_generator
 from .model import RNN
 from .optim import _number
 from .workspace import Workspace
@@ -31,7 +31,7 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
         None (default) or 0: greedy. Else sample; small τ approaches greedy, τ = 1 samples
         the model's distribution, large τ approaches uniform.
     rng : numpy.random.Generator or int, optional
-        For sampling; an int seeds a new generator.
+        For sampling; an int seeds a new generator, None one from the OS's entropy.
     sep : str, optional
         Joins the tokens; default "" (characters) for a string prefix, " " for a list.
 
@@ -62,10 +62,9 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     if temperature is not None:
         temperature = _number(temperature, "temperature", low=0.0)
     greedy = temperature is None or temperature == 0
-    if not greedy and not isinstance(rng, np.random.Generator):
-        if rng is not None and (isinstance(rng, bool) or not isinstance(rng, (int, np.integer))):
-            raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {rng!r}")
-        rng = np.random.default_rng(rng)
+    rng = as_generator(rng)
+    if not greedy and rng is None:
+        rng = np.random.default_rng()
 
     ws = Workspace(model, 1, 1)
     x = np.zeros((1, 1), dtype=np.int64)
@@ -83,8 +82,11 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
         if greedy:
             last = int(np.argmax(logits))
         else:
-            z = logits / temperature
-            p = np.exp(z - z.max())
+            # shift before dividing: z <= 0 with max 0, so a tiny τ gives -Inf (probability 0),
+            # never Inf - Inf = NaN
+            with np.errstate(over="ignore"):
+                z = (logits - logits.max()) / temperature
+            p = np.exp(z)
             p /= p.sum()
             last = int(rng.choice(p.size, p=p))
         out.append(last)

@@ -22,8 +22,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import api
-from .data import SeqDataLoader
+from .data import SeqDataLoader, as_generator
+from .model import RNN, _positive_int, check_dtype
 from .optim import Optimizer, _number, clip_grad_norm, clip_grad_value, grad_norm
+from .workspace import Workspace
 
 
 def random_truncation(T, pi, rng, B=None, dtype=np.float64, out=None):
@@ -34,8 +36,10 @@ def random_truncation(T, pi, rng, B=None, dtype=np.float64, out=None):
     T : int
         Steps.
     pi : float in (0, 1]
-        π, the probability of carrying the gradient one step further back. π = 1 is full BPTT.
-    rng : numpy.random.Generator
+        π, the probability of carrying the gradient one step further back. π = 1 is full
+        BPTT. 1/π must be finite in the weights' dtype (π > 2.9e-39 for float32).
+    rng : numpy.random.Generator or int
+        The source of the draws; an int seeds a new generator (the same weights every call).
     B : int, optional
         Draw independent weights for each of B sequences: shape (T, B); else (T,).
     dtype : float32 or float64
@@ -47,18 +51,53 @@ def random_truncation(T, pi, rng, B=None, dtype=np.float64, out=None):
     ndarray (T,) or (T, B)
     """
     pi = _number(pi, "pi", low=0.0, low_open=True, high=1.0)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    rng = as_generator(rng, required_by="random_truncation")
     if out is None:
-        out = np.empty((T,) if B is None else (T, B), dtype=dtype)
+        T = _positive_int(T, "T")
+        dt = check_dtype(dtype)
+        out = np.empty((T,) if B is None else (T, _positive_int(B, "B")), dtype=dt)
     elif not isinstance(out, np.ndarray) or out.dtype not in (np.float32, np.float64) \
             or not out.flags.c_contiguous or not out.flags.writeable:
         raise TypeError("out must be a contiguous, writable float32 or float64 ndarray")
+    weight = _carry_weight(pi, out.dtype)
     rng.random(dtype=out.dtype, out=out)
     # u < π with probability π: carry 1/π; else cut
     np.less(out, pi, out=out)
-    out *= 1.0 / pi
+    out *= weight
     return out
+
+
+def _carry_weight(pi, dtype):
+    """1/π in ``dtype``, checked after the cast: an Inf weight would make 0·Inf = NaN carries."""
+    with np.errstate(over="ignore"):
+        weight = np.dtype(dtype).type(1.0 / pi)
+    if not np.isfinite(weight):
+        tiny = 1.0 / float(np.finfo(dtype).max)
+        raise ValueError(f"pi = {pi:g} is too small for {np.dtype(dtype).name} carry weights: 1/pi "
+                         f"overflows; use pi > {tiny:.2g}, or float64 weights")
+    return weight
+
+
+def _check_step_args(model, optimizer, workspace, caller):
+    """What must hold before any work: the step's gradient is read from ``workspace``."""
+    if not isinstance(model, RNN):
+        raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastbptt.optim.Optimizer, got {type(optimizer).__name__}")
+    if optimizer.model is not model:
+        raise ValueError("optimizer updates a different model")
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"{caller} needs workspace=fastbptt.Workspace(model, T, B), made once and passed "
+                        f"to every step (the optimizer reads the gradient from it), got "
+                        f"{type(workspace).__name__}")
+
+
+def perplexity(mean_loss):
+    """exp(mean loss per token); Inf when that overflows a float (a mean loss above about 709.78)."""
+    try:
+        return math.exp(mean_loss)
+    except OverflowError:
+        return math.inf
 
 
 class StepResult(NamedTuple):
@@ -99,10 +138,7 @@ def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_va
         clipping, and the final state (computed with the parameters before the update; a
         view into the workspace, to pass as the next chunk's ``h0``).
     """
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a fastbptt.optim.Optimizer, got {type(optimizer).__name__}")
-    if optimizer.model is not model:
-        raise ValueError("optimizer updates a different model")
+    _check_step_args(model, optimizer, workspace, "train_step")
     value, _, h_T = api.loss_and_grad(model, X, Y, h0, loss, workspace=workspace, parallel=parallel,
                                       carry=carry)
     grad = workspace.grad_flat
@@ -122,7 +158,7 @@ class EpochResult(NamedTuple):
     """What ``train_epoch`` returns."""
 
     loss: float           # mean loss per token over the epoch
-    perplexity: float     # exp(loss)
+    perplexity: float     # exp(loss); Inf when that overflows (a diverged run)
     tokens: int           # tokens processed (T·B per batch)
     seconds: float        # wall time of the epoch
     tokens_per_s: float
@@ -149,21 +185,22 @@ def train_epoch(model, batches, optimizer, *, workspace, carry_state=None, clip=
         As in ``train_step``.
     truncation_pi : float in (0, 1], optional
         Randomized truncation with this π, drawn per step and sequence from ``rng``.
-    rng : numpy.random.Generator, optional
-        Needed with ``truncation_pi``.
+    rng : numpy.random.Generator or int, optional
+        Needed with ``truncation_pi``; an int seeds a new generator for this epoch.
     parallel : bool
 
     Returns
     -------
     EpochResult
     """
+    _check_step_args(model, optimizer, workspace, "train_epoch")
     if carry_state is None:
         carry_state = batches.carries_state if isinstance(batches, SeqDataLoader) else True
     carry = None
     if truncation_pi is not None:
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError("truncation_pi needs rng, a numpy.random.Generator")
-        _number(truncation_pi, "truncation_pi", low=0.0, low_open=True, high=1.0)
+        rng = as_generator(rng, required_by="truncation_pi")
+        truncation_pi = _number(truncation_pi, "truncation_pi", low=0.0, low_open=True, high=1.0)
+        _carry_weight(truncation_pi, workspace.dtype)
         carry = np.empty((workspace.T, workspace.B), workspace.dtype)
     total, tokens, max_norm, h = 0.0, 0, 0.0, None
     start = time.perf_counter()
@@ -182,5 +219,5 @@ def train_epoch(model, batches, optimizer, *, workspace, carry_state=None, clip=
     if tokens == 0:
         raise ValueError("batches yielded no batch")
     mean = total / tokens
-    return EpochResult(mean, math.exp(mean), tokens, seconds, tokens / seconds if seconds > 0 else math.inf,
+    return EpochResult(mean, perplexity(mean), tokens, seconds, tokens / seconds if seconds > 0 else math.inf,
                        max_norm)

@@ -70,6 +70,22 @@ def test_train_step_bad_input():
         training.train_step(model, X, Y, optim.SGD(fastbptt.RNN(4, 6, 5), 0.1), workspace=ws)
 
 
+def test_train_step_without_a_workspace_is_refused_before_any_work(monkeypatch):
+    model, X, Y, h0 = make_problem(T=5, B=3, inputs="tokens")
+    opt = optim.SGD(model, lr=0.5)
+    before = model.flat.copy()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loss_and_grad ran before the arguments were checked")
+    monkeypatch.setattr(training.api, "loss_and_grad", must_not_run)
+    for call in (lambda: training.train_step(model, X, Y, opt, workspace=None),
+                 lambda: training.train_epoch(model, [(X, Y)], opt, workspace=None)):
+        with pytest.raises(TypeError, match=r"needs workspace=fastbptt.Workspace\(model, T, B\)"):
+            call()
+    np.testing.assert_array_equal(model.flat, before)
+    assert opt.t == 0
+
+
 # ----------------------------------------------------------------------------- randomized truncation
 
 
@@ -89,7 +105,30 @@ def test_random_truncation_draws_zero_or_one_over_pi():
     with pytest.raises(ValueError, match="pi must be <= 1"):
         training.random_truncation(5, 1.5, rng)
     with pytest.raises(TypeError, match="rng must be"):
-        training.random_truncation(5, 0.5, 0)
+        training.random_truncation(5, 0.5, "0")
+    with pytest.raises(TypeError, match="random_truncation needs rng"):
+        training.random_truncation(5, 0.5, None)
+
+
+def test_random_truncation_takes_an_int_seed():
+    np.testing.assert_array_equal(training.random_truncation(50, 0.5, 0, B=3),
+                                  training.random_truncation(50, 0.5, np.random.default_rng(0), B=3))
+    with pytest.raises(ValueError, match="rng must be a seed >= 0"):
+        training.random_truncation(5, 0.5, -1)
+
+
+@pytest.mark.parametrize("dtype,pi", [(np.float32, 1e-40), (np.float32, 2e-39), (np.float64, 1e-320)])
+def test_random_truncation_refuses_a_pi_whose_weight_overflows(dtype, pi):
+    """1/π = Inf in the dtype would give carries 0·Inf = NaN: refused, naming π and the fix."""
+    with pytest.raises(ValueError, match=r"pi = .* is too small for .* carry weights: 1/pi overflows"):
+        training.random_truncation(100, pi, 0, dtype=dtype)
+    with pytest.raises(ValueError, match="too small"):
+        training.random_truncation(100, pi, 0, out=np.empty(100, dtype))
+
+
+def test_random_truncation_with_a_small_pi_that_fits():
+    xi = training.random_truncation(1000, 1e-30, 0, dtype=np.float32)
+    assert np.all(np.isfinite(xi)) and set(np.unique(xi)) <= {0.0, np.float32(1e30)}
 
 
 def expected_gradient(model, X, Y, h0, pi, shape, weights=None):
@@ -174,10 +213,26 @@ def test_training_lowers_perplexity_and_random_truncation_runs():
     for _ in range(8):
         last = training.train_epoch(model, loader, opt, workspace=ws, clip=1.0, truncation_pi=0.5, rng=rng)
     assert first > 20 and last.perplexity < 0.75 * first
-    with pytest.raises(TypeError, match="needs rng"):
+    with pytest.raises(TypeError, match="truncation_pi needs rng"):
         training.train_epoch(model, loader, opt, workspace=ws, truncation_pi=0.5)
+    training.train_epoch(model, loader, opt, workspace=ws, truncation_pi=0.5, rng=0)     # an int seed
+    with pytest.raises(ValueError, match="too small for float32"):
+        training.train_epoch(model, loader, opt, workspace=ws, truncation_pi=1e-40, rng=0)
     with pytest.raises(ValueError, match="no batch"):
         training.train_epoch(model, [], opt, workspace=ws)
+
+
+def test_train_epoch_reports_inf_perplexity_when_exp_overflows():
+    """A mean loss above ~709.78 overflows exp: perplexity Inf, not an OverflowError."""
+    corpus, vocab = data.load_corpus(max_tokens=3000)
+    model = fastbptt.RNN(len(vocab), 8, len(vocab), seed=0, dtype=np.float64)
+    model.params["W_qh"][...] = np.random.default_rng(0).normal(0, 1e4, size=model.params["W_qh"].shape)
+    ws = fastbptt.Workspace(model, 10, 4)
+    result = training.train_epoch(model, data.SeqDataLoader(corpus, 10, 4, rng=0), optim.SGD(model, lr=1e-12),
+                                  workspace=ws)
+    assert result.loss > 710 and np.isfinite(result.loss)
+    assert result.perplexity == np.inf
+    assert training.perplexity(2.0) == np.exp(2.0) and training.perplexity(1e6) == np.inf
 
 
 # ----------------------------------------------------------------------------- generation
@@ -252,3 +307,12 @@ def test_predict_bad_input(trained):
         predict(model, data.Vocab(["a", "b"]), "a", 3)
     with pytest.raises(TypeError, match="prefix must be"):
         predict(model, vocab, 42, 3)
+    with pytest.raises(ValueError, match="rng must be a seed >= 0"):
+        predict(model, vocab, "a", 3, temperature=1.0, rng=-1)
+
+
+@pytest.mark.parametrize("tau", [1e-300, 1e-320, 5e-324])
+def test_a_temperature_that_underflows_samples_greedily(trained, tau):
+    """logits / τ overflows for a tiny τ: the shift comes first, so the draw is the argmax, not NaN."""
+    model, vocab = trained
+    assert predict(model, vocab, "the ", 20, temperature=tau, rng=0) == predict(model, vocab, "the ", 20)
