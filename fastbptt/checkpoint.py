@@ -4,7 +4,9 @@ Loading restores every bit: the parameters, the optimizer's state arrays, step c
 and hyperparameters, so training resumed from a checkpoint continues exactly as
 it would have without stopping (given the same batches; keep what produces them,
 such as a random generator's state, in ``extra``). Files hold only arrays and
-JSON strings and are read with ``allow_pickle=False``.
+JSON strings, and ``load`` checks a file's zip directory and array headers before it
+reads (or allocates) anything, so a damaged or hostile file is refused with a
+``CheckpointError`` (a ``ValueError``) that names the bad member.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
-from .model import RNN
+from ._paths import check_output_path
+from .data import check_text_file
+from .model import ACTIVATIONS, RNN, param_layout
 from .optim import Optimizer, optimizer_from_state_dict
+from .optim import check_config as check_optimizer
 
 FORMAT = "fastbptt-checkpoint-1"
 
@@ -74,7 +80,7 @@ def save(path, model, optimizer=None, extra=None):
         arrays["extra"] = np.array(json.dumps({} if extra is None else extra))
     except TypeError as exc:
         raise TypeError(f"extra must be JSON-serializable: {exc}") from None
-    path = os.fspath(path)
+    path = check_output_path(path, "path", replace=True)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastbptt-", suffix=".npz.tmp")
     try:
@@ -87,8 +93,145 @@ def save(path, model, optimizer=None, extra=None):
         raise
 
 
+class CheckpointError(ValueError):
+    """The file is not a whole, undamaged fastbptt checkpoint (a ``ValueError``)."""
+
+
+_TEXT_LIMITS = {"format": 1 << 10, "model.config": 1 << 16, "optim.config": 1 << 16, "extra": 1 << 28}
+"""Largest declared size, in bytes, of each JSON member's .npy file (extra: 256 MiB)."""
+
+_MAX_DEFLATE_RATIO = 1100
+"""Deflate expands data by at most about 1032:1; a member that claims more is damaged."""
+
+
+def _fail(path, what):
+    return CheckpointError(f"{path!r} is not a fastbptt checkpoint, or is damaged: {what}")
+
+
+def _open_members(path, zf):
+    """The zip directory as {name: ZipInfo}, checked before any member is read.
+
+    Every name must be one ``save`` writes (``optim.state.*`` are matched later); each
+    member's declared sizes must fit inside the file.
+    """
+    size = os.path.getsize(path)
+    members = {}
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            raise _fail(path, f"unexpected member {info.filename!r}")
+        key = info.filename[:-4]
+        if key in members:
+            raise _fail(path, f"member {info.filename!r} appears twice")
+        if key not in _TEXT_LIMITS and key != "model.flat" and not key.startswith("optim.state."):
+            raise _fail(path, f"unexpected member {info.filename!r}")
+        if info.header_offset + info.compress_size > size:
+            raise _fail(path, f"member {info.filename!r} declares more data than the file holds")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != info.file_size:
+                raise _fail(path, f"member {info.filename!r} declares two different sizes")
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            if info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+                raise _fail(path, f"member {info.filename!r} declares {info.file_size} bytes from "
+                                  f"{info.compress_size} compressed")
+        else:
+            raise _fail(path, f"member {info.filename!r} uses compression method {info.compress_type}, "
+                              f"not stored or deflated")
+        members[key] = info
+    for key in ("format", "model.config", "model.flat", "extra"):
+        if key not in members:
+            raise _fail(path, f"member {key + '.npy'!r} is missing")
+    return members
+
+
+def _header(path, zf, info, dtype=None, shape=None, kind=None):
+    """Open a member and read its .npy header only; check it against what is expected.
+
+    Returns the open stream, positioned at the data, and the dtype and shape.
+    """
+    fp = zf.open(info)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shp, fortran, dt = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shp, fortran, dt = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f".npy version {version}")
+        if kind is not None and (dt.kind != kind or shp != ()):
+            raise ValueError(f"holds an array of dtype {dt} and shape {shp}, not a string")
+        if dtype is not None and (dt != dtype or shp != shape or (fortran and len(shp) > 1)):
+            raise ValueError(f"holds dtype {dt} and shape {shp}, not {np.dtype(dtype)} and {shape}")
+        nbytes = int(np.prod(shp, dtype=object)) * dt.itemsize
+        if fp.tell() + nbytes != info.file_size:
+            raise ValueError(f"declares {fp.tell() + nbytes} bytes, but the archive says {info.file_size}")
+        if kind is not None and nbytes > _TEXT_LIMITS[info.filename[:-4]]:
+            raise ValueError(f"declares a string of {nbytes} bytes")
+    except (ValueError, EOFError, SyntaxError, TypeError, OverflowError, zipfile.BadZipFile, OSError) as exc:
+        fp.close()
+        raise _fail(path, f"member {info.filename!r}: {exc}") from None
+    return fp, dt, shp
+
+
+def _read_data(path, fp, info, dt, shp):
+    """Read the array a header announced, to the end of the member (which checks its CRC)."""
+    try:
+        with fp:
+            out = np.empty(shp, dtype=dt)
+            view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+            got = 0
+            while got < len(view):
+                n = fp.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got != len(view) or fp.read(1):
+                raise ValueError("its data has the wrong length")
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise _fail(path, f"member {info.filename!r}: {exc}") from None
+    return out
+
+
+def _read_text(path, zf, members, key):
+    info = members[key]
+    fp, dt, shp = _header(path, zf, info, kind="U")
+    return str(_read_data(path, fp, info, dt, shp)[()])
+
+
+def _read_json(path, zf, members, key):
+    text = _read_text(path, zf, members, key)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _fail(path, f"member {key + '.npy'!r} is not JSON: {exc}") from None
+
+
+def _check_model_config(path, config):
+    """The saved constructor arguments, each of the right type; the parameter count they give."""
+    keys = {"input_size", "hidden_size", "output_size", "activation", "bias", "dtype"}
+    if not isinstance(config, dict) or set(config) != keys:
+        raise _fail(path, f"model.config must hold exactly {sorted(keys)}, got {config!r}")
+    for key in ("input_size", "hidden_size", "output_size"):
+        v = config[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _fail(path, f"model.config {key} must be a positive int, got {v!r}")
+    if config["activation"] not in ACTIVATIONS:
+        raise _fail(path, f"model.config activation {config['activation']!r} is not one of "
+                          f"{sorted(ACTIVATIONS)}")
+    if not isinstance(config["bias"], bool):
+        raise _fail(path, f"model.config bias must be true or false, got {config['bias']!r}")
+    if config["dtype"] not in ("float32", "float64"):
+        raise _fail(path, f"model.config dtype must be 'float32' or 'float64', got {config['dtype']!r}")
+    layout = param_layout(config["input_size"], config["hidden_size"], config["output_size"], config["bias"])
+    return sum(int(np.prod(shape, dtype=object)) for _, shape in layout)
+
+
 def load(path, model=None):
     """Read a checkpoint written by ``save``.
+
+    Nothing is built, allocated or decompressed before the file has been checked from
+    its zip directory and the headers of its arrays: every member must be one ``save``
+    writes (an unknown one is refused by name, unread), and every declared dtype, shape
+    and size must agree with the saved configuration and with the size of the file.
 
     Parameters
     ----------
@@ -96,42 +239,87 @@ def load(path, model=None):
     model : fastbptt.RNN, optional
         Load the parameters into this model, which must have the saved layout (sizes,
         activation, bias, dtype); else a ``ValueError`` says how they differ. None
-        builds a new model.
+        builds a new model. The model is changed only once the whole file has been read.
 
     Returns
     -------
     Checkpoint
         ``(model, optimizer, extra)``: the optimizer (None if none was saved) is a new
         one bound to the model, in the saved state.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    CheckpointError
+        (a ``ValueError``) The file is not a fastbptt checkpoint, or is damaged: a member
+        missing, unknown or of the wrong dtype or shape, a declared size the file cannot
+        hold, a tampered configuration or step count.
+    ValueError
+        ``model`` has another layout than the saved one.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if model is not None and not isinstance(model, RNN):
+        raise TypeError(f"model must be a fastbptt.RNN or None, got {type(model).__name__}")
+    path = check_text_file(path, "checkpoint")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as exc:
-        raise ValueError(f"{path!r} is not a fastbptt checkpoint (.npz): {exc}") from None
-    if "format" not in data or str(data["format"]) != FORMAT:
-        raise ValueError(f"{path!r} is not a fastbptt checkpoint (format {FORMAT!r})")
-    config = json.loads(str(data["model.config"]))
-    flat = data["model.flat"]
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path!r} is not a fastbptt checkpoint: not a .npz (zip) archive ({exc}); "
+                              f"pass a file written by fastbptt.checkpoint.save or "
+                              f"'python -m fastbptt train --save'") from None
+    with zf:
+        return _load(path, zf, model)
+
+
+def _load(path, zf, model):
+    members = _open_members(path, zf)
+    if _read_text(path, zf, members, "format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a fastbptt checkpoint (format {FORMAT!r})")
+    config = _read_json(path, zf, members, "model.config")
+    n = _check_model_config(path, config)
+    if model is not None and model_config(model) != config:
+        raise ValueError(f"checkpoint {path!r} holds {_describe(config)}, but the model is "
+                         f"{_describe(model_config(model))}")
+    dtype = np.dtype(config["dtype"])
+    headers = {"model.flat": _header(path, zf, members["model.flat"], dtype, (n,))}
+    try:
+        opt_config = None
+        prefix = "optim.state."
+        saved_states = {k[len(prefix):] for k in members if k.startswith(prefix)}
+        if "optim.config" in members:
+            opt_config = _read_json(path, zf, members, "optim.config")
+            if not isinstance(opt_config, dict) or set(opt_config) != {"name", "hyper", "t"}:
+                raise _fail(path, f"optim.config must hold name, hyper and t, got {opt_config!r}")
+            try:
+                names = check_optimizer(opt_config["name"], opt_config["hyper"], opt_config["t"])
+            except ValueError as exc:
+                raise _fail(path, f"optim.config: {exc}") from None
+            missing, unknown = set(names) - saved_states, saved_states - set(names)
+            if missing:
+                raise _fail(path, f"optimizer state {sorted(missing)} is missing")
+        else:
+            unknown = saved_states
+        if unknown:
+            raise _fail(path, f"unexpected member {prefix + sorted(unknown)[0] + '.npy'!r}")
+        for name in sorted(saved_states):
+            headers[prefix + name] = _header(path, zf, members[prefix + name], dtype, (n,))
+        extra = _read_json(path, zf, members, "extra")
+        arrays = {}
+        for key in list(headers):                  # everything checked: now read the data
+            fp, dt, shp = headers.pop(key)
+            arrays[key] = _read_data(path, fp, members[key], dt, shp)
+    finally:
+        for fp, _, _ in headers.values():
+            fp.close()
     if model is None:
         model = RNN(config["input_size"], config["hidden_size"], config["output_size"],
                     activation=config["activation"], bias=config["bias"], dtype=config["dtype"])
-    elif not isinstance(model, RNN):
-        raise TypeError(f"model must be a fastbptt.RNN or None, got {type(model).__name__}")
-    elif model_config(model) != config:
-        raise ValueError(f"checkpoint {path!r} holds {_describe(config)}, but the model is "
-                         f"{_describe(model_config(model))}")
-    if flat.shape != model.flat.shape or flat.dtype != model.flat.dtype:
-        raise ValueError(f"checkpoint {path!r} is damaged: its parameters have shape {flat.shape}, "
-                         f"dtype {flat.dtype}")
     optimizer = None
-    if "optim.config" in data:
-        sd = json.loads(str(data["optim.config"]))
-        prefix = "optim.state."
-        sd["state"] = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
-        optimizer = optimizer_from_state_dict(model, sd)
-    model.flat[...] = flat
-    return Checkpoint(model, optimizer, json.loads(str(data["extra"])))
+    if opt_config is not None:
+        sd = dict(opt_config, state={k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        try:
+            optimizer = optimizer_from_state_dict(model, sd)
+        except (TypeError, ValueError) as exc:
+            raise _fail(path, f"optimizer state: {exc}") from None
+    model.flat[...] = arrays["model.flat"]
+    return Checkpoint(model, optimizer, extra)

@@ -65,6 +65,27 @@ def _sum_squares(g):
 
 
 @njit(cache=True)
+def _max_abs(g):
+    """max |g| (for a gradient without NaN)."""
+    m = 0.0
+    for i in range(g.shape[0]):
+        a = abs(np.float64(g[i]))
+        if a > m:
+            m = a
+    return m
+
+
+@njit(cache=True)
+def _sum_squares_scaled(g, m):
+    """Σ (g / m)²: each term at most 1, so neither overflows nor loses the small ones."""
+    s = 0.0
+    for i in range(g.shape[0]):
+        a = np.float64(g[i]) / m
+        s += a * a
+    return s
+
+
+@njit(cache=True)
 def _scale(g, factor):
     """g ← factor · g."""
     for i in range(g.shape[0]):
@@ -159,15 +180,43 @@ def _grad_buffer(grad, name="grad"):
 # ----------------------------------------------------------------------------- clipping
 
 
+_SMALL = 1e-280
+"""Below this, a float64 sum of squares may have lost terms to underflow (g² < 2.2e-308)."""
+
+
+def _norm_parts(g):
+    """(m, s) with ‖g‖ = m·√s, computed without overflow or underflow.
+
+    The fast path is the plain float64 sum of squares (m = 1). Only when that sum
+    overflows (‖g‖ > 1.3e154, float64 gradients only) or may have underflowed does it
+    scale by m = max |g| first, as LAPACK's ``nrm2`` does, so every term is at most 1.
+    """
+    s = _sum_squares(g)
+    if _SMALL <= s < math.inf or s != s:
+        return 1.0, s                       # ordinary values, or a NaN (which stays NaN)
+    m = _max_abs(g)
+    if m == 0.0 or m == math.inf:
+        return 1.0, s                       # all zero (s = 0), or an Inf element (s = Inf)
+    return m, _sum_squares_scaled(g, m)
+
+
+def _norm(g):
+    m, s = _norm_parts(g)
+    return m * math.sqrt(s)
+
+
 def grad_norm(grad):
     """The L2 norm of all gradients as one vector, accumulated in float64.
+
+    Exact to rounding for any finite float64 gradient, however large or small its
+    elements (no overflow of the squares; see ``_norm_parts``).
 
     Parameters
     ----------
     grad : ndarray (n_params,) or Workspace
         The flat gradient (``workspace.grad_flat``) or the workspace holding it.
     """
-    return math.sqrt(_sum_squares(_grad_buffer(grad)))
+    return _norm(_grad_buffer(grad))
 
 
 def clip_grad_norm(grad, max_norm):
@@ -190,9 +239,11 @@ def clip_grad_norm(grad, max_norm):
     """
     grad = _grad_buffer(grad)
     theta = _number(max_norm, "max_norm", low=0.0, low_open=True)
-    norm = math.sqrt(_sum_squares(grad))
+    m, s = _norm_parts(grad)
+    norm = m * math.sqrt(s)
     if norm > theta:
-        _scale(grad, theta / norm)
+        # θ/‖g‖ as (θ/m)/√s: finite and nonzero even where ‖g‖ itself overflows to Inf
+        _scale(grad, (theta / m) / math.sqrt(s))
     return norm
 
 
@@ -213,12 +264,16 @@ def clip_grad_value(grad, clip_value=5.0):
     """
     grad = _grad_buffer(grad)
     c = _number(clip_value, "clip_value", low=0.0, low_open=True)
-    norm = math.sqrt(_sum_squares(grad))
+    norm = _norm(grad)
     _clamp(grad, c)
     return norm
 
 
 # ----------------------------------------------------------------------------- optimizers
+
+
+_MAX_STEPS = 2 ** 62
+"""The largest step count a state may hold (a larger one can only be a damaged file)."""
 
 
 class Optimizer:
@@ -227,10 +282,19 @@ class Optimizer:
     Subclasses set ``name``, ``_state_names`` and implement ``_update``. ``step`` checks
     the gradient and calls the compiled kernel; ``state_dict`` and ``load_state_dict``
     round-trip everything a bitwise-identical continuation needs.
+
+    ``copy.deepcopy`` and ``pickle`` give an independent optimizer with its own state
+    arrays, bound to a copy of its model: copy the pair together,
+    ``model2, opt2 = copy.deepcopy((model, opt))``, and ``opt2`` updates ``model2``.
     """
 
     name = "optimizer"
     _state_names = ()
+
+    @classmethod
+    def state_names_for(cls, hyper):
+        """The state arrays an optimizer of this class with (checked) ``hyper`` keeps."""
+        return tuple(cls._state_names)
 
     def __init__(self, model, **hyper):
         if not isinstance(model, RNN):
@@ -285,22 +349,42 @@ class Optimizer:
                 "state": {k: v.copy() for k, v in self.state.items()}}
 
     def load_state_dict(self, sd):
-        """Restore what ``state_dict`` returned (from this kind of optimizer, for this model's size)."""
+        """Restore what ``state_dict`` returned (from this kind of optimizer, for this model's size).
+
+        Everything is checked before anything changes: a ``ValueError`` names what does
+        not fit (name, step count, hyperparameters, state arrays).
+        """
+        if not isinstance(sd, dict):
+            raise TypeError(f"sd must be a dict from state_dict(), got {type(sd).__name__}")
         if sd.get("name") != self.name:
             raise ValueError(f"state is for optimizer {sd.get('name')!r}, not {self.name!r}")
-        state = sd["state"]
-        if set(state) != set(self._state_names):
-            raise ValueError(f"state must hold {sorted(self._state_names)}, got {sorted(state)}")
+        t = sd.get("t")
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= t <= _MAX_STEPS:
+            raise ValueError(f"the step count t must be an int in [0, {_MAX_STEPS}], got {t!r}")
+        hyper = sd.get("hyper")
+        if not isinstance(hyper, dict):
+            raise ValueError(f"hyper must be a dict of hyperparameters, got {hyper!r}")
+        try:
+            hyper = type(self)._check_hyper(**hyper)
+        except TypeError as exc:        # an unknown or missing name, or a value that is not a number
+            raise ValueError(f"hyperparameters {hyper!r} do not fit {type(self).__name__}: {exc}") from None
+        self._check_compatible(hyper)
+        state = sd.get("state")
+        if not isinstance(state, dict) or set(state) != set(self._state_names):
+            got = sorted(state) if isinstance(state, dict) else state
+            raise ValueError(f"state must hold {sorted(self._state_names)}, got {got}")
         for k, v in state.items():
             v = np.asarray(v)
             if v.shape != self.model.flat.shape or v.dtype != self.model.flat.dtype:
                 raise ValueError(f"optimizer state {k!r} has shape {v.shape} and dtype {v.dtype}, "
                                  f"but the model needs {self.model.flat.shape} and {self.model.flat.dtype}")
-        hyper = type(self)._check_hyper(**sd["hyper"])
         self.hyper = hyper
-        self.t = int(sd["t"])
+        self.t = int(t)
         for k, v in state.items():
             self.state[k][...] = v
+
+    def _check_compatible(self, hyper):
+        """Refuse a state whose hyperparameters need other state arrays than this optimizer has."""
 
     @staticmethod
     def _check_hyper(**hyper):  # pragma: no cover - abstract
@@ -329,19 +413,21 @@ class SGD(Optimizer):
 
     @property
     def _state_names(self):
-        return ("velocity",) if self.hyper["momentum"] > 0 else ()
+        return self.state_names_for(self.hyper)
+
+    @classmethod
+    def state_names_for(cls, hyper):
+        return ("velocity",) if hyper["momentum"] > 0 else ()
 
     @staticmethod
     def _check_hyper(lr, momentum=0.0):
         return {"lr": _number(lr, "lr", low=0.0, low_open=True),
                 "momentum": _number(momentum, "momentum", low=0.0, high=1.0, high_open=True)}
 
-    def load_state_dict(self, sd):
-        momentum = sd.get("hyper", {}).get("momentum", 0.0)
-        if (momentum > 0) != (self.hyper["momentum"] > 0):
-            raise ValueError(f"state is for SGD with momentum={momentum}, but this one has "
+    def _check_compatible(self, hyper):
+        if (hyper["momentum"] > 0) != (self.hyper["momentum"] > 0):
+            raise ValueError(f"state is for SGD with momentum={hyper['momentum']}, but this one has "
                              f"momentum={self.hyper['momentum']}")
-        super().load_state_dict(sd)
 
     def _update(self, p, g):
         h = self.hyper
@@ -444,11 +530,48 @@ def make_optimizer(name, model, lr, **kwargs):
     return OPTIMIZERS[name](model, lr, **kwargs)
 
 
+def check_config(name, hyper, t):
+    """Check a saved optimizer's name, hyperparameters and step count without building it.
+
+    Returns
+    -------
+    tuple of str
+        The names of the state arrays that optimizer keeps.
+
+    Raises
+    ------
+    ValueError
+        Naming what does not fit.
+    """
+    cls = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}.get(name)
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}")
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= t <= _MAX_STEPS:
+        raise ValueError(f"the step count t must be an int in [0, {_MAX_STEPS}], got {t!r}")
+    if not isinstance(hyper, dict):
+        raise ValueError(f"hyper must be a dict of hyperparameters, got {hyper!r}")
+    try:
+        hyper = cls._check_hyper(**hyper)
+    except TypeError as exc:
+        raise ValueError(f"hyperparameters {hyper!r} do not fit {cls.__name__}: {exc}") from None
+    return cls.state_names_for(hyper)
+
+
 def optimizer_from_state_dict(model, sd):
     """Build the optimizer ``sd`` (from ``state_dict``) describes, bound to ``model``, and restore it."""
+    if not isinstance(sd, dict):
+        raise TypeError(f"sd must be a dict from state_dict(), got {type(sd).__name__}")
     cls = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}.get(sd.get("name"))
     if cls is None:
         raise ValueError(f"unknown optimizer {sd.get('name')!r}")
-    opt = cls(model, **sd["hyper"])
+    hyper = sd.get("hyper")
+    if not isinstance(hyper, dict):
+        raise ValueError(f"hyper must be a dict of hyperparameters, got {hyper!r}")
+    try:
+        opt = cls(model, **hyper)
+    except TypeError as exc:
+        if not isinstance(model, RNN):
+            raise
+        raise ValueError(f"hyperparameters {hyper!r} do not fit {cls.__name__}: {exc}") from None
     opt.load_state_dict(sd)
     return opt

@@ -57,6 +57,33 @@ def test_clip_grad_value_is_np_clip(dtype):
     assert np.abs(want).max() == 5 and np.abs(g).min() < 5     # some clipped, some not
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300, 1e-300, 1e-160, 1e160, 1.0])
+def test_norm_of_float64_gradients_that_over_or_underflow_when_squared(scale):
+    """(1e200)² overflows and (1e-200)² underflows: the norm is still exact to rounding, as LAPACK's nrm2."""
+    g = random_grad(n=1001, scale=scale)
+    want = scale * np.linalg.norm(g / scale)              # exact scaling by the power of ten, in float64
+    np.testing.assert_allclose(optim.grad_norm(g), want, rtol=1e-14)
+    for theta in (want * 0.5, 1.0):
+        clipped = g.copy()
+        norm = optim.clip_grad_norm(clipped, theta)
+        np.testing.assert_allclose(norm, want, rtol=1e-14)
+        if want > theta:
+            np.testing.assert_allclose(clipped, g * (theta / want), rtol=1e-14, atol=0)
+            np.testing.assert_allclose(optim.grad_norm(clipped), theta, rtol=1e-14)
+        else:
+            np.testing.assert_array_equal(clipped, g)
+    np.testing.assert_allclose(optim.clip_grad_value(g.copy(), 1.0), want, rtol=1e-14)
+
+
+def test_clip_a_gradient_whose_norm_overflows_a_float():
+    g = np.full(16, 1e308)                                # ‖g‖ = 4e308: not a float
+    assert optim.grad_norm(g) == np.inf
+    optim.clip_grad_norm(g, 2.0)
+    np.testing.assert_allclose(g, 0.5, rtol=1e-15)        # still clipped to norm 2, not zeroed
+    assert optim.grad_norm(np.zeros(7)) == 0.0
+    assert np.isnan(optim.grad_norm(np.array([np.nan, 1e200])))
+
+
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: optim.clip_grad_norm(random_grad(), 0.0), ValueError, "max_norm must be > 0"),
     (lambda: optim.clip_grad_norm(random_grad(), float("nan")), ValueError, "max_norm must be finite"),
@@ -253,6 +280,31 @@ def test_bad_checkpoints(tmp_path):
         checkpoint.save(tmp_path / "x.npz", model, extra={"f": object()})
     with pytest.raises(ValueError, match="different model"):
         checkpoint.save(tmp_path / "x.npz", model, optim.SGD(fastbptt.RNN(2, 3, 2), lr=1.0))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(t=-1), "the step count t must be an int"),
+    (dict(t=2 ** 70), "the step count t must be an int"),
+    (dict(t=1.5), "the step count t must be an int"),
+    (dict(t="3"), "the step count t must be an int"),
+    (dict(t=True), "the step count t must be an int"),
+    (dict(hyper=[0.1]), "hyper must be a dict"),
+    (dict(hyper={"lr": 0.1, "rho": 2}), "do not fit Adam"),
+    (dict(hyper={"lr": -1.0}), "lr must be > 0"),
+    (dict(state={"exp_avg": np.zeros(3, np.float32)}), "state must hold"),
+])
+def test_a_tampered_optimizer_state_is_refused_and_changes_nothing(change, match):
+    model = fastbptt.RNN(2, 3, 2)
+    opt = optim.Adam(model)
+    opt.step(np.ones(model.n_params, np.float32))
+    before = opt.state_dict()
+    sd = dict(opt.state_dict(), **change)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match=match):
+        optim.optimizer_from_state_dict(model, sd)
+    after = opt.state_dict()
+    assert after["t"] == before["t"] == 1 and after["hyper"] == before["hyper"]
 
 
 def test_optimizer_state_of_another_kind_is_refused():
