@@ -14,10 +14,20 @@ SUBCOMMANDS = {
 }
 
 
+HELP = """\
+usage: python -m fastbptt [SUBCOMMAND] [FLAGS]
+
+fastbptt: fast backpropagation through time for recurrent networks on the CPU.
+With no subcommand it runs profile. 'python -m fastbptt SUBCOMMAND --help' lists
+a subcommand's flags.
+
+subcommands:"""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(HELP)                          # plain text: the module docstring is reST
         for name, (_, text) in SUBCOMMANDS.items():
             print(f"  {name:<8} {text}")
         return 0

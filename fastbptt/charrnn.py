@@ -4,10 +4,14 @@ Defaults follow Dive into Deep Learning's from-scratch RNN on The Time Machine: 
 10,000 characters, T = 35 steps, B = 32 sequences, H = 512 hidden units, weights from
 N(0, 0.01²), zero biases, plain SGD with lr = 1, gradients clipped to norm θ = 1,
 500 epochs, sequential partitioning. Without ``--text`` it trains on a text that ships
-with Python (``fastbptt.data.default_text``), so it runs offline anywhere.
+with Python (``fastbptt.data.default_text``: the Zen of Python and the docstrings of a
+few standard modules), so it runs offline anywhere; ``--text timemachine.txt`` gives
+the book's corpus.
 
-At the end it prints a continuation of "time traveller", the final perplexity (of
-the last epoch) and tokens per second (over all epochs, compilation excluded).
+Every argument and output path is checked before anything is built. At the end it
+saves the checkpoint and the JSON (``--save``, ``--json``), then prints a continuation
+of the prefix (by default the text's first two words), the final perplexity (of the
+last epoch) and tokens per second (over all epochs, compilation excluded).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 
 from . import api, checkpoint, data, optim
+from ._paths import check_output_path
 from .generate import predict
 from .model import RNN
 from .training import train_epoch
@@ -42,12 +48,38 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _seed(text):
+    """--seed: an int >= 0, refused at parse time."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {value}")
+    return value
+
+
+def _temperature(text):
+    """--temperature: a finite number >= 0 (0 is greedy), refused at parse time."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--temperature must be a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"--temperature must be a finite number >= 0 (0: greedy), got {text}")
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter,
         description="Train a character-level RNN language model with fastbptt; the defaults are "
-                    "Dive into Deep Learning's recipe for The Time Machine.")
-    p.add_argument("--text", metavar="PATH", help="UTF-8 text file (default: text that ships with Python)")
+                    "Dive into Deep Learning's recipe for The Time Machine.",
+        epilog="Without --text the corpus is a text that ships with Python (the Zen of Python and "
+               "standard-library docstrings, about 17,000 characters). The Time Machine is "
+               "Project Gutenberg's public-domain text; d2l's copy is timemachine.txt.")
+    p.add_argument("--text", metavar="PATH",
+                   help="UTF-8 text file to train on (default: a text that ships with Python)")
     p.add_argument("--max-tokens", metavar="N", type=int, default=10000,
                    help="train on the first N characters (0: all)")
     p.add_argument("--steps", "-T", metavar="T", type=int, default=35, help="time steps per chunk")
@@ -66,22 +98,27 @@ def build_parser():
     p.add_argument("--random-truncation", metavar="PI", type=float, default=None,
                    help="randomized truncation (Tallec & Ollivier): carry the gradient back each step "
                         "with probability PI, weighted 1/PI")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batches")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed (an integer >= 0) of the initialization, the batches and the sample")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter dtype")
     p.add_argument("--parallel", action="store_true", help="spread the batch over Numba's threads")
-    p.add_argument("--prefix", default="time traveller", help="text to continue at the end")
+    p.add_argument("--prefix", default=None,
+                   help="text to continue at the end (default: the training text's first two words; "
+                        "'' for no sample)")
     p.add_argument("--predict", metavar="N", type=int, default=50, help="characters to generate")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sample the continuation at this temperature (default: greedy)")
-    p.add_argument("--save", metavar="PATH", help="save model and optimizer to this .npz at the end")
+    p.add_argument("--temperature", type=_temperature, default=None,
+                   help="sample the continuation at this temperature > 0 (default and 0: greedy)")
+    p.add_argument("--save", metavar="PATH",
+                   help="save model and optimizer to this .npz at the end (checked before training)")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by --save")
-    p.add_argument("--json", metavar="PATH", help='write {"perplexity", "tokens_per_s", "epochs"} here')
+    p.add_argument("--json", metavar="PATH",
+                   help='write {"perplexity", "tokens_per_s", "epochs"} here (checked before training)')
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     return p
 
 
 def _check_args(args):
-    """Every argument, before anything is built."""
+    """Every argument and path, before anything is built or trained."""
     for name in ("steps", "batch", "hidden", "epochs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -97,28 +134,58 @@ def _check_args(args):
         raise UsageError(f"--clip-value must be a positive number, got {args.clip_value}")
     if args.random_truncation is not None and not (0 < args.random_truncation <= 1):
         raise UsageError(f"--random-truncation must be in (0, 1], got {args.random_truncation}")
-    if args.temperature is not None and not (args.temperature >= 0 and math.isfinite(args.temperature)):
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.text is not None and not os.path.isfile(args.text):
-        raise UsageError(f"--text: file {args.text!r} does not exist")
-    if args.resume is not None and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume: checkpoint {args.resume!r} does not exist")
-    for flag, path in (("--json", args.json), ("--save", args.save)):
-        if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise UsageError(f"{flag}: directory {folder!r} does not exist")
+    if args.random_truncation is not None and not np.isfinite(np.dtype(args.dtype).type(1 / args.random_truncation)):
+        raise UsageError(f"--random-truncation {args.random_truncation:g} is too small for --dtype {args.dtype}: "
+                         f"its weight 1/PI overflows")
+    if args.text is not None:
+        _as_usage(data.check_text_file, args.text, "--text: file")
+    if args.resume is not None:
+        _as_usage(data.check_text_file, args.resume, "--resume: checkpoint")
+    outputs = [(flag, path) for flag, path in (("--save", args.save), ("--json", args.json)) if path is not None]
+    for flag, path in outputs:
+        check_output_path(path, flag, replace=flag == "--save")
+    inputs = [("--text", args.text)] if args.text is not None else []
+    for i, (flag, path) in enumerate(outputs):
+        for other, other_path in inputs + outputs[:i]:
+            if os.path.abspath(path) == os.path.abspath(other_path) or _same_file(path, other_path):
+                raise UsageError(f"{flag} and {other} name the same file {path!r}; give {flag} another path")
+
+
+def _as_usage(check, path, name):
+    try:
+        check(path, name)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _progress(epochs, start, quiet):
-    """A tqdm bar over the epochs, or None (then plain lines are printed), or nothing when quiet."""
-    if quiet:
+    """A tqdm bar over the epochs on a terminal; None otherwise (then plain lines are printed)."""
+    if quiet or not _is_terminal(sys.stderr):    # a file or CI: clean lines, no carriage returns
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
     return tqdm(total=epochs, initial=start, desc="train", unit="epoch", dynamic_ncols=True)
+
+
+def format_perplexity(value):
+    """A perplexity for people: two decimals, or three significant digits once it is huge (or Inf)."""
+    return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3g}"
 
 
 def _warm_up(model, ws, opt, loader, parallel):
@@ -136,7 +203,7 @@ def _warm_up(model, ws, opt, loader, parallel):
 
 def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, clip_value=None, epochs=500,
           sampling="sequential", optimizer="sgd", random_truncation=None, seed=0, dtype="float32",
-          parallel=False, resume=None, quiet=True, log=print):
+          parallel=False, resume=None, quiet=True, log=print, status=None):
     """Train a character-level model with d2l's recipe; the engine of the command line.
 
     Parameters
@@ -152,7 +219,9 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
     quiet : bool
         No progress bar or per-epoch lines.
     log : callable
-        Where per-epoch lines go when tqdm is missing.
+        Where per-epoch lines go when there is no progress bar (no tqdm, or not a terminal).
+    status : callable, optional
+        Where the lines about compiling the kernels go (default: standard error).
 
     Returns
     -------
@@ -165,31 +234,16 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
     opt = optim.make_optimizer(optimizer, model, lr)
     start = 0
     if resume is not None:
-        try:
-            saved = checkpoint.load(resume, model)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (resume with the --hidden and --dtype it was trained with, "
-                             f"on the same text)") from None
-        if "vocab" not in saved.extra or "rng" not in saved.extra:
-            raise ValueError(f"checkpoint {resume!r} was not written by '{PROG} --save' "
-                             f"(it lacks the vocabulary and the state of the batches)")
-        if saved.extra["vocab"] != vocab.idx_to_token:
-            raise ValueError(f"checkpoint {resume!r} was trained on a different vocabulary")
-        if saved.optimizer is None:
-            raise ValueError(f"checkpoint {resume!r} holds no optimizer state")
-        try:
-            opt.load_state_dict(saved.optimizer.state_dict())
-        except ValueError as exc:
-            raise ValueError(f"checkpoint {resume!r} does not fit --optimizer {optimizer}: {exc}") from None
-        opt.lr = lr
-        start = int(saved.extra.get("epoch", 0))
-        rng.bit_generator.state = saved.extra["rng"]
-        if start >= epochs:
-            raise ValueError(f"checkpoint {resume!r} has already trained {start} epochs; "
-                             f"pass --epochs greater than {start}")
+        start = _resume(resume, model, opt, rng, vocab, optimizer, lr, epochs)
     loader = data.SeqDataLoader(corpus, steps, batch, sampling, rng=rng)
     ws = Workspace(model, steps, batch)
+    status = _status if status is None else status
+    if not quiet:
+        status("compiling kernels (about 5 s the first time, cached afterwards) ...")
+    began = time.perf_counter()
     _warm_up(model, ws, opt, loader, parallel)
+    if not quiet:
+        status(f"kernels ready in {time.perf_counter() - began:.1f} s")
 
     bar = _progress(epochs, start, quiet)
     every = max(1, (epochs - start) // 10)
@@ -202,29 +256,83 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
                                          truncation_pi=random_truncation, rng=rng, parallel=parallel)
             except ValueError:
                 if not np.all(np.isfinite(model.flat)):
-                    raise FloatingPointError(f"training diverged at epoch {epoch + 1}: the parameters "
-                                             f"became NaN or Inf; lower --lr or --clip") from None
+                    raise _diverged(epoch, "the parameters became NaN or Inf") from None
                 raise
+            if not math.isfinite(result.perplexity):
+                raise _diverged(epoch, f"the mean loss is {result.loss:.4g}, and its perplexity overflows")
             history.append(result.perplexity)
             tokens += result.tokens
             seconds += result.seconds
             rate = tokens / seconds if seconds > 0 else math.inf
             if bar is not None:
-                bar.set_postfix(perplexity=f"{result.perplexity:.2f}", tokens_per_s=f"{rate:,.0f}",
+                bar.set_postfix(perplexity=format_perplexity(result.perplexity), tokens_per_s=f"{rate:,.0f}",
                                 refresh=False)
                 bar.update(1)
             elif not quiet and ((epoch + 1 - start) % every == 0 or epoch + 1 == epochs):
-                log(f"epoch {epoch + 1:>5}/{epochs}  perplexity {result.perplexity:8.3f}  "
+                log(f"epoch {epoch + 1:>5}/{epochs}  perplexity {format_perplexity(result.perplexity):>8}  "
                     f"tokens/s {rate:>10,.0f}")
     finally:
         if bar is not None:
             bar.close()
+    if not np.all(np.isfinite(model.flat)):                   # the very last update
+        raise _diverged(epochs - 1, "the parameters became NaN or Inf")
     return {"perplexity": history[-1], "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
             "epochs": epochs, "model": model, "optimizer": opt, "rng": rng, "history": history}
 
 
+def _status(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def _diverged(epoch, why):
+    return FloatingPointError(f"training diverged at epoch {epoch + 1}: {why}; lower --lr or --clip")
+
+
+def _resume(path, model, opt, rng, vocab, optimizer, lr, epochs):
+    """Load a ``--save`` checkpoint into ``model``, ``opt`` and ``rng``; return the epochs it has done."""
+    try:
+        saved = checkpoint.load(path, model)
+    except checkpoint.CheckpointError:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"{exc} (resume with the --hidden and --dtype it was trained with, "
+                         f"on the same text)") from None
+    extra = saved.extra
+    if not isinstance(extra, dict) or "vocab" not in extra or "rng" not in extra:
+        raise ValueError(f"checkpoint {path!r} was not written by '{PROG} --save' "
+                         f"(it lacks the vocabulary and the state of the batches)")
+    if extra["vocab"] != vocab.idx_to_token:
+        raise ValueError(f"checkpoint {path!r} was trained on a different vocabulary")
+    if saved.optimizer is None:
+        raise ValueError(f"checkpoint {path!r} holds no optimizer state")
+    start = extra.get("epoch", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise checkpoint.CheckpointError(f"checkpoint {path!r} is damaged: its epoch count {start!r} "
+                                         f"is not an int >= 0")
+    if start >= epochs:
+        raise ValueError(f"checkpoint {path!r} has already trained {start} epochs; "
+                         f"pass --epochs greater than {start}")
+    try:
+        opt.load_state_dict(saved.optimizer.state_dict())
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path!r} does not fit --optimizer {optimizer}: {exc}") from None
+    try:
+        rng.bit_generator.state = extra["rng"]
+    except (TypeError, ValueError, KeyError) as exc:
+        raise checkpoint.CheckpointError(f"checkpoint {path!r} is damaged: the state of its batches' "
+                                         f"generator cannot be restored ({exc!r})") from None
+    opt.lr = lr
+    return start
+
+
+def default_prefix(corpus, vocab, words=2):
+    """The first ``words`` words of a character corpus: a prefix the model has seen."""
+    head = "".join(vocab.to_tokens(corpus[:200]))
+    return " ".join(head.split(" ")[:words])
+
+
 def main(argv=None):
-    """Run the command; returns the exit status (0 done, 1 training failed, 2 bad arguments)."""
+    """Run the command; returns the exit status (0 done, 1 training or sampling failed, 2 bad arguments)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -244,26 +352,42 @@ def main(argv=None):
                        sampling=args.sampling, optimizer=args.optimizer,
                        random_truncation=args.random_truncation, seed=args.seed, dtype=args.dtype,
                        parallel=args.parallel, resume=args.resume, quiet=args.quiet)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as exc:
+    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
 
+    # the results first: a failure while sampling must not lose them
     model = result["model"]
-    sample = predict(model, vocab, args.prefix, args.predict, temperature=args.temperature,
-                     rng=args.seed) if args.prefix else ""
-    print(f"sample: {sample}")
-    print(f"perplexity {result['perplexity']:.2f}, {result['tokens_per_s']:,.0f} tokens/s "
+    print(f"perplexity {format_perplexity(result['perplexity'])}, {result['tokens_per_s']:,.0f} tokens/s "
           f"({args.sampling}, {result['epochs']} epochs, T={args.steps}, B={args.batch}, H={args.hidden})")
+    failed = False
     if args.save:
-        checkpoint.save(args.save, model, result["optimizer"],
-                        extra={"epoch": result["epochs"], "rng": result["rng"].bit_generator.state,
-                               "vocab": vocab.idx_to_token})
-        print(f"saved {args.save}")
+        try:
+            checkpoint.save(args.save, model, result["optimizer"],
+                            extra={"epoch": result["epochs"], "rng": result["rng"].bit_generator.state,
+                                   "vocab": vocab.idx_to_token})
+            print(f"saved {args.save}")
+        except (OSError, ValueError) as exc:
+            print(f"{PROG}: error: --save could not write the checkpoint: {exc}", file=sys.stderr)
+            failed = True
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"perplexity": result["perplexity"], "tokens_per_s": result["tokens_per_s"],
-                       "epochs": result["epochs"]}, f)
-    return 0
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"perplexity": result["perplexity"], "tokens_per_s": result["tokens_per_s"],
+                           "epochs": result["epochs"]}, f)
+            print(f"wrote {args.json}")
+        except OSError as exc:
+            print(f"{PROG}: error: --json could not be written: {exc}", file=sys.stderr)
+            failed = True
+    prefix = default_prefix(corpus, vocab) if args.prefix is None else args.prefix
+    if prefix:
+        try:
+            sample = predict(model, vocab, prefix, args.predict, temperature=args.temperature, rng=args.seed)
+        except (ValueError, FloatingPointError) as exc:
+            print(f"{PROG}: error: the sample failed ({exc}); the results above are saved", file=sys.stderr)
+            return 1
+        print(f"sample: {sample}")
+    return 1 if failed else 0

@@ -1,7 +1,10 @@
 """``python -m fastbptt train``: a run, its outputs, resumption, and every kind of bad argument."""
 
+import importlib.util
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,7 @@ from fastbptt.model import RNN
 
 SMALL = ["--hidden", "16", "--steps", "10", "--batch", "4", "--max-tokens", "3000", "--quiet"]
 TIME_MACHINE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "timemachine.txt"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_d2l.py"
 
 
 def run(capsys, *args):
@@ -25,7 +29,7 @@ def run(capsys, *args):
 def test_trains_on_the_default_text_and_writes_json(capsys, tmp_path):
     code, out, err = run(capsys, "--epochs", "3", "--json", str(tmp_path / "r.json"))
     assert code == 0, err
-    assert "sample: time traveller" in out
+    assert "sample: the zen" in out          # the default text's first two words
     assert "perplexity" in out and "tokens/s" in out
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result) == {"perplexity", "tokens_per_s", "epochs"}
@@ -40,7 +44,7 @@ def test_trains_on_the_default_text_and_writes_json(capsys, tmp_path):
 def test_other_options_run(capsys, flags):
     code, out, err = run(capsys, "--epochs", "2", *flags)
     assert code == 0, err
-    assert "sample: time traveller" in out
+    assert "sample: the zen" in out
 
 
 def test_own_text_file(capsys, tmp_path):
@@ -146,7 +150,7 @@ def test_python_dash_m_dispatches_train(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastbptt", "train", *SMALL, "--epochs", "1",
                            "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "sample: time traveller" in proc.stdout
+    assert "sample: the zen" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "fastbptt", "train", "--lr", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--lr must be a positive number" in proc.stderr
@@ -166,3 +170,110 @@ def test_reproduce_d2l_script_smoke(tmp_path):
     ours = [r for r in rows if r["implementation"].startswith("fastbptt")]
     assert [r["sampling"] for r in ours] == ["sequential", "random"]
     assert all(1 < r["perplexity"] < 28 and r["tokens_per_s"] > 0 for r in ours)
+
+
+# ----------------------------------------------------------------------------- issue 7: honest output
+
+
+def test_default_prefix_comes_from_the_training_text(capsys, tmp_path):
+    """The default sample continues words the model has seen: the text's first two words."""
+    text = tmp_path / "t.txt"
+    text.write_text("Sphinx of black quartz, judge my vow.\n" * 40)
+    code, out, err = run(capsys, "--text", str(text), "--epochs", "1", "--predict", "3")
+    assert code == 0, err
+    assert "sample: sphinx of" in out
+    code, out, err = run(capsys, "--text", str(text), "--epochs", "1", "--prefix", "")
+    assert code == 0, err and "sample:" not in out
+
+
+def test_without_a_terminal_prints_clean_lines(capsys):
+    """Output to a file or CI (capsys is not a terminal): plain lines, no carriage-return bar, even with tqdm."""
+    pytest.importorskip("tqdm")
+    args = [a for a in SMALL if a != "--quiet"]
+    code = charrnn.main([*args, "--epochs", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "\r" not in out + err
+    assert out.count("epoch ") == 3 and "epoch     3/3  perplexity" in out
+    assert "compiling kernels (about 5 s the first time, cached afterwards)" in err
+    assert "kernels ready in" in err
+
+
+def test_on_a_terminal_the_bar_is_used(monkeypatch):
+    monkeypatch.setattr(charrnn, "_is_terminal", lambda stream: True)
+    pytest.importorskip("tqdm")
+    assert charrnn._progress(5, 0, quiet=False) is not None
+    assert charrnn._progress(5, 0, quiet=True) is None
+
+
+def test_every_flag_has_help():
+    for action in charrnn.build_parser()._actions:
+        assert action.help, f"train {action.option_strings} has no help text"
+    spec = importlib.util.spec_from_file_location("reproduce_d2l", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for action in script.build_parser()._actions:
+        assert action.help, f"reproduce_d2l.py {action.option_strings} has no help text"
+
+
+def test_top_level_help_is_plain_text():
+    proc = subprocess.run([sys.executable, "-m", "fastbptt", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "``" not in proc.stdout and "train" in proc.stdout and "bench" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["--seed", "x"], "--seed must be an integer >= 0, got 'x'"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "warm"], "--temperature must be a number >= 0"),
+])
+def test_seed_and_temperature_are_refused_at_parse_time(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        charrnn.build_parser().parse_args(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_text_that_is_a_directory_or_a_fifo(capsys, tmp_path):
+    code, _, err = run(capsys, "--text", str(tmp_path))
+    assert code == 2 and f"--text: file {str(tmp_path)!r} is a directory" in err
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run(capsys, "--text", str(fifo))       # opening it would wait for a writer forever
+    assert code == 2 and "is a FIFO (named pipe); name a regular file" in err
+    assert "does not exist" not in err
+
+
+def test_tiny_temperature_samples_greedily(capsys):
+    code, out, err = run(capsys, "--epochs", "2", "--temperature", "1e-320", "--predict", "10")
+    assert code == 0, err
+    greedy = run(capsys, "--epochs", "2", "--predict", "10")[1]
+    assert out.splitlines()[-1] == greedy.splitlines()[-1]
+
+
+def test_results_are_saved_before_the_sample(capsys, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("probabilities contain NaN")
+    monkeypatch.setattr(charrnn, "predict", broken)
+    code, out, err = run(capsys, "--epochs", "1", "--save", str(tmp_path / "m.npz"), "--json", str(tmp_path / "r.json"))
+    assert code == 1 and "the sample failed (probabilities contain NaN); the results above are saved" in err
+    assert checkpoint.load(tmp_path / "m.npz").extra["epoch"] == 1
+    assert json.loads((tmp_path / "r.json").read_text())["epochs"] == 1
+    assert "Traceback" not in err
+
+
+def test_perplexity_that_overflows_is_divergence(capsys):
+    """A mean loss above ~709 makes exp overflow: 'training diverged', not an OverflowError."""
+    code, out, err = run(capsys, "--epochs", "5", "--lr", "1000", "--clip", "1000")
+    assert code == 1 and "training diverged at epoch" in err
+    assert "Traceback" not in err and "OverflowError" not in err
+
+
+def test_a_huge_perplexity_is_not_printed_in_full(capsys):
+    code, out, err = run(capsys, "--epochs", "5", "--lr", "100", "--clip", "100")
+    assert code in (0, 1), err
+    assert not re.search(r"\d{12}", out + err)              # never a 190-digit number on screen
