@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import compare
+from . import _machine, compare
+from ._load import DEFAULT_THRESHOLD, Load, LoadMonitor, describe, total
+from ._paths import check_output_path
+from ._progress import Progress, compiling
 from .profile import positive_ints
 
 DTYPE_SHORT = {"float32": "f32", "float64": "f64"}
@@ -48,18 +51,30 @@ class Config:
                 f"{self.dtype} {self.activation}")
 
 
-#: The configurations of issue 3's table: (T, B, D, H, O), float32, tanh.
-ISSUE_CONFIGS = [(35, 32, 28, 512, 28), (35, 1, 28, 256, 28), (100, 1, 1, 32, 1),
-                 (1000, 1, 28, 64, 28), (200, 8, 64, 128, 64), (100, 64, 512, 512, 512),
-                 (50, 16, 1760, 1760, 1760), (50, 64, 1760, 1760, 1760)]
+#: Eight training shapes (T, B, D, H, O), float32, tanh, from a one-unit sequence model to H = 1760:
+#: the d2l character model (35, 32, 28, 512, 28), single long sequences, and large batched GEMMs.
+SIZES = [(35, 32, 28, 512, 28), (35, 1, 28, 256, 28), (100, 1, 1, 32, 1),
+         (1000, 1, 28, 64, 28), (200, 8, 64, 128, 64), (100, 64, 512, 512, 512),
+         (50, 16, 1760, 1760, 1760), (50, 64, 1760, 1760, 1760)]
+
+#: The load benchmark's shapes: a small fused step, the per-step-BLAS d2l step, one long sequence.
+LOAD_SIZES = [(35, 32, 28, 64, 28), (35, 32, 28, 512, 28), (1000, 1, 28, 64, 28)]
 
 #: Grids (T values, H values, B values, D = O) of the named sets that are grids.
 GRIDS = {"default": ([10, 100, 1000], [16, 64, 256], [1, 16], 28),
          "quick": ([5, 20], [8, 16], [1, 4], 6)}
 
+#: Fixed lists of shapes of the other named sets.
+FIXED = {"sizes": SIZES, "load": LOAD_SIZES}
+
 SETS = {"default": "T in 10,100,1000 x H in 16,64,256 x B in 1,16, D = O = 28 (about a minute)",
-        "issue": "the eight (T, B, D, H, O) rows of issue 3's table, up to H = 1760 (a few minutes)",
-        "quick": "T in 5,20 x H in 8,16 x B in 1,4, D = O = 6 (seconds; a smoke test)"}
+        "sizes": "eight training shapes from T=100,B=1,H=32 to T=50,B=64,H=1760 (a few minutes)",
+        "quick": "T in 5,20 x H in 8,16 x B in 1,4, D = O = 6 (seconds; a smoke test)",
+        "load": "the --load benchmark's three shapes: T=35,B=32,D=O=28 with H=64 and H=512; "
+                "T=1000,B=1,H=64 (the default with --load)"}
+
+#: Older names of the sets, still accepted.
+SET_ALIASES = {"issue": "sizes"}
 
 
 def grid(Ts, Hs, Bs, D, dtypes=("float32",), activations=("tanh",)):
@@ -124,17 +139,21 @@ def gemm_peak(dtype=np.float32, n=2048, repeats=5):
 # ----------------------------------------------------------------------------- running
 
 
-def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pause=0.1, on_step=None):
+def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pause=0.1, on_step=None,
+               monitor=None, threshold=DEFAULT_THRESHOLD):
     """Check and time each implementation on one configuration.
 
     Returns
     -------
     dict with the config's fields, ``flops`` and ``impls``: name -> {``ms`` (best),
     ``rounds_ms``, ``first_call_ms``, ``gflops``, ``max_grad_error``, ``loss_error``,
-    ``worst``, ``ok``} or {``error``: text} when it failed or {``skipped``: reason}.
-    ``on_step(text)`` is called before each stage (for progress). Before each implementation
-    the process sleeps ``pause`` seconds, so that the threads of the one before (BLAS, OpenMP)
-    stop spinning and go to sleep before the next is timed.
+    ``worst``, ``ok``, ``load``} or {``error``: text} when it failed or {``skipped``: reason}.
+    With a ``monitor`` (``fastbptt._load.LoadMonitor``) that can measure, each timing's
+    ``load`` (``Load.as_dict``) and the row's ``load`` (the whole row, checks and pauses
+    included: a longer window, measured more precisely) say how much CPU other processes
+    used meanwhile, and the row's ``disturbed`` whether that was over ``threshold`` of the machine. ``on_step(text)`` is called before each stage (for
+    progress). Before each implementation the process sleeps ``pause`` seconds, so that the
+    threads of the one before (BLAS, OpenMP) stop spinning and go to sleep before the next is timed.
     """
     dtype = np.dtype(config.dtype)
     model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
@@ -142,6 +161,7 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     if on_step:
         on_step("float64 oracle")
     expected = compare.oracle(model, X, Y)
+    row_start = monitor.sample() if monitor else None
     result = dict(asdict(config), flops=config.flops, impls={})
     for name in impls:
         if on_step:
@@ -156,7 +176,9 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
             checked = compare.check(step(), expected, dtype)      # the first call also warms up
             first = time.perf_counter() - start
             n = reference_repeats if name == "reference" else repeats
+            sample = monitor.sample() if monitor else None
             best, rounds, _ = best_time(step, repeats=n, min_time=min_time, warmup=1)
+            load = monitor.since(sample) if monitor else None
         except Exception as exc:  # noqa: BLE001 -- report it and go on with the others
             result["impls"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
@@ -165,7 +187,13 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
             "gflops": config.flops / best / 1e9,
             **{k: checked[k] for k in ("ok", "tolerance", "loss_error", "max_grad_error",
                                        "max_grad_abs_error", "worst")}}
+        if load is not None:
+            result["impls"][name]["load"] = load.as_dict(threshold)
         del step
+    row = monitor.since(row_start) if monitor else None
+    if row is not None:
+        result["load"] = row.as_dict(threshold)
+        result["disturbed"] = row.disturbed(threshold)
     return result
 
 
@@ -208,6 +236,35 @@ def _ms(entry):
     return text if entry["ok"] else text + "!"
 
 
+def _busy(result):
+    """The row's share of the machine used by other processes, starred when it was disturbed."""
+    load = result.get("load")
+    if load is None:
+        return "-"
+    return f"{100 * load['others_fraction']:.0f}%" + ("*" if result.get("disturbed") else "")
+
+
+def load_summary(results, threshold, peak_loads=()):
+    """Lines under the table on the machine's load while the rows were timed (empty when unmeasured)."""
+    run = total(Load.from_dict(r["load"]) for r in results if "load" in r)
+    if run is None:
+        return []
+    lines = [f"busy = CPU time other processes used while the row was timed, as a share of all "
+             f"{run.cores} cores (from /proc/stat, this process's own CPU time taken out); "
+             f"* = over {100 * threshold:.0f}%",
+             f"machine load during the timings: {describe(run, threshold)}"]
+    disturbed = [r for r in results if r.get("disturbed")]
+    if disturbed:
+        lines.append(f"warning: {len(disturbed)} of {len(results)} rows were timed while other processes "
+                     f"used over {100 * threshold:.0f}% of the machine (marked *): their times are probably "
+                     f"too slow; rerun them when the machine is quiet")
+    for dt, load in peak_loads:
+        if load is not None and load.disturbed(threshold):
+            lines.append(f"warning: the {dt} GEMM peak was measured while the machine was busy "
+                         f"({describe(load, threshold)}): the %peak column is too high")
+    return lines
+
+
 def format_table(results, impls):
     """The printed table: one line per configuration."""
     others = [n for n in impls if not n.startswith("fastbptt")]
@@ -218,6 +275,9 @@ def format_table(results, impls):
     if "fastbptt" in impls and "fastbptt-parallel" in impls:
         cols.append(("×par", 5))
     cols.append(("max err", 8))
+    measured = any("load" in r for r in results)
+    if measured:
+        cols.append(("busy", 5))
     lines = [" ".join(f"{name:>{w}}" for name, w in cols)]
     for r in results:
         cells = [r["T"], r["B"], r["D"], r["H"], r["O"], DTYPE_SHORT[r["dtype"]], r["activation"]]
@@ -234,12 +294,14 @@ def format_table(results, impls):
             cells.append("-" if ps is None else f"{ps:.2f}")
         errs = [e["max_grad_error"] for e in r["impls"].values() if "max_grad_error" in e]
         cells.append(f"{max(errs):.1e}" if errs else "-")
+        if measured:
+            cells.append(_busy(r))
         lines.append(" ".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, cols)))
     return "\n".join(lines)
 
 
-def machine_info(impls):
-    """What the numbers depend on: CPU, cores, threads and library versions."""
+def machine_info(impls, environ=None):
+    """What the numbers depend on: CPU, vector extension, BLAS kernels, cores, threads and versions."""
     import numba
 
     cpu = platform.processor() or platform.machine()
@@ -254,21 +316,34 @@ def machine_info(impls):
     versions = {"python": platform.python_version(), "numpy": np.__version__,
                 "numba": numba.__version__}
     for name in impls:
-        if name in ("torch", "jax"):
-            versions[name] = compare.version(name)
+        base, _ = compare.parse_name(name)
+        if base in ("torch", "jax"):
+            versions[base] = compare.version(base)
     from . import __version__
     versions["fastbptt"] = __version__
+    extension = _machine.cpu_vector_extension()
+    blas = _machine.blas_libraries()
     # numba.config, not numba.get_num_threads(): that would start Numba's thread pool, whose
     # threads can then compete with the BLAS threads even in the serial benchmarks
-    try:
-        load = list(os.getloadavg())
-    except (AttributeError, OSError):
-        load = None
     return {"cpu": cpu, "cores": compare.default_threads(), "platform": platform.platform(),
-            "load_average": load,
+            "machine": platform.machine(), "cpu_vector_extension": extension, "blas": blas,
+            "environment": _machine.environment_notes(environ),
+            "kernel_warnings": _machine.kernel_warnings(blas, extension, environ),
             "numba_threads": numba.config.NUMBA_NUM_THREADS,
-            "torch_threads": compare.default_threads() if "torch" in impls else None,
+            "torch_threads": compare.default_threads() if any(n.startswith("torch") for n in impls) else None,
             "versions": versions}
+
+
+def header_lines(info, what="bench"):
+    """The first lines of a benchmark's output: machine, versions, BLAS kernels and CPU, warnings."""
+    lines = [f"fastbptt {info['versions']['fastbptt']} {what} on {info['cpu']}, {info['cores']} cores; "
+             + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "fastbptt"),
+             f"{_machine.describe_blas(info['blas'])}; "
+             f"{_machine.describe_cpu(info['cpu_vector_extension'], info['machine'])}",
+             f"numba threads {info['numba_threads']}"
+             + (f", torch threads {info['torch_threads']}" if info["torch_threads"] else "")
+             + (f"; set in the environment: {', '.join(info['environment'])}" if info["environment"] else "")]
+    return lines + info["kernel_warnings"]
 
 
 def write_plot(results, impls, path):
@@ -337,36 +412,6 @@ def write_plot(results, impls, path):
     fig.savefig(path, dpi=110)
 
 
-class _Progress:
-    """A tqdm bar on stderr, or one plain line per stage when tqdm is missing or disabled."""
-
-    def __init__(self, total, enabled=True):
-        self.bar = None
-        self.total, self.done = total, 0
-        self.enabled = enabled
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                print("(tqdm is not installed: plain progress lines)", file=sys.stderr)
-            else:
-                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def step(self, text):
-        if self.bar is not None:
-            if self.done:
-                self.bar.update(1)
-            self.bar.set_description(text)
-        elif self.enabled:
-            print(f"[{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
-        self.done += 1
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.close()
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -375,6 +420,13 @@ def _ints_or_names(text):
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return values
+
+
+def _positive_int(text):
+    values = positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
 
 
 def _config(text):
@@ -392,6 +444,59 @@ def _choices(allowed, what):
             raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; choose from {', '.join(allowed)}")
         return values
     return parse
+
+
+def _set_name(text):
+    name = SET_ALIASES.get(text, text)
+    if name not in SETS:
+        raise argparse.ArgumentTypeError(f"unknown set {text!r}; choose from {', '.join(SETS)}")
+    return name
+
+
+def check_outputs(args, parser):
+    """Refuse, before anything runs, an output path that cannot be written or a plot format matplotlib lacks.
+
+    The path check (``fastbptt._paths.check_output_path``) tries the write for real: an
+    empty path, a directory, a missing folder, /proc and the like are refused by name.
+    """
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            try:
+                check_output_path(path, flag)
+            except ValueError as exc:
+                parser.error(str(exc))
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed: "
+                         "pip install matplotlib (or pip install 'fastbptt[bench]')")
+        ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        formats = Figure().canvas.get_supported_filetypes()
+        if ext and ext not in formats:
+            parser.error(f"--plot {args.plot!r}: matplotlib cannot write .{ext} files; "
+                         f"use one of .{', .'.join(sorted(formats))}")
+
+
+def warm_up(impls, dtypes, activations, enabled=True):
+    """Compile (or load from the cache) every fastbptt kernel the run needs, saying so when it is slow.
+
+    Each fastbptt variant is called once on a tiny problem with each method, so that the
+    first timed configuration does not also time a compilation, and a first run is not
+    several silent seconds.
+    """
+    from . import api
+
+    variants = sorted({compare.parse_name(n)[0] for n in impls if n.startswith("fastbptt")})
+    if not variants:
+        return
+    with compiling(enabled=enabled):
+        for base, dt, act in itertools.product(variants, dtypes, activations):
+            model, X, Y = compare.make_problem(3, 2, 3, 4, 3, dtype=np.dtype(dt), activation=act)
+            for method in [m for m in getattr(api, "METHODS", ("auto",)) if m != "auto"] or [None]:
+                options = {} if method is None else {"method": method}
+                compare.make_step(base, model, X, Y, **options)()
 
 
 def build_parser():
@@ -419,22 +524,39 @@ variant, where a step counts {compare.FLOP_FORMULA} flops (the matrix products o
 forward and backward; see fastbptt.compare.step_flops) and the peak is NumPy's GEMM of
 two n x n matrices, measured before and after the run (the higher of the two; sgemm,
 n = 2048, by default; dgemm for float64 rows); x<name> is how many times faster fastbptt
-is than <name>. "xpar" (with --parallel) is serial time / parallel time.
+is than <name>. "xpar" (with --parallel) is serial time / parallel time. "busy" (Linux)
+is the share of all cores' time that OTHER processes used while the row was timed (from
+/proc/stat, this process's own CPU time taken out); rows over --busy-threshold are
+marked "*" and probably too slow.
+
+The header names the BLAS library and the kernels it runs (threadpoolctl's
+"architecture", when threadpoolctl is installed) and the CPU's widest vector extension,
+and warns when the kernels are narrower than the CPU (as OPENBLAS_CORETYPE=Haswell
+forces on an AVX-512 CPU).
+
+--load times the same step alone ("idle") and beside busy-loop processes ("loaded"),
+in alternating pairs of phases, and prints the median of each and their ratio (with
+one of two cores taken, a step should be at most 2x slower). It uses the "load" set
+unless --config, --configs or a grid says otherwise, fastbptt alone unless --impl
+says otherwise, --repeats as the number of pairs (default 5) and --min-time as the
+length of a phase (default 0.2 s).
 
 configuration sets (--configs):
 {sets}
 """)
     sel = parser.add_argument_group("what to run")
-    sel.add_argument("--configs", choices=list(SETS), default=None,
-                     help="a named set of configurations (default: default)")
+    sel.add_argument("--configs", type=_set_name, default=None, metavar="NAME",
+                     help=f"a named set of configurations, one of {', '.join(SETS)} (listed above; "
+                          "default: default, or load with --load)")
     sel.add_argument("--quick", action="store_true",
-                     help="shorthand for --configs quick --repeats 3 --min-time 0.005")
+                     help="shorthand for --configs quick --repeats 3 --min-time 0.005 (with --load: "
+                          "2 pairs of 0.05 s phases)")
     sel.add_argument("--config", type=_config, action="append", metavar="T,B,D,H,O",
                      help="a configuration of your own (repeat the flag for several); replaces the set")
     sel.add_argument("--T", type=positive_ints, metavar="T1,T2,...", help="sequence lengths of the grid")
     sel.add_argument("--H", type=positive_ints, metavar="H1,H2,...", help="hidden sizes of the grid")
     sel.add_argument("--B", type=positive_ints, metavar="B1,B2,...", help="batch sizes of the grid")
-    sel.add_argument("--D", type=int, metavar="D", help="input size = output size O of the grid")
+    sel.add_argument("--D", type=_positive_int, metavar="D", help="input size = output size O of the grid")
     sel.add_argument("--dtype", type=_choices(["float32", "float64"], "dtype"), default=None,
                      metavar="float32,float64", help="dtypes to run each configuration in (default float32)")
     sel.add_argument("--activation", type=_choices(["tanh", "relu", "identity"], "activation"),
@@ -443,39 +565,60 @@ configuration sets (--configs):
     sel.add_argument("--impl", type=_choices(list(compare.IMPLEMENTATIONS), "implementation"),
                      default=None, metavar="NAME,...",
                      help="implementations to time, from " + ", ".join(compare.IMPLEMENTATIONS)
-                          + " (default: fastbptt, reference, and torch and jax when installed)")
+                          + " (default: fastbptt, reference, and torch and jax when installed; "
+                            "fastbptt alone with --load)")
     sel.add_argument("--method", type=_ints_or_names, metavar="NAME,...",
                      help="time fastbptt once per method of loss_and_grad(method=...) (e.g. auto,fused,blas), "
                           "as columns fastbptt:NAME; speedups are over the fastest")
     sel.add_argument("--parallel", action="store_true",
                      help="also time fastbptt with parallel=True (column fastbptt-parallel, "
                           "speedup over serial in column xpar)")
+    lod = parser.add_argument_group("speed under load")
+    lod.add_argument("--load", action="store_true",
+                     help="time each step alone and beside busy-loop processes, interleaved, "
+                          "instead of the comparison table (see above)")
+    lod.add_argument("--load-procs", type=_positive_int, default=None, metavar="K",
+                     help="busy-loop processes during a loaded phase (default: half the cores, at least 1)")
     tim = parser.add_argument_group("timing")
     tim.add_argument("--repeats", type=int, default=None,
-                     help="best of this many rounds (default 5; 3 with --quick)")
+                     help="best of this many rounds (default 5; 3 with --quick); with --load, the "
+                          "number of idle/loaded pairs (default 5)")
     tim.add_argument("--reference-repeats", type=int, default=3,
                      help="rounds for the slow NumPy reference (default 3)")
     tim.add_argument("--min-time", type=float, default=None,
-                     help="seconds a round lasts at least (default 0.02; 0.005 with --quick)")
+                     help="seconds a round lasts at least (default 0.02; 0.005 with --quick); with "
+                          "--load, seconds a phase lasts at least (default 0.2)")
     tim.add_argument("--pause", type=float, default=0.1,
                      help="seconds to sleep before each implementation, so that the thread pools of "
                           "the one before go idle (default 0.1)")
     tim.add_argument("--peak-n", type=int, default=2048,
                      help="matrix size of the GEMM peak measurement (default 2048; 0 skips it)")
+    tim.add_argument("--busy-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="FRACTION",
+                     help="share of all cores' time that other processes may use while a row is timed "
+                          f"before the row is marked as disturbed (default {DEFAULT_THRESHOLD})")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write every result and the machine's details as JSON")
     out.add_argument("--plot", metavar="PATH",
                      help="write a PNG of time against T and against H (needs matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--no-progress", action="store_true",
+                     help="no progress bar or progress lines (on stderr: a bar on a terminal, plain "
+                          "lines otherwise)")
     return parser
 
 
 def select_configs(args, parser):
     """The Configs the arguments ask for."""
-    name = "quick" if args.quick and args.configs is None else (args.configs or "default")
     dtypes = args.dtype or ["float32"]
     acts = args.activation or ["tanh"]
     grid_flags = [f for f in ("T", "H", "B", "D") if getattr(args, f) is not None]
+    if args.configs:
+        name = args.configs
+    elif args.quick:
+        name = "quick"
+    elif getattr(args, "load", False) and not grid_flags:
+        name = "load"
+    else:
+        name = "default"
     if args.config:
         if args.configs or grid_flags:
             parser.error("--config replaces the set: do not combine it with --configs, --T, --H, --B or --D")
@@ -486,11 +629,11 @@ def select_configs(args, parser):
     else:
         if grid_flags:
             parser.error(f"--{', --'.join(grid_flags)} shape a grid; the set {name!r} is a fixed list")
-        shapes = ISSUE_CONFIGS
+        shapes = FIXED[name]
     return [Config(*shape, dt, act) for dt, act in itertools.product(dtypes, acts) for shape in shapes]
 
 
-def select_impls(args, parser):
+def select_impls(args, parser, default=("fastbptt", "reference", "torch", "jax")):
     """The implementations to time, and a note on each one left out."""
     notes = []
     if args.impl:
@@ -500,7 +643,7 @@ def select_impls(args, parser):
                 parser.error(f"--impl {name}: {name} is not installed (pip install {name})")
     else:
         impls = []
-        for name in ("fastbptt", "reference", "torch", "jax"):
+        for name in default:
             if compare.available(name):
                 impls.append(name)
             else:
@@ -521,64 +664,87 @@ def select_impls(args, parser):
     return impls, notes
 
 
+def check_args(args, parser):
+    """Every flag's value, checked before anything runs; the defaults that depend on others filled in."""
+    if args.repeats is None:
+        args.repeats = (2 if args.quick else 5) if args.load else (3 if args.quick else 5)
+    if args.min_time is None:
+        args.min_time = (0.05 if args.quick else 0.2) if args.load else (0.005 if args.quick else 0.02)
+    for flag in ("repeats", "reference_repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("min_time", "pause", "peak_n"):
+        value = getattr(args, flag)
+        if not value >= 0 or value == float("inf"):
+            parser.error(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.busy_threshold <= 1:
+        parser.error(f"--busy-threshold must be a share of the machine between 0 and 1, got {args.busy_threshold}")
+    if args.load_procs is not None and not args.load:
+        parser.error("--load-procs goes with --load")
+    if args.load and args.plot:
+        parser.error("--plot draws the comparison table; it does not go with --load")
+    check_outputs(args, parser)
+
+
+def _command(argv):
+    return ["python", "-m", "fastbptt", "bench"] + list(sys.argv[1:] if argv is None else argv)
+
+
+def write_json(path, doc):
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 5
-    if args.min_time is None:
-        args.min_time = 0.005 if args.quick else 0.02
-    for flag in ("repeats", "reference_repeats"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.min_time < 0 or args.peak_n < 0 or args.pause < 0:
-        parser.error("--min-time, --pause and --peak-n must not be negative")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("--plot needs matplotlib, which is not installed: "
-                         "pip install matplotlib (or pip install 'fastbptt[bench]')")
-    for path in (args.json, args.plot):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            parser.error(f"cannot write {path}: no such directory")
+    check_args(args, parser)
     configs = select_configs(args, parser)
-    impls, notes = select_impls(args, parser)
+    impls, notes = select_impls(args, parser, default=("fastbptt",) if args.load else
+                                ("fastbptt", "reference", "torch", "jax"))
+    if args.load:
+        from . import _loadbench
+        return _loadbench.main(args, configs, impls, _command(argv))
 
-    peaks, peak_runs = {}, {}       # first, before anything starts a thread pool of its own
+    monitor = LoadMonitor()
+    peaks, peak_runs, peak_loads = {}, {}, []      # first, before anything starts a thread pool of its own
     if args.peak_n:
         for dt in sorted({c.dtype for c in configs}):
+            sample = monitor.sample()
             peaks[dt] = gemm_peak(np.dtype(dt), n=args.peak_n)
+            peak_loads.append((dt, monitor.since(sample)))
     info = machine_info(impls)
-    print(f"fastbptt {info['versions']['fastbptt']} bench on {info['cpu']}, {info['cores']} cores; "
-          + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "fastbptt"))
-    print(f"numba threads {info['numba_threads']}"
-          + (f", torch threads {info['torch_threads']}" if "torch" in impls else "")
-          + (f"; load average {info['load_average'][0]:.2f} before the run" if info["load_average"] else ""))
-    if info["load_average"] and info["load_average"][0] > 0.5 * info["cores"]:
-        print("note: the load average is high; if other processes are running, they will show in "
-              "these timings")
+    for line in header_lines(info):
+        print(line)
+    if not monitor.available:
+        print(f"machine load: not measured ({monitor.why_unavailable})")
     for note in notes:
         print(note)
     print(f"one step: forward + softmax cross-entropy + all gradients, dense inputs, biases, h_0 = 0; "
           f"flops = {compare.FLOP_FORMULA}; best of {args.repeats} "
           f"(reference: {args.reference_repeats}) rounds of >= {args.min_time:g} s", flush=True)
 
-    progress = _Progress(len(configs) * (len(impls) + 1), enabled=not args.no_progress)
+    warm_up(impls, sorted({c.dtype for c in configs}), sorted({c.activation for c in configs}),
+            enabled=not args.no_progress)
+    progress = Progress(len(configs) * (len(impls) + 1), enabled=not args.no_progress)
     results = []
     started = time.perf_counter()
     try:
         for config in configs:
             r = run_config(config, impls, repeats=args.repeats, reference_repeats=args.reference_repeats,
                            min_time=args.min_time, pause=args.pause,
-                           on_step=lambda what, c=config: progress.step(f"{c.label}: {what}"))
+                           on_step=lambda what, c=config: progress.step(f"{c.label}: {what}"),
+                           monitor=monitor, threshold=args.busy_threshold)
             results.append(r)
     finally:
         progress.close()
     elapsed = time.perf_counter() - started
     for dt, first in list(peaks.items()):
         # again at the end: a neighbour on the host can halve one measurement; keep the higher
+        sample = monitor.sample()
         again = gemm_peak(np.dtype(dt), n=args.peak_n)
+        peak_loads.append((dt, monitor.since(sample)))
         peak_runs[dt] = [first, again]
         peaks[dt] = max(first, again)
     for r in results:
@@ -592,6 +758,8 @@ def main(argv=None):
     print(f"\n{len(configs)} configurations in {elapsed:.0f} s; ms = best time per step; "
           "×name = name's time / fastbptt's (fastest variant); max err = largest relative gradient "
           "error of any implementation against the float64 reference")
+    for line in load_summary(results, args.busy_threshold, peak_loads):
+        print(line)
     failed = [(r, n, e) for r in results for n, e in r["impls"].items() if "error" in e or e.get("ok") is False]
     for r, n, e in failed:
         what = e.get("error") or (f"max gradient error {e['max_grad_error']:.2e} ({e['worst']}), "
@@ -600,15 +768,20 @@ def main(argv=None):
         print(f"FAILED {n} at {config.label}: {what}", file=sys.stderr)
 
     if args.json:
-        command = ["python", "-m", "fastbptt", "bench"] + list(sys.argv[1:] if argv is None else argv)
-        doc = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": info,
+        run_load = total(Load.from_dict(r["load"]) for r in results if "load" in r)
+        doc = {"command": _command(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": info,
                "gemm_peak_gflops": peaks, "gemm_peak_runs_gflops": peak_runs, "gemm_peak_n": args.peak_n,
+               "gemm_peak_loads": [{"dtype": dt, "load": None if load is None else load.as_dict(args.busy_threshold)}
+                                   for dt, load in peak_loads],
                "flop_formula": compare.FLOP_FORMULA, "repeats": args.repeats,
                "reference_repeats": args.reference_repeats, "min_time_s": args.min_time,
-               "pause_s": args.pause, "implementations": impls, "elapsed_s": elapsed, "results": results}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-        print(f"wrote {args.json}")
+               "pause_s": args.pause, "implementations": impls, "elapsed_s": elapsed,
+               "load": {"measured": monitor.available, "why_not": monitor.why_unavailable,
+                        "threshold": args.busy_threshold,
+                        "disturbed_rows": sum(bool(r.get("disturbed")) for r in results),
+                        "run": None if run_load is None else run_load.as_dict(args.busy_threshold)},
+               "results": results}
+        write_json(args.json, doc)
     if args.plot:
         write_plot(results, impls, args.plot)
         print(f"wrote {args.plot}")

@@ -50,6 +50,17 @@ def profile_step(T, H, B=1, vocab=28, dtype=np.float32, parallel=False, seed=0):
             "speedup": ref_s / fast_s, "max_grad_error": error}
 
 
+def warm_up(dtype, parallel):
+    """Compile (or load from the cache) the token-input kernels of both methods on a tiny problem."""
+    from . import api
+
+    model = RNN(5, 4, 5, dtype=dtype, seed=0)
+    X = np.zeros((3, 2), dtype=np.int64)
+    for method in [m for m in getattr(api, "METHODS", ()) if m != "auto"] or [None]:
+        options = {} if method is None else {"method": method}
+        loss_and_grad(model, X, X, workspace=Workspace(model, 3, 2), parallel=parallel, **options)
+
+
 HEADER = (f"{'T':>6} {'H':>5} {'B':>3} {'fastbptt ms':>12} {'reference ms':>13} {'speedup':>8} "
           f"{'max |Δgrad|':>12}")
 
@@ -81,24 +92,42 @@ def main(argv=None):
     parser.add_argument("--H", type=positive_ints, default=[16, 64, 256], metavar="H1,H2,...",
                         help="hidden sizes (default 16,64,256)")
     parser.add_argument("--B", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--parallel", action="store_true", help="spread sequences over threads")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="the model's dtype (default float32)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="call fastbptt with parallel=True (the B sequences spread over Numba's threads)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (on stderr: a bar on a terminal, nothing otherwise) and no "
+                             "compilation notice")
     args = parser.parse_args(argv)
     if args.B < 1:
         parser.error(f"--B must be a positive integer, got {args.B}")
 
     import numba
 
-    from . import __version__
+    from . import __version__, _machine
+    from ._progress import Progress, compiling
 
-
+    blas = _machine.blas_libraries()
+    extension = _machine.cpu_vector_extension()
     print(f"fastbptt {__version__}, numba {numba.__version__}, numpy {np.__version__}, "
           f"{platform.processor() or platform.machine()}, {numba.get_num_threads()} threads")
+    print(f"{_machine.describe_blas(blas)}; {_machine.describe_cpu(extension)}")
+    for line in _machine.kernel_warnings(blas, extension):
+        print(line)
     print("one step: forward + softmax cross-entropy + all gradients; token inputs, "
-          f"vocabulary 28, tanh, {args.dtype}; best of 5\n")
-    print(HEADER, flush=True)
-    for T in args.T:
-        for H in args.H:
-            row = profile_step(T, H, B=args.B, dtype=np.dtype(args.dtype), parallel=args.parallel)
-            print(format_row(row), flush=True)
+          f"vocabulary 28, tanh, {args.dtype}; best of 5\n", flush=True)
+    with compiling(enabled=not args.no_progress):
+        warm_up(np.dtype(args.dtype), args.parallel)
+    # rows go to stdout as they come; the bar (a terminal only) says which one is being timed
+    progress = Progress(len(args.T) * len(args.H), enabled=not args.no_progress, lines=False)
+    progress.write(HEADER)
+    try:
+        for T in args.T:
+            for H in args.H:
+                progress.step(f"T={T} H={H}")
+                row = profile_step(T, H, B=args.B, dtype=np.dtype(args.dtype), parallel=args.parallel)
+                progress.write(format_row(row))
+    finally:
+        progress.close()
     return 0

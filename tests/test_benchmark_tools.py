@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastbptt.__main__
-from fastbptt import benchmark, compare
+from fastbptt import _progress, benchmark, compare
 
 # a tiny run: two configurations, one round each, no GEMM peak, no pauses
 TINY = ["--config", "4,2,3,5,3", "--config", "6,1,2,4,3", "--repeats", "1", "--reference-repeats", "1",
@@ -146,15 +146,24 @@ def test_bench_plot_without_matplotlib_fails_before_running(monkeypatch, tmp_pat
     assert "--plot needs matplotlib" in err and "pip install" in err
 
 
-def test_bench_progress_bar_and_its_fallback(monkeypatch, capsys):
+def test_bench_progress_bar_on_a_terminal_and_its_fallback(monkeypatch, capsys):
     argv = [a for a in TINY if a != "--no-progress"] + NUMPY_ONLY
+    monkeypatch.setattr(_progress, "is_terminal", lambda stream: True)
     if importlib.util.find_spec("tqdm") is not None:
         rc, _, err = run_cli(capsys, *argv)
-        assert rc == 0 and "6/6" in err and "100%" in err
+        assert rc == 0 and "6/6" in err and "100%" in err and "\r" in err
     monkeypatch.setitem(sys.modules, "tqdm", None)
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 0
     assert "tqdm is not installed" in err and "[1/6] T=4 B=2" in err and "[6/6]" in err
+
+
+def test_bench_progress_without_a_terminal_is_plain_lines(capsys):
+    # capsys's stderr is no terminal, as a file or a CI log is not: no carriage returns
+    rc, _, err = run_cli(capsys, *[a for a in TINY if a != "--no-progress"], *NUMPY_ONLY)
+    assert rc == 0
+    assert "\r" not in err and "[1/6] T=4 B=2" in err and "[6/6]" in err
+    assert "tqdm is not installed" not in err
 
 
 def test_bench_without_torch_and_jax_skips_them(monkeypatch, capsys):
@@ -215,15 +224,22 @@ def test_bench_selects_named_sets():
     def configs(*argv):
         return benchmark.select_configs(parser.parse_args(list(argv)), parser)
 
-    assert [(c.T, c.B, c.D, c.H, c.O) for c in configs("--configs", "issue")] == benchmark.ISSUE_CONFIGS
+    assert [(c.T, c.B, c.D, c.H, c.O) for c in configs("--configs", "sizes")] == benchmark.SIZES
+    assert configs("--configs", "issue") == configs("--configs", "sizes")      # the old name still works
     assert len(configs()) == 18 and {c.dtype for c in configs()} == {"float32"}
     assert len(configs("--quick")) == 8
-    assert len(configs("--configs", "issue", "--dtype", "float32,float64")) == 16
+    assert len(configs("--configs", "sizes", "--dtype", "float32,float64")) == 16
+    assert [(c.T, c.B, c.D, c.H, c.O) for c in configs("--load")] == benchmark.LOAD_SIZES
+    assert len(configs("--load", "--T", "3,4")) == 2 * 3 * 2   # a grid with --load: the default grid's H and B
+    assert [(c.T, c.H) for c in configs("--load", "--config", "3,2,3,4,3")] == [(3, 4)]
 
 
-@pytest.mark.parametrize("argv", [["--config", "1,2,3"], ["--impl", "tensorflow"], ["--configs", "issue", "--T", "5"],
+@pytest.mark.parametrize("argv", [["--config", "1,2,3"], ["--impl", "tensorflow"], ["--configs", "sizes", "--T", "5"],
                                   ["--config", "1,1,1,1,1", "--H", "3"], ["--repeats", "0"], ["--T", "0"],
-                                  ["--json", "/no/such/dir/x.json"], ["--dtype", "float16"]])
+                                  ["--json", "/no/such/dir/x.json"], ["--dtype", "float16"], ["--D", "0"],
+                                  ["--configs", "nosuchset"], ["--min-time", "nan"], ["--busy-threshold", "2"],
+                                  ["--load-procs", "1"], ["--load", "--load-procs", "0"],
+                                  ["--load", "--plot", "x.png"]])
 def test_bench_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         benchmark.main(argv)
@@ -237,8 +253,10 @@ def test_bench_help_explains_itself(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for text in ("python -m fastbptt bench", "PyTorch", "JAX", "float64", "GFLOP/s", compare.FLOP_FORMULA,
-                 "--json", "--plot", "--configs", "issue", "--quick"):
+                 "--json", "--plot", "--configs", "sizes", "--quick", "--load", "--busy-threshold",
+                 "architecture", "OPENBLAS_CORETYPE"):
         assert text in out
+    assert "issue" not in out.lower() and "target" not in out.lower()       # no internal references
 
 
 def test_best_time_counts_rounds_and_warmup():
