@@ -1,10 +1,14 @@
 """Gradient flow: ∂L/∂h_t against the unrolled closed form, vanishing and exploding, spectral radius."""
 
+import inspect
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt import diagnostics, reference
+from fastbptt import diagnostics, reference, training
 from helpers import assert_close, make_problem
 
 
@@ -164,3 +168,16 @@ def test_hidden_grads_reads_the_carry_the_workspace_recorded():
     full = fastbptt.Workspace(model, 7, 3)
     fastbptt.loss_and_grad(model, X, Y, workspace=full)
     assert not np.allclose(diagnostics.hidden_grads(model, ws), diagnostics.hidden_grads(model, full))
+
+
+@pytest.mark.parametrize("func", [diagnostics.plot_grad_norms, training.random_truncation])
+def test_readme_describes_the_signature(func):
+    """The README shows each function with its parameters as they are named and defaulted."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = re.findall(r"`" + func.__name__ + r"\(([^`]*)\)`", readme)
+    assert shown, f"README does not show {func.__name__}(...)"
+    params = inspect.signature(func).parameters.values()
+    want = ", ".join(p.name if p.default is inspect.Parameter.empty
+                     else f"{p.name}={'np.float64' if p.default is np.float64 else repr(p.default)}"
+                     for p in params)
+    assert shown == [want] * len(shown), f"README shows {func.__name__}({shown[0]}), the signature is ({want})"
