@@ -14,7 +14,7 @@ from the same weights and batch). Every case
 
 Cases of one configuration share a benchmark group, so pytest-benchmark prints them side
 by side. PyTorch and JAX cases are skipped when the package is missing. Select with -k,
-e.g. ``-k "issue and not reference"``, ``-k H64``, ``-m "not large"`` (skips H = 1760);
+e.g. ``-k "sizes and not reference"``, ``-k H64``, ``-m "not large"`` (skips H = 1760);
 ``--fastbptt-methods fused,blas`` adds fastbptt with each ``method=`` of loss_and_grad.
 """
 
@@ -24,15 +24,15 @@ import pytest
 from conftest import problem
 
 from fastbptt import compare
-from fastbptt.benchmark import ISSUE_CONFIGS, Config
+from fastbptt.benchmark import SIZES, Config
 
 LARGE_FLOPS = 5e10        # slower than about half a second a step: few rounds
 
 
 def _configs():
-    """(Config, tag) pairs: the issue's table first, then sweeps of T, H and B, dtypes, activations."""
-    out = [(Config(*shape), "issue") for shape in ISSUE_CONFIGS]
-    for T in (10, 100):                                       # T sweep (T = 1000 is in the issue's table)
+    """(Config, tag) pairs: the eight training shapes first, then sweeps of T, H and B, dtypes, activations."""
+    out = [(Config(*shape), "sizes") for shape in SIZES]
+    for T in (10, 100):                                       # T sweep (T = 1000 is one of the sizes)
         out.append((Config(T, 1, 28, 64, 28), "sweepT"))
     for H in (16, 64, 256, 1024):                             # H sweep
         out.append((Config(100, 8, 28, H, 28), "sweepH"))

@@ -82,7 +82,8 @@ def positive_ints(text):
     return values
 
 
-def main(argv=None):
+def build_parser():
+    """The command line of ``python -m fastbptt profile``."""
     parser = argparse.ArgumentParser(
         prog="python -m fastbptt profile",
         description="Profile one BPTT training step (forward, cross-entropy, all gradients) of "
@@ -99,6 +100,11 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (on stderr: a bar on a terminal, nothing otherwise) and no "
                              "compilation notice")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.B < 1:
         parser.error(f"--B must be a positive integer, got {args.B}")
