@@ -29,7 +29,7 @@ from . import api, checkpoint, data, optim
 from ._paths import check_output_path
 from .generate import predict
 from .model import RNN
-from .training import train_epoch
+from .training import _carry_weight, train_epoch
 from .workspace import Workspace
 
 PROG = "python -m fastbptt train"
@@ -66,7 +66,8 @@ def _temperature(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--temperature must be a number >= 0, got {text!r}") from None
     if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"--temperature must be a finite number >= 0 (0: greedy), got {text}")
+        raise argparse.ArgumentTypeError(f"--temperature must be a finite number >= 0 (0: greedy), "
+                                         f"got {text}")
     return value
 
 
@@ -134,14 +135,18 @@ def _check_args(args):
         raise UsageError(f"--clip-value must be a positive number, got {args.clip_value}")
     if args.random_truncation is not None and not (0 < args.random_truncation <= 1):
         raise UsageError(f"--random-truncation must be in (0, 1], got {args.random_truncation}")
-    if args.random_truncation is not None and not np.isfinite(np.dtype(args.dtype).type(1 / args.random_truncation)):
-        raise UsageError(f"--random-truncation {args.random_truncation:g} is too small for --dtype {args.dtype}: "
-                         f"its weight 1/PI overflows")
+    if args.random_truncation is not None:
+        try:
+            _carry_weight(args.random_truncation, args.dtype)
+        except ValueError:
+            raise UsageError(f"--random-truncation {args.random_truncation:g} is too small for --dtype "
+                             f"{args.dtype}: its weight 1/PI overflows") from None
     if args.text is not None:
         _as_usage(data.check_text_file, args.text, "--text: file")
     if args.resume is not None:
         _as_usage(data.check_text_file, args.resume, "--resume: checkpoint")
-    outputs = [(flag, path) for flag, path in (("--save", args.save), ("--json", args.json)) if path is not None]
+    outputs = [(flag, path) for flag, path in (("--save", args.save), ("--json", args.json))
+               if path is not None]
     for flag, path in outputs:
         check_output_path(path, flag, replace=flag == "--save")
     inputs = [("--text", args.text)] if args.text is not None else []

@@ -276,6 +276,13 @@ _MAX_STEPS = 2 ** 62
 """The largest step count a state may hold (a larger one can only be a damaged file)."""
 
 
+def _check_steps(t):
+    """A saved step count: an int in [0, _MAX_STEPS] (not a bool, a float or a string)."""
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= t <= _MAX_STEPS:
+        raise ValueError(f"the step count t must be an int in [0, {_MAX_STEPS}], got {t!r}")
+    return int(t)
+
+
 class Optimizer:
     """Base class: an update rule over ``model.flat`` with state arrays laid out like it.
 
@@ -358,9 +365,7 @@ class Optimizer:
             raise TypeError(f"sd must be a dict from state_dict(), got {type(sd).__name__}")
         if sd.get("name") != self.name:
             raise ValueError(f"state is for optimizer {sd.get('name')!r}, not {self.name!r}")
-        t = sd.get("t")
-        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= t <= _MAX_STEPS:
-            raise ValueError(f"the step count t must be an int in [0, {_MAX_STEPS}], got {t!r}")
+        t = _check_steps(sd.get("t"))
         hyper = sd.get("hyper")
         if not isinstance(hyper, dict):
             raise ValueError(f"hyper must be a dict of hyperparameters, got {hyper!r}")
@@ -546,8 +551,7 @@ def check_config(name, hyper, t):
     cls = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}.get(name)
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}")
-    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= t <= _MAX_STEPS:
-        raise ValueError(f"the step count t must be an int in [0, {_MAX_STEPS}], got {t!r}")
+    _check_steps(t)
     if not isinstance(hyper, dict):
         raise ValueError(f"hyper must be a dict of hyperparameters, got {hyper!r}")
     try:

@@ -50,7 +50,8 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--text", metavar="PATH", default=str(DEFAULT_TEXT),
                    help="d2l's timemachine.txt (Project Gutenberg's public-domain text of The Time Machine)")
-    p.add_argument("--max-tokens", metavar="N", type=int, default=10000, help="train on the first N characters")
+    p.add_argument("--max-tokens", metavar="N", type=int, default=10000,
+                   help="train on the first N characters")
     p.add_argument("--steps", metavar="T", type=int, default=35, help="time steps per chunk")
     p.add_argument("--batch", metavar="B", type=int, default=32, help="sequences per batch")
     p.add_argument("--hidden", metavar="H", type=int, default=512, help="hidden units")
@@ -65,7 +66,8 @@ def build_parser():
     p.add_argument("--parallel", action="store_true", help="fastbptt: spread the batch over Numba's threads")
     p.add_argument("--torch", dest="torch", action=argparse.BooleanOptionalAction, default=None,
                    help="also run PyTorch nn.RNN (default: when torch is installed)")
-    p.add_argument("--json", metavar="PATH", help="write every row of the table here (checked before training)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every row of the table here (checked before training)")
     return p
 
 
@@ -177,9 +179,9 @@ def main(argv=None):
         return 2
     need = data.min_tokens(args.steps, args.batch, "sequential")
     if corpus.size < need:
-        print(f"reproduce_d2l: error: {args.text} gives {corpus.size} tokens (after --max-tokens), fewer than "
-              f"the {need} needed for one batch of --batch {args.batch} sequences of --steps {args.steps}",
-              file=sys.stderr)
+        print(f"reproduce_d2l: error: {args.text} gives {corpus.size} tokens (after --max-tokens), "
+              f"fewer than the {need} needed for one batch of --batch {args.batch} sequences of "
+              f"--steps {args.steps}", file=sys.stderr)
         return 2
     use_torch = args.torch
     if use_torch is None:
@@ -201,9 +203,9 @@ def main(argv=None):
     for sampling in samplings:
         print(f"fastbptt, {sampling} ...", flush=True)
         try:
-            r = charrnn.train(corpus, vocab, steps=args.steps, batch=args.batch, hidden=args.hidden, lr=args.lr,
-                              clip=args.clip, epochs=args.epochs, sampling=sampling, seed=args.seed,
-                              parallel=args.parallel, quiet=False)
+            r = charrnn.train(corpus, vocab, steps=args.steps, batch=args.batch, hidden=args.hidden,
+                              lr=args.lr, clip=args.clip, epochs=args.epochs, sampling=sampling,
+                              seed=args.seed, parallel=args.parallel, quiet=False)
         except FloatingPointError as exc:
             print(f"reproduce_d2l: {exc}", file=sys.stderr)
             return 1
