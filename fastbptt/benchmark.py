@@ -70,8 +70,7 @@ FIXED = {"sizes": SIZES, "load": LOAD_SIZES}
 SETS = {"default": "T in 10,100,1000 x H in 16,64,256 x B in 1,16, D = O = 28 (about a minute)",
         "sizes": "eight training shapes from T=100,B=1,H=32 to T=50,B=64,H=1760 (a few minutes)",
         "quick": "T in 5,20 x H in 8,16 x B in 1,4, D = O = 6 (seconds; a smoke test)",
-        "load": "the --load benchmark's three shapes: T=35,B=32,D=O=28 with H=64 and H=512; "
-                "T=1000,B=1,H=64 (the default with --load)"}
+        "load": "T=35,B=32,D=O=28 with H=64 and 512; T=1000,B=1,H=64 (the default with --load)"}
 
 #: Older names of the sets, still accepted.
 SET_ALIASES = {"issue": "sizes"}
@@ -580,22 +579,22 @@ configuration sets (--configs):
     lod.add_argument("--load-procs", type=_positive_int, default=None, metavar="K",
                      help="busy-loop processes during a loaded phase (default: half the cores, at least 1)")
     tim = parser.add_argument_group("timing")
-    tim.add_argument("--repeats", type=int, default=None,
+    tim.add_argument("--repeats", type=int, default=None, metavar="N",
                      help="best of this many rounds (default 5; 3 with --quick); with --load, the "
                           "number of idle/loaded pairs (default 5)")
-    tim.add_argument("--reference-repeats", type=int, default=3,
+    tim.add_argument("--reference-repeats", type=int, default=3, metavar="N",
                      help="rounds for the slow NumPy reference (default 3)")
-    tim.add_argument("--min-time", type=float, default=None,
+    tim.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
                      help="seconds a round lasts at least (default 0.02; 0.005 with --quick); with "
                           "--load, seconds a phase lasts at least (default 0.2)")
-    tim.add_argument("--pause", type=float, default=0.1,
+    tim.add_argument("--pause", type=float, default=0.1, metavar="SECONDS",
                      help="seconds to sleep before each implementation, so that the thread pools of "
                           "the one before go idle (default 0.1)")
-    tim.add_argument("--peak-n", type=int, default=2048,
+    tim.add_argument("--peak-n", type=int, default=2048, metavar="N",
                      help="matrix size of the GEMM peak measurement (default 2048; 0 skips it)")
     tim.add_argument("--busy-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="FRACTION",
-                     help="share of all cores' time that other processes may use while a row is timed "
-                          f"before the row is marked as disturbed (default {DEFAULT_THRESHOLD})")
+                     help="share of all cores' time that other processes may use while a row (with "
+                          f"--load: a phase) is timed before it is marked as disturbed (default {DEFAULT_THRESHOLD})")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write every result and the machine's details as JSON")
     out.add_argument("--plot", metavar="PATH",
