@@ -12,7 +12,7 @@ update ``model.flat`` from a gradient's flat buffer in one pass.
 
 from __future__ import annotations
 
-import types
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -37,14 +37,43 @@ def param_layout(input_size, hidden_size, output_size, bias=True):
     return layout
 
 
+class ViewMap(Mapping):
+    """A read-only mapping of names to arrays: entries cannot be replaced, added or removed.
+
+    The arrays themselves are writable views (write into them in place). Unlike
+    ``types.MappingProxyType`` it pickles; its owner rebuilds it on unpickling so that
+    the views lie in the owner's own buffer.
+    """
+
+    __slots__ = ("_views",)
+
+    def __init__(self, views):
+        self._views = dict(views)
+
+    def __getitem__(self, name):
+        return self._views[name]
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self):
+        return len(self._views)
+
+    def __repr__(self):
+        return "{" + ", ".join(f"{k!r}: array{v.shape}" for k, v in self._views.items()) + "}"
+
+    def __reduce__(self):
+        return (ViewMap, (self._views,))
+
+
 def flat_views(flat, layout):
-    """Named writable views into ``flat`` following ``layout``, as a read-only mapping."""
+    """Named writable views into ``flat`` following ``layout``, as a read-only ``ViewMap``."""
     views, offset = {}, 0
     for name, shape in layout:
         size = int(np.prod(shape))
         views[name] = flat[offset:offset + size].reshape(shape)
         offset += size
-    return types.MappingProxyType(views)
+    return ViewMap(views)
 
 
 def _positive_int(value, name):
@@ -57,6 +86,8 @@ def _positive_int(value, name):
 
 def check_dtype(dtype, name="dtype"):
     """Return ``dtype`` as a NumPy dtype if it is float32 or float64, else raise TypeError."""
+    if dtype is None:   # np.dtype(None) would silently be float64
+        raise TypeError(f"{name} must be np.float32 or np.float64, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -64,6 +95,24 @@ def check_dtype(dtype, name="dtype"):
     if dt not in DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {dt}")
     return dt
+
+
+def check_seed(seed, name="seed"):
+    """A seed ``numpy.random.default_rng`` takes: None, an int >= 0, or a Generator."""
+    if seed is None or isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be None, an int >= 0 or a numpy.random.Generator, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name} must be an int >= 0 (or None for a fresh random seed), got {seed}")
+    return int(seed)
+
+
+def _real(value, name):
+    """A real number as a float; bools, strings and arrays are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 class RNN:
@@ -83,7 +132,7 @@ class RNN:
         Whether b_h and b_q exist.
     dtype : float32 or float64
         The dtype of every parameter, input and gradient; nothing is cast silently.
-    seed : int or None
+    seed : int >= 0, None or numpy.random.Generator
         Seed of the initialization (``numpy.random.default_rng``).
     init : {"uniform", "normal"}
         ``"uniform"`` (default) draws every weight from U(-s, s) with s = 1/sqrt(H),
@@ -95,50 +144,137 @@ class RNN:
     Attributes
     ----------
     flat : ndarray, shape (n_params,)
-        All parameters, contiguous.
+        All parameters, contiguous. Update it in place (``model.flat -= lr * g``); assigning
+        a new array (``model.flat = model.flat - lr * g``) copies its values in.
     params : mapping of str to ndarray
         Writable views into ``flat``: ``W_hx``, ``W_hh``, ``b_h``, ``W_qh``, ``b_q``
-        (no ``b_*`` when ``bias=False``).
+        (no ``b_*`` when ``bias=False``). The mapping is read-only; ``load_params`` copies
+        new values in.
+    input_size, hidden_size, output_size, bias, dtype, layout
+        Read-only: they are what ``flat`` was built for. ``copy.deepcopy`` and ``pickle``
+        give an independent model with its own buffer.
     """
 
     def __init__(self, input_size, hidden_size, output_size, activation="tanh",
                  bias=True, dtype=np.float32, seed=0, init="uniform", scale=None):
-        self.input_size = _positive_int(input_size, "input_size")
-        self.hidden_size = _positive_int(hidden_size, "hidden_size")
-        self.output_size = _positive_int(output_size, "output_size")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.activation = activation
+        D = _positive_int(input_size, "input_size")
+        H = _positive_int(hidden_size, "hidden_size")
+        O = _positive_int(output_size, "output_size")
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be a bool, got {bias!r}")
-        self.bias = bool(bias)
-        self.dtype = check_dtype(dtype)
-        self.layout = param_layout(self.input_size, self.hidden_size, self.output_size, self.bias)
-        self.flat = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=self.dtype)
-        self.params = flat_views(self.flat, self.layout)
+        self._build(D, H, O, bool(bias), check_dtype(dtype), np.zeros(0))
+        self.activation = activation
         self.reset_parameters(seed=seed, init=init, scale=scale)
+
+    def _build(self, D, H, O, bias, dtype, flat):
+        """Set the layout, the flat buffer (zeros, or a copy of ``flat`` when it has the size) and the views."""
+        self._sizes = (D, H, O, bias)
+        self._dtype = dtype
+        self._layout = tuple(param_layout(D, H, O, bias))
+        n = sum(int(np.prod(shape)) for _, shape in self._layout)
+        self._flat = np.zeros(n, dtype)
+        if flat.size == n:
+            self._flat[...] = flat
+        # two sets of views: the public ``params`` and the ones the API hands to the kernels,
+        # so that nothing done to a public view (reshaping it in place, say) reaches a kernel
+        self._params = flat_views(self._flat, self._layout)
+        self._kernel_views = flat_views(self._flat, self._layout)
+
+    # -- sizes and layout are read-only: they are what the flat buffer was built for
+    input_size = property(lambda self: self._sizes[0], doc="D, the size of x_t (read-only).")
+    hidden_size = property(lambda self: self._sizes[1], doc="H, the size of h_t (read-only).")
+    output_size = property(lambda self: self._sizes[2], doc="O, the size of o_t (read-only).")
+    bias = property(lambda self: self._sizes[3], doc="Whether b_h and b_q exist (read-only).")
+    dtype = property(lambda self: self._dtype, doc="The parameters' dtype (read-only).")
+    layout = property(lambda self: list(self._layout),
+                      doc="(name, shape) of every parameter, in the order they lie in ``flat``.")
+
+    @property
+    def activation(self):
+        """φ: ``"tanh"``, ``"relu"`` or ``"identity"`` (may be set to another of these)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, value):
+        if not isinstance(value, str) or value not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
+        self._activation = value
+
+    @property
+    def flat(self):
+        """All parameters, one contiguous (n_params,) array; ``params`` are views into it.
+
+        Assigning to it copies the values in (``model.flat = model.flat - lr * g`` updates the
+        parameters); the buffer itself is never replaced, so the views stay valid.
+        """
+        return self._flat
+
+    @flat.setter
+    def flat(self, value):
+        if value is self._flat:          # the end of an in-place update: model.flat -= lr * g
+            return
+        if isinstance(value, np.ma.MaskedArray):
+            raise TypeError("model.flat cannot be set from a masked array; pass value.filled(...)")
+        value = np.asarray(value)
+        if value.shape != self._flat.shape:
+            raise ValueError(f"model.flat must be set from an array of shape {self._flat.shape}, "
+                             f"got {value.shape}; the parameters keep their values")
+        if value.dtype.kind not in "fiu":
+            raise TypeError(f"model.flat must be set from real numbers, got dtype {value.dtype}")
+        self._flat[...] = value
+
+    @property
+    def params(self):
+        """Writable views into ``flat``, by name; the mapping itself is read-only (use ``load_params``)."""
+        return self._params
 
     @property
     def n_params(self):
         """Number of scalar parameters."""
-        return self.flat.size
+        return self._flat.size
+
+    def __getstate__(self):
+        D, H, O, bias = self._sizes
+        return {"sizes": (D, H, O, bias), "dtype": self._dtype.str, "activation": self._activation,
+                "flat": self._flat}
+
+    def __setstate__(self, state):
+        D, H, O, bias = state["sizes"]
+        flat = np.asarray(state["flat"])
+        self._build(D, H, O, bias, check_dtype(np.dtype(state["dtype"])), flat)
+        if self._flat.size != flat.size:
+            raise ValueError(f"a pickled RNN's flat buffer has {flat.size} values, "
+                             f"its sizes need {self._flat.size}")
+        self.activation = state["activation"]
 
     def reset_parameters(self, seed=0, init="uniform", scale=None):
-        """Draw the weights again (see the class docstring); biases become zero."""
-        if init not in ("uniform", "normal"):
+        """Draw the weights again (see the class docstring); biases become zero.
+
+        Nothing changes when an argument is refused, or when the weights drawn would
+        not fit the dtype (``scale`` too large).
+        """
+        if not isinstance(init, str) or init not in ("uniform", "normal"):
             raise ValueError(f"init must be 'uniform' or 'normal', got {init!r}")
         if scale is None:
             scale = 1.0 / np.sqrt(self.hidden_size) if init == "uniform" else 0.01
+        scale = _real(scale, "scale")
         if not np.isfinite(scale) or scale < 0:
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
-        rng = np.random.default_rng(seed)
-        for name, shape in self.layout:
+        rng = np.random.default_rng(check_seed(seed))
+        drawn = {}
+        for name, shape in self._layout:
             if name.startswith("b_"):
-                self.params[name][...] = 0
+                drawn[name] = np.zeros(shape)
             elif init == "uniform":
-                self.params[name][...] = rng.uniform(-scale, scale, size=shape)
+                drawn[name] = rng.uniform(-scale, scale, size=shape)
             else:
-                self.params[name][...] = rng.normal(0.0, scale, size=shape)
+                drawn[name] = rng.normal(0.0, scale, size=shape)
+        biggest = max(float(np.max(np.abs(w), initial=0.0)) for w in drawn.values())
+        if biggest > float(np.finfo(self._dtype).max):
+            raise ValueError(f"scale={scale:g} draws weights up to {biggest:.3g}, beyond the largest "
+                             f"{self._dtype.name} ({np.finfo(self._dtype).max:.3g}); use a smaller scale")
+        for name, value in drawn.items():
+            self._params[name][...] = value
 
     def load_params(self, params):
         """Copy ``params`` (a mapping name -> array) into the model, after checking every name and shape."""
@@ -159,7 +295,7 @@ class RNN:
                 raise ValueError(f"params[{name!r}] must have shape {shape}, got {value.shape}")
             checked[name] = value
         for name, value in checked.items():
-            self.params[name][...] = value
+            self._params[name][...] = value
 
     @classmethod
     def from_params(cls, params, activation="tanh", dtype=None):

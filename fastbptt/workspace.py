@@ -2,11 +2,17 @@
 
 Pass the same ``Workspace`` to every call of a training loop and no call allocates
 an array again. Every buffer is made once, here; the kernels only write into them.
+
+A workspace serves one call at a time: a call from a second thread while it is in
+use is refused (give each thread its own). ``copy.deepcopy`` and ``pickle`` give an
+independent workspace whose ``grads`` are views into its own ``grad_flat``.
 """
+
+import threading
 
 import numpy as np
 
-from .model import RNN, _positive_int, flat_views
+from .model import RNN, _positive_int, flat_views, param_layout
 
 
 def model_signature(model):
@@ -65,6 +71,25 @@ class Workspace:
         self._x = None                                # dense inputs kept by forward(), made on first use
         self._dX = None                               # ∂L/∂X, made on first request
         self.forward_kind = None                      # "dense"/"tokens" after forward(), None otherwise
+        self._busy = threading.Lock()                 # held by the call using it (one thread at a time)
+
+    def __getstate__(self):
+        state = {k: v for k, v in vars(self).items() if k not in ("grads", "last_carry", "_busy")}
+        state["last_carry_is_full"] = self.last_carry is self.carry_full
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        full = state.pop("last_carry_is_full")
+        vars(self).update(state)
+        D, H, O, bias, dtype = self.signature
+        self.grads = flat_views(self.grad_flat, param_layout(D, H, O, bias))
+        self.last_carry = self.carry_full if full else self.carry
+        self._busy = threading.Lock()
+
+    def buffers(self):
+        """Every array the workspace holds (what an input must not overlap)."""
+        return [a for a in vars(self).values() if isinstance(a, np.ndarray)]
 
     def x_buffer(self):
         """(T, B, D) buffer for dense inputs kept between ``forward`` and ``backward``."""
@@ -83,7 +108,7 @@ class Workspace:
     @property
     def nbytes(self):
         """Bytes held by all buffers."""
-        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+        return sum(a.nbytes for a in self.buffers())
 
     def __repr__(self):
         D, H, O, bias, dtype = self.signature
