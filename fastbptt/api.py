@@ -14,11 +14,12 @@ import contextlib
 import numba
 import numpy as np
 
+from . import threads as _threads_mod
 from .kernels import backward as _bw
 from .kernels import forward as _fw
 from .kernels import losses as _losses
 from .model import ACTIVATIONS, RNN
-from .threads import blas_single_threaded
+from .threads import dot
 from .workspace import Workspace, model_signature
 
 LOSSES = ("cross_entropy", "mse")
@@ -49,11 +50,29 @@ def _all_finite(a):
 
 
 def _as_array(a, name):
-    if not isinstance(a, np.ndarray):
+    """``a`` as a plain ndarray. Masked arrays are refused: their hidden values would reach the kernels."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, and masks are not supported: pass "
+                        f"{name}.filled(value) to choose what the masked entries hold (for padding, "
+                        f"any valid id or 0.0, and carry=0 or a zero loss gradient where it must not count)")
+    if type(a) is not np.ndarray:
         try:
             a = np.asarray(a)
         except Exception as exc:  # ragged lists and the like
             raise TypeError(f"{name} must be an array, got {type(a).__name__}: {exc}") from None
+        if type(a) is not np.ndarray:  # subclasses (np.matrix, memmap) as plain arrays
+            a = a.view(np.ndarray)
+    return a
+
+
+def _private(a, ws):
+    """``a``, or a copy of it when it overlaps a buffer of ``ws`` that the call writes before reading ``a``.
+
+    Feeding a workspace's outputs back in (a rollout, outputs as targets) must give the
+    same result as feeding a copy.
+    """
+    if a is not None and any(np.may_share_memory(a, buf) for buf in ws.buffers()):
+        return a.copy()
     return a
 
 
@@ -93,6 +112,9 @@ def _check_ids(a, name, shape, upper, what):
 def _check_model(model, check_finite):
     if not isinstance(model, RNN):
         raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    if not model.flat.flags.writeable:
+        raise ValueError("model.flat is read-only (its flags.writeable was set to False); "
+                         "set model.flat.flags.writeable = True")
     if check_finite and not _all_finite(model.flat):
         bad = [name for name, p in model.params.items() if not _all_finite(p)]
         raise ValueError(f"model parameters {bad} contain NaN or Inf "
@@ -100,21 +122,36 @@ def _check_model(model, check_finite):
 
 
 def _check_method(method, B, H):
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return choose_method(B, H) if method == "auto" else method
 
 
 def _threads(parallel, method):
-    """(whether the compiled kernels run in parallel, the context to run the step in).
+    """Whether the compiled kernels run on Numba's threads.
 
-    ``parallel`` spreads the fused kernels over Numba's threads, with BLAS held to
-    one thread meanwhile; the per-step BLAS method leaves the threads to BLAS and
-    runs its own small kernels serially. Either way the bits do not depend on it.
+    ``parallel`` spreads the fused kernels over Numba's threads; the per-step BLAS
+    method runs its own small kernels serially. Products go through ``threads.dot``
+    either way, with BLAS threads chosen by size, so the bits never depend on it.
     """
-    if parallel and method == "fused":
-        return True, blas_single_threaded()
-    return False, contextlib.nullcontext()
+    return bool(parallel and method == "fused" and _threads_mod.parallel_allowed())
+
+
+def _launch(parallel):
+    """The context around a compiled kernel: one launch at a time of Numba's pool when parallel."""
+    return _threads_mod.parallel_launch() if parallel else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _claim(ws):
+    """Hold ``ws`` for this call; a call from another thread meanwhile gets a RuntimeError."""
+    if not ws._busy.acquire(blocking=False):
+        raise RuntimeError("workspace is in use by another call (another thread?): give each thread "
+                           "its own fastbptt.Workspace")
+    try:
+        yield ws
+    finally:
+        ws._busy.release()
 
 
 def _check_flags(**flags):
@@ -169,7 +206,14 @@ def _check_h0(h0, model, B, check_finite):
     return _check_float(h0, "h0", model.dtype, (B, model.hidden_size), check_finite)
 
 
+def _check_loss(loss):
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
 def _check_targets(Y, loss, model, T, B, check_finite):
+    loss = _check_loss(loss)
     if loss == "cross_entropy":
         return _check_ids(Y, "Y", (T, B), model.output_size, "class labels")
     if loss == "mse":
@@ -177,8 +221,8 @@ def _check_targets(Y, loss, model, T, B, check_finite):
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def _check_carry(carry, T, B):
-    """Carry weights of shape (T,) or (T, B), finite floats; None means full BPTT."""
+def _check_carry(carry, T, B, dtype):
+    """Carry weights of shape (T,) or (T, B), floats finite in ``dtype``; None means full BPTT."""
     if carry is None:
         return None
     carry = _as_array(carry, "carry")
@@ -188,56 +232,68 @@ def _check_carry(carry, T, B):
         raise ValueError(f"carry must have shape ({T},) or ({T}, {B}), got {carry.shape}")
     if not _all_finite(carry):
         raise ValueError("carry contains NaN or Inf")
+    biggest = max(-float(carry.min()), float(carry.max())) if carry.size else 0.0
+    if biggest > float(np.finfo(dtype).max):
+        raise ValueError(f"carry holds {biggest:.3g}, which the model's {dtype.name} cannot represent "
+                         f"(largest {np.finfo(dtype).max:.3g})")
     return carry
 
 
 # ----------------------------------------------------------------------------- passes
 
 
-def _forward(model, ws, kind, X, h0, parallel, method):
-    """Fill ws.hs with h_0 .. h_T and ws.out with o_1 .. o_T. X is validated; token ids are in ws.tokens."""
-    p = model.params
+def _start(ws, h0):
+    """hs[0] = h_0, the call's first write into the workspace, so h0 may be a view of it (h_T)."""
+    if h0 is None:
+        ws.hs[0] = 0
+    else:
+        ws.hs[0] = h0
+
+
+def _forward(model, ws, kind, X, parallel, method):
+    """Fill ws.hs[1:] with h_1 .. h_T and ws.out with o_1 .. o_T, from h_0 in ws.hs[0].
+
+    X is validated and private (overlaps no buffer of ws); token ids are in ws.tokens.
+    """
+    p = model._kernel_views
     T, B = ws.T, ws.B
     H = model.hidden_size
     hs = ws.hs
-    if h0 is None:
-        hs[0] = 0
-    else:
-        hs[0] = h0
     if kind == "tokens":
         _fw.gather_input(hs[1:], ws.tokens, p["W_hx"])
     else:
-        np.dot(X.reshape(T * B, model.input_size), p["W_hx"].T, out=hs[1:].reshape(T * B, H))
+        dot(X.reshape(T * B, model.input_size), p["W_hx"].T, hs[1:].reshape(T * B, H))
     b_h = p["b_h"] if model.bias else ws.zero_h
     act = ACTIVATIONS[model.activation]
     ws.W_hhT[...] = p["W_hh"].T                                     # contiguous: faster GEMMs too
     if method == "fused":
         if parallel:
-            _fw.recurrence_parallel(hs, b_h, ws.W_hhT, ws.ones[:B], act, numba.get_num_threads())
+            with _launch(parallel):
+                _fw.recurrence_parallel(hs, b_h, ws.W_hhT, ws.ones[:B], act, numba.get_num_threads())
         else:
             _fw.recurrence(hs, b_h, ws.W_hhT, ws.ones[:B], act)
     else:
         for t in range(T):   # transposed products (H x H times H x B) are faster in OpenBLAS
-            np.dot(p["W_hh"], hs[t].T, out=ws.stepT)                  # (W_hh h_{t-1})ᵀ
+            dot(p["W_hh"], hs[t].T, ws.stepT)                         # (W_hh h_{t-1})ᵀ
             _fw.activate_step(hs[t + 1], ws.stepT.T, b_h, act)
-    np.dot(hs[1:].reshape(T * B, H), p["W_qh"].T, out=ws.out)
+    dot(hs[1:].reshape(T * B, H), p["W_qh"].T, ws.out)
     if model.bias:
         _fw.add_rows(ws.out, p["b_q"])
 
 
 def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
     """From ∂L/∂o in ws.out, fill ws.grads, ws.dh0 and (if wanted) ws.dX_buffer()."""
-    p, g = model.params, ws.grads
+    p, g = model._kernel_views, ws.grads
     T, B = ws.T, ws.B
     D, H = model.input_size, model.hidden_size
     dO = ws.out
     hs = ws.hs
     dz = ws.dz.reshape(T * B, H)
     ones = ws.ones
-    np.dot(dO.T, hs[1:].reshape(T * B, H), out=g["W_qh"])           # Σ_t ∂L/∂o_t h_tᵀ
+    dot(dO.T, hs[1:].reshape(T * B, H), g["W_qh"])                  # Σ_t ∂L/∂o_t h_tᵀ
     if model.bias:
-        np.dot(ones, dO, out=g["b_q"])                               # Σ_t ∂L/∂o_t
-    np.dot(dO, p["W_qh"], out=dz)                                    # W_qhᵀ ∂L/∂o_t, all t
+        dot(ones, dO, g["b_q"])                                      # Σ_t ∂L/∂o_t
+    dot(dO, p["W_qh"], dz)                                           # W_qhᵀ ∂L/∂o_t, all t
     if carry is None:
         weights = ws.carry_full
     else:
@@ -247,31 +303,51 @@ def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
     act = ACTIVATIONS[model.activation]
     if method == "fused":
         if parallel:
-            _bw.reverse_sweep_parallel(ws.dz, ws.dh0, hs, weights, p["W_hh"], act,
-                                       numba.get_num_threads())
+            with _launch(parallel):
+                _bw.reverse_sweep_parallel(ws.dz, ws.dh0, hs, weights, p["W_hh"], act,
+                                           numba.get_num_threads())
         else:
             _bw.reverse_sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], act)
     else:
         ws.stepT[...] = 0                                            # nothing comes back into step T
         for t in range(T - 1, -1, -1):
             if t < T - 1:
-                np.dot(ws.W_hhT, ws.dz[t + 1].T, out=ws.stepT)        # (W_hhᵀ ∂L/∂z_{t+1})ᵀ
+                dot(ws.W_hhT, ws.dz[t + 1].T, ws.stepT)               # (W_hhᵀ ∂L/∂z_{t+1})ᵀ
             c = weights[min(t + 1, T - 1)]                            # (times zero at t = T-1)
             _bw.reverse_step(ws.dz[t], ws.stepT.T, c, hs[t + 1], act)
-        np.dot(ws.dz[0], p["W_hh"], out=ws.dh0)
+        dot(ws.dz[0], p["W_hh"], ws.dh0)
         _bw.scale_rows(ws.dh0, weights[0])
-    np.dot(dz.T, hs[:-1].reshape(T * B, H), out=g["W_hh"])          # Σ_t ∂L/∂z_t h_{t-1}ᵀ
+    dot(dz.T, hs[:-1].reshape(T * B, H), g["W_hh"])                 # Σ_t ∂L/∂z_t h_{t-1}ᵀ
     if model.bias:
-        np.dot(ones, dz, out=g["b_h"])                               # Σ_t ∂L/∂z_t
+        dot(ones, dz, g["b_h"])                                      # Σ_t ∂L/∂z_t
     if kind == "tokens":
         g["W_hx"][...] = 0
-        scatter = _bw.scatter_input_grad_parallel if parallel else _bw.scatter_input_grad
-        scatter(g["W_hx"], ws.dz, ws.tokens)
+        if parallel:
+            with _launch(parallel):
+                _bw.scatter_input_grad_parallel(g["W_hx"], ws.dz, ws.tokens)
+        else:
+            _bw.scatter_input_grad(g["W_hx"], ws.dz, ws.tokens)
     else:
-        np.dot(dz.T, X.reshape(T * B, D), out=g["W_hx"])             # Σ_t ∂L/∂z_t x_tᵀ
+        dot(dz.T, X.reshape(T * B, D), g["W_hx"])                    # Σ_t ∂L/∂z_t x_tᵀ
     if want_dX:
         # ∂L/∂x_t = W_hxᵀ ∂L/∂z_t (for token ids: with respect to the one-hot vectors)
-        np.dot(dz, p["W_hx"], out=ws.dX_buffer().reshape(T * B, D))
+        dot(dz, p["W_hx"], ws.dX_buffer().reshape(T * B, D))
+
+
+def _loss(loss, ws, Y, parallel):
+    """Overwrite the outputs in ws.out with ∂L/∂o and return the mean loss."""
+    T, B = ws.T, ws.B
+    if loss == "cross_entropy":
+        np.copyto(ws.targets, Y.reshape(T * B), casting="unsafe")   # labels are in range: exact
+        if parallel:
+            with _launch(parallel):
+                return _losses.cross_entropy_parallel(ws.out, ws.row_loss, ws.targets)
+        return _losses.cross_entropy(ws.out, ws.row_loss, ws.targets)
+    targets = Y.reshape(T * B, ws.out.shape[1])
+    if parallel:
+        with _launch(parallel):
+            return _losses.mse_parallel(ws.out, ws.row_loss, targets)
+    return _losses.mse(ws.out, ws.row_loss, targets)
 
 
 def _extras(ws, return_dh0, return_dX):
@@ -307,10 +383,11 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     workspace : fastbptt.Workspace, optional
         Buffers made for this model and this (T, B); a new one when None.
     parallel : bool
-        Spread the B sequences of the fused method over Numba's threads, with BLAS held
-        to one thread meanwhile (through threadpoolctl, when installed). The per-step
-        BLAS method takes its parallelism from BLAS either way. Results are bitwise
-        equal to ``parallel=False``.
+        Spread the B sequences of the fused method over Numba's threads. Products run
+        on BLAS's threads only when big enough to pay for them, whatever ``parallel``
+        is (``fastbptt.threads``), so results are bitwise equal to ``parallel=False``.
+        In a process forked after a parallel call (``multiprocessing``'s ``fork``), the
+        serial kernels run instead, with a warning.
     return_dh0, return_dX : bool
         Also return ∂L/∂h_0 (B, H) and ∂L/∂X (T, B, D) (for token ids: the
         gradient with respect to the one-hot vectors), in that order.
@@ -345,23 +422,19 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
     Y = _check_targets(Y, loss, model, T, B, check_finite)
-    carry = _check_carry(carry, T, B)
+    carry = _check_carry(carry, T, B, model.dtype)
     method = _check_method(method, B, model.hidden_size)
     ws = _check_workspace(workspace, model, T, B)
+    parallel = _threads(parallel, method)
     # -- everything is valid from here on
-    if kind == "tokens":
-        np.copyto(ws.tokens, X, casting="unsafe")     # ids are in range: the cast is exact
-    parallel, context = _threads(parallel, method)
-    with context:
-        _forward(model, ws, kind, X, h0, parallel, method)
-        ws.forward_kind = None                        # ws.out is about to hold ∂L/∂o, not o
-        if loss == "cross_entropy":
-            np.copyto(ws.targets, Y.reshape(T * B), casting="unsafe")
-            kernel = _losses.cross_entropy_parallel if parallel else _losses.cross_entropy
-            value = kernel(ws.out, ws.row_loss, ws.targets)
-        else:
-            kernel = _losses.mse_parallel if parallel else _losses.mse
-            value = kernel(ws.out, ws.row_loss, Y.reshape(T * B, model.output_size))
+    with _claim(ws), _threads_mod.session():
+        X, Y, carry = _private(X, ws), _private(Y, ws), _private(carry, ws)
+        _start(ws, h0)
+        if kind == "tokens":
+            np.copyto(ws.tokens, X, casting="unsafe")     # ids are in range: the cast is exact
+        _forward(model, ws, kind, X, parallel, method)
+        ws.forward_kind = None                            # ws.out is about to hold ∂L/∂o, not o
+        value = _loss(loss, ws, Y, parallel)
         _backward(model, ws, kind, X, parallel, method, return_dX, carry)
     return (value, ws.grads, ws.hs[T]) + _extras(ws, return_dh0, return_dX)
 
@@ -384,15 +457,17 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
     h0 = _check_h0(h0, model, B, check_finite)
     method = _check_method(method, B, model.hidden_size)
     ws = _check_workspace(workspace, model, T, B)
-    if kind == "tokens":
-        np.copyto(ws.tokens, X, casting="unsafe")
-    else:
-        np.copyto(ws.x_buffer(), X)
-        X = ws.x_buffer()
-    parallel, context = _threads(parallel, method)
-    with context:
-        _forward(model, ws, kind, X, h0, parallel, method)
-    ws.forward_kind = kind
+    parallel = _threads(parallel, method)
+    with _claim(ws), _threads_mod.session():
+        X = _private(X, ws)
+        _start(ws, h0)
+        if kind == "tokens":
+            np.copyto(ws.tokens, X, casting="unsafe")
+        else:
+            np.copyto(ws.x_buffer(), X)
+            X = ws.x_buffer()
+        _forward(model, ws, kind, X, parallel, method)
+        ws.forward_kind = kind
     return ws.out.reshape(T, B, model.output_size), ws.hs[T]
 
 
@@ -433,13 +508,14 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
         raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
                          "workspace=workspace) first (once per backward)")
     dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite)
-    carry = _check_carry(carry, ws.T, ws.B)
+    carry = _check_carry(carry, ws.T, ws.B, model.dtype)
     method = _check_method(method, ws.B, model.hidden_size)
-    kind = ws.forward_kind
-    np.copyto(ws.out, dO.reshape(ws.T * ws.B, model.output_size))
-    ws.forward_kind = None
-    parallel, context = _threads(parallel, method)
-    with context:
+    parallel = _threads(parallel, method)
+    with _claim(ws), _threads_mod.session():
+        carry = _private(carry, ws)
+        kind = ws.forward_kind
+        np.copyto(ws.out, dO.reshape(ws.T * ws.B, model.output_size))   # first: dO may overlap
+        ws.forward_kind = None
         _backward(model, ws, kind, ws._x, parallel, method, return_dX, carry)
     extras = _extras(ws, return_dh0, return_dX)
     return (ws.grads,) + extras if extras else ws.grads

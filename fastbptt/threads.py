@@ -1,38 +1,184 @@
-"""Keep Numba's threads and BLAS's threads off each other's cores.
+"""Threads: how many BLAS threads each product gets, and when Numba's threads may run.
 
-With ``parallel=True`` the fused kernels run on Numba's threads, and the GEMMs
-between them would run on BLAS's own threads. Both kinds spin for a while after
-their work is done, so on a small machine they take turns preempting each other;
-a step can get several times slower than the serial one. During a parallel step
-``blas_single_threaded()`` therefore limits BLAS to one thread (the caller's own),
-through threadpoolctl when it is installed (``pip install fastbptt[parallel]``).
-Without threadpoolctl nothing is limited and a warning says so, once.
+**BLAS threads by size.** A threaded GEMM splits its work between the calling thread
+and BLAS's worker threads and then waits for them. On a busy machine a worker may
+wait several milliseconds for a core, so a product that takes 0.1 ms on one thread can
+take 8 ms on two. Every product of a step is therefore run through ``dot``, which gives
+it BLAS's threads only when it is big enough to pay for them (at least
+``PARALLEL_BLAS_MIN_FLOPS`` floating-point operations) and one thread otherwise.
+
+The choice depends on the product's shape alone, never on ``parallel=`` nor on what
+other threads do, so the bits of a result do not either (some BLAS kernels, such as
+OpenBLAS's Haswell GEMM, split long reductions between threads and round differently
+with one thread than with two).
+
+The thread count is process-wide state in BLAS. ``dot`` changes it under one lock,
+with a count of the calls in flight: the first call to come in reads the caller's
+setting, the last one to leave puts it back, and between them each product is run
+under the lock with the count its size asks for. Python threads may call fastbptt at
+once on separate workspaces (the compiled kernels release the GIL); their products
+take turns.
+
+Without threadpoolctl (``pip install "fastbptt[parallel]"``) BLAS keeps its own
+setting for every product: results are still deterministic, but small products may
+use several threads and slow down on a busy machine.
+
+**Numba's threads.** ``parallel=True`` runs the fused kernels on Numba's thread pool.
+Launches go through ``parallel_launch`` (one at a time, since Numba's ``workqueue``
+layer aborts when two threads launch at once), and a process forked after the pool
+started (``multiprocessing``'s ``fork`` start method) runs the serial kernels instead:
+GNU OpenMP's pool does not survive a fork and the child would hang. The serial
+kernels give bitwise the same results, so this changes speed only.
 """
 
-import contextlib
+from __future__ import annotations
+
+import os
+import threading
 import warnings
 
-_controller = None
+import numpy as np
+
+#: Products with fewer floating-point operations than this run on one BLAS thread.
+#: About 2.7e8: a few milliseconds on one core, long enough that waiting for a busy
+#: core costs less than the second thread gains. Part of what decides the bits of a
+#: result: change it before the first call, not between calls you compare.
+PARALLEL_BLAS_MIN_FLOPS = 2 ** 28
+
+_lock = threading.RLock()            # guards everything below and every product under it
+_libs = None                         # threadpoolctl's BLAS controllers; [] without threadpoolctl
+_in_flight = 0                       # calls between enter() and leave()
+_saved = ()                          # the caller's thread count of each library, read on the first entry
+_current = ()                        # the count each library has now
 
 
-def _blas_controller():
-    global _controller
-    if _controller is None:
+def _blas_libs():
+    global _libs
+    if _libs is None:
         try:
             from threadpoolctl import ThreadpoolController
         except ImportError:
-            _controller = False
-            warnings.warn("parallel=True without threadpoolctl: BLAS keeps its own threads and "
-                          "may fight Numba's for the cores; pip install threadpoolctl "
-                          "(or set OPENBLAS_NUM_THREADS=1)", RuntimeWarning, stacklevel=4)
+            _libs = []
         else:
-            _controller = ThreadpoolController().select(user_api="blas")
-    return _controller
+            _libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _libs
 
 
-def blas_single_threaded():
-    """A context manager in which BLAS uses one thread (a no-op without threadpoolctl)."""
-    controller = _blas_controller()
-    if not controller:
-        return contextlib.nullcontext()
-    return controller.limit(limits=1)
+def available():
+    """Whether BLAS's threads can be set per product (threadpoolctl is installed and found BLAS)."""
+    return bool(_blas_libs())
+
+
+def enter():
+    """Start a call that runs products through ``dot``; pair with ``leave()`` (use ``session()``)."""
+    global _in_flight, _saved, _current
+    libs = _blas_libs()
+    with _lock:
+        if _in_flight == 0 and libs:
+            _saved = tuple(lib.get_num_threads() for lib in libs)
+            _current = _saved
+        _in_flight += 1
+
+
+def leave():
+    """End a call begun with ``enter()``; the last one out restores the caller's BLAS threads."""
+    global _in_flight, _current
+    with _lock:
+        _in_flight -= 1
+        if _in_flight == 0 and _current != _saved:
+            for lib, n in zip(_libs, _saved):
+                lib.set_num_threads(n)
+            _current = _saved
+
+
+class session:
+    """``with session():`` around a call that uses ``dot``: BLAS's threads are the caller's again
+    once the last such call in the process has left."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        enter()
+        return self
+
+    def __exit__(self, *exc):
+        leave()
+        return False
+
+
+def threads_for(flops):
+    """The BLAS thread count a product of ``flops`` operations runs with (0: the caller's setting)."""
+    return 0 if flops >= PARALLEL_BLAS_MIN_FLOPS else 1
+
+
+def dot(a, b, out):
+    """``np.dot(a, b, out=out)`` on as many BLAS threads as its size pays for (see the module).
+
+    Must be called between ``enter()`` and ``leave()``. a (M, K) or (K,), b (K, N), out (M, N) or (N,).
+    """
+    global _current
+    if not _libs:
+        np.dot(a, b, out=out)
+        return
+    m = a.shape[0] if a.ndim == 2 else 1
+    n = threads_for(2 * m * a.shape[-1] * b.shape[-1])
+    with _lock:
+        want = _saved if n == 0 else (n,) * len(_libs)
+        if want != _current:
+            for lib, k in zip(_libs, want):
+                lib.set_num_threads(k)
+            _current = want
+        np.dot(a, b, out=out)
+
+
+# ------------------------------------------------------------------------ Numba's threads
+
+_launch_lock = threading.Lock()
+_pool_started = False                # this process launched Numba's thread pool
+_forked_child = False                # ... and this is a child forked after that
+
+
+def _after_fork_in_child():
+    global _forked_child, _launch_lock
+    _launch_lock = threading.Lock()  # a lock held by another thread at the fork would stay held
+    if _pool_started and not _fork_safe_layer():
+        _forked_child = True
+
+
+def _fork_safe_layer():
+    try:
+        import numba
+        return numba.threading_layer() in ("tbb", "workqueue")
+    except ValueError:               # no layer loaded yet
+        return True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def parallel_allowed():
+    """False in a process forked after its parent started a fork-unsafe Numba thread pool."""
+    if _forked_child:
+        _warn_forked()
+    return not _forked_child
+
+
+_warned = False
+
+
+def _warn_forked():
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn("parallel=True runs the serial kernels (same results) in this process: it was "
+                      "forked after its parent started Numba's OpenMP threads, which do not survive a "
+                      "fork. Use multiprocessing's 'spawn' or 'forkserver' start method to run in "
+                      "parallel in the children.", RuntimeWarning, stacklevel=4)
+
+
+def parallel_launch():
+    """A context manager around one launch of a ``parallel=True`` kernel."""
+    global _pool_started
+    _pool_started = True
+    return _launch_lock

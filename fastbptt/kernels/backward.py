@@ -59,13 +59,13 @@ def _reverse_block(dz, dh0, hs, carry, W_hh, act, b0, b1):
     matmat_acc(dh0, W_hh, dz[0], carry[0], b0, b1)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def reverse_sweep(dz, dh0, hs, carry, W_hh, act):
     """The fused reverse sweep over the whole batch on one thread (see ``_reverse_block``)."""
     _reverse_block(dz, dh0, hs, carry, W_hh, act, 0, dz.shape[1])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def reverse_sweep_parallel(dz, dh0, hs, carry, W_hh, act, n_blocks):
     """``reverse_sweep`` with the sequences split into ``n_blocks`` blocks, one per thread;
     bitwise the same."""
@@ -75,7 +75,7 @@ def reverse_sweep_parallel(dz, dh0, hs, carry, W_hh, act, n_blocks):
         _reverse_block(dz, dh0, hs, carry, W_hh, act, k * B // n, (k + 1) * B // n)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def scatter_input_grad(dW_hx, dz, tokens):
     """dW_hx[:, tokens[t, b]] += dz[t, b] for every position, in order: ∂L/∂W_hx for one-hot inputs.
 
@@ -91,7 +91,7 @@ def scatter_input_grad(dW_hx, dz, tokens):
                 dW_hx[i, k] += dz[t, b, i]
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def scatter_input_grad_parallel(dW_hx, dz, tokens):
     """``scatter_input_grad`` with the rows of dW_hx spread over threads.
 
@@ -105,7 +105,7 @@ def scatter_input_grad_parallel(dW_hx, dz, tokens):
                 dW_hx[i, tokens[t, b]] += dz[t, b, i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def reverse_step(g, back, carry, h, act):
     """One step of the per-step BLAS sweep: g = φ'(z_t) ⊙ (g + c back).
 
@@ -125,7 +125,7 @@ def reverse_step(g, back, carry, h, act):
         _dphi(row, h[b], act)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def scale_rows(a, c):
     """a[b] *= c[b] for every row b.
 

@@ -25,7 +25,7 @@ from numba import njit, prange
 from .primitives import matmat_acc, tanh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def gather_input(zx, tokens, W_hx):
     """zx[t, b] = W_hx[:, tokens[t, b]]: the input projection of one-hot inputs.
 
@@ -77,7 +77,7 @@ def _recur_block(hs, b_h, W_hhT, ones, act, b0, b1):
             _activate(cur[b], act)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def recurrence(hs, b_h, W_hhT, ones, act):
     """The fused recurrence over the whole batch on one thread.
 
@@ -90,7 +90,7 @@ def recurrence(hs, b_h, W_hhT, ones, act):
     _recur_block(hs, b_h, W_hhT, ones, act, 0, hs.shape[1])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def recurrence_parallel(hs, b_h, W_hhT, ones, act, n_blocks):
     """``recurrence`` with the sequences split into ``n_blocks`` blocks, one per thread.
 
@@ -103,7 +103,7 @@ def recurrence_parallel(hs, b_h, W_hhT, ones, act, n_blocks):
         _recur_block(hs, b_h, W_hhT, ones, act, k * B // n, (k + 1) * B // n)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def activate_step(cur, rec, b_h, act):
     """One step of the per-step BLAS recurrence: cur = φ(cur + b_h + rec).
 
@@ -121,7 +121,7 @@ def activate_step(cur, rec, b_h, act):
         _activate(row, act)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def add_rows(a, v):
     """a[n] += v for every row n: the readout bias.
 

@@ -60,7 +60,7 @@ def _mean(row_loss):
     return total / row_loss.shape[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def cross_entropy(do, row_loss, targets):
     """Softmax cross-entropy, stable for large logits (log-sum-exp).
 
@@ -74,7 +74,7 @@ def cross_entropy(do, row_loss, targets):
     return _mean(row_loss)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def cross_entropy_parallel(do, row_loss, targets):
     """``cross_entropy`` with the rows spread over threads."""
     for n in prange(do.shape[0]):
@@ -99,7 +99,7 @@ def _mse_row(do, row_loss, targets, n):
         row[k] *= scale
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def mse(do, row_loss, targets):
     """Squared error averaged over all N·O elements.
 
@@ -113,7 +113,7 @@ def mse(do, row_loss, targets):
     return _mean(row_loss)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def mse_parallel(do, row_loss, targets):
     """``mse`` with the rows spread over threads."""
     for n in prange(do.shape[0]):
