@@ -288,6 +288,13 @@ def test_parallel_not_a_bool(problem):
     (dict(dtype=np.int32), TypeError, "dtype must be float32 or float64"),
     (dict(init="xavier"), ValueError, "init must be 'uniform' or 'normal'"),
     (dict(bias=1), TypeError, "bias must be a bool"),
+    (dict(activation=np.array(["tanh"])), ValueError, "activation must be one of"),
+    (dict(seed=-1), ValueError, r"seed must be an int >= 0 \(or None"),
+    (dict(seed="7"), TypeError, "seed must be None, an int >= 0"),
+    (dict(scale="x"), TypeError, "scale must be a real number"),
+    (dict(scale=np.nan), ValueError, "scale must be a finite number"),
+    (dict(dtype=None), TypeError, "dtype must be np.float32 or np.float64, got None"),
+    (dict(scale=1e39), ValueError, r"scale=1e\+39 draws weights up to .* beyond the largest float32"),
 ])
 def test_bad_model_arguments(kwargs, exc, match):
     args = dict(input_size=3, hidden_size=4, output_size=2)
@@ -318,3 +325,104 @@ def test_backward_dO_wrong_shape(problem):
     fastbptt.forward(model, X, h0, workspace=ws)
     with pytest.raises(ValueError, match=r"dO must have shape \(4, 3, 4\)"):
         fastbptt.backward(model, np.zeros((4, 3, 3), np.float32), workspace=ws)
+
+
+# ----------------------------------------------------------------------------- masked arrays
+# A masked array's min()/max() skip the masked entries, so a hidden out-of-range id or a NaN
+# used to pass the checks and reach the kernels (a segfault, or silent garbage). Masks are
+# refused, whatever they hide, with a message that says how to pass the values.
+
+def _masked(a, hide):
+    m = np.ma.masked_array(a.copy(), mask=np.zeros(a.shape, bool))
+    m.mask.flat[0] = True
+    m.data.flat[0] = hide
+    return m
+
+
+def test_masked_token_ids(problem):
+    model, _, Y, h0 = problem
+    X = _masked(np.zeros((4, 3), np.int64), 10 ** 9)
+    call_unchanged(r"X is a masked array.*X\.filled", TypeError, model, X, Y, h0)
+
+
+def test_masked_class_labels(problem):
+    model, X, Y, h0 = problem
+    call_unchanged(r"Y is a masked array.*Y\.filled", TypeError, model, X, _masked(Y, -5), h0)
+
+
+def test_masked_dense_inputs(problem):
+    model, X, Y, h0 = problem
+    call_unchanged(r"X is a masked array", TypeError, model, _masked(X, np.nan), Y, h0)
+
+
+def test_masked_h0(problem):
+    model, X, Y, h0 = problem
+    call_unchanged(r"h0 is a masked array", TypeError, model, X, Y, _masked(h0, np.inf))
+
+
+def test_masked_carry(problem):
+    model, X, Y, h0 = problem
+    carry = _masked(np.ones(4, np.float32), np.nan)
+    call_unchanged(r"carry is a masked array", TypeError, model, X, Y, h0, carry=carry)
+
+
+@pytest.mark.kernels_allowed
+def test_masked_dO_in_backward(problem):
+    model, X, _, h0 = problem
+    ws = fastbptt.Workspace(model, 4, 3)
+    fastbptt.forward(model, X, h0, workspace=ws)
+    with pytest.raises(TypeError, match=r"dO is a masked array"):
+        fastbptt.backward(model, _masked(np.zeros((4, 3, 4), np.float32), np.nan), workspace=ws)
+
+
+def test_masked_hidden_id_does_not_crash_the_process(tmp_path):
+    """The old code segfaulted here; run it in a child so a crash fails the test instead of pytest."""
+    import subprocess
+    import sys
+    script = tmp_path / "masked.py"
+    script.write_text(
+        "import numpy as np, fastbptt\n"
+        "m = fastbptt.RNN(5, 8, 5)\n"
+        "X = np.ma.masked_array(np.zeros((20, 4), np.int64), mask=np.zeros((20, 4), bool))\n"
+        "X.data[3, 2] = 10 ** 12; X.mask[3, 2] = True\n"
+        "try:\n"
+        "    fastbptt.loss_and_grad(m, X, np.zeros((20, 4), np.int64))\n"
+        "except TypeError as e:\n"
+        "    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "refused: X is a masked array" in done.stdout
+
+
+# ----------------------------------------------------------------------------- arguments by hand
+
+@pytest.mark.parametrize("name", ["method", "loss"])
+def test_array_as_a_string_option(problem, name):
+    model, X, Y, h0 = problem
+    call_unchanged(rf"{name} must be one of", ValueError, model, X, Y, h0,
+                   **{name: np.array(["fused", "blas"])})
+
+
+def test_carry_that_overflows_the_model_dtype(problem):
+    model, X, Y, h0 = problem
+    carry = np.ones(4)          # float64, for a float32 model
+    carry[2] = 1e300
+    call_unchanged(r"carry holds 1e\+300, which the model's float32 cannot represent", ValueError,
+                   model, X, Y, h0, carry=carry)
+
+
+def test_read_only_parameters(problem):
+    model, X, Y, h0 = problem
+    model.flat.flags.writeable = False
+    call_unchanged(r"model\.flat is read-only.*writeable = True", ValueError, model, X, Y, h0)
+
+
+def test_workspace_in_use_by_another_call(problem):
+    model, X, Y, h0 = problem
+    ws = fastbptt.Workspace(model, 4, 3)
+    ws._busy.acquire()           # as another thread's call would hold it
+    try:
+        call_unchanged(r"workspace is in use.*its own fastbptt\.Workspace", RuntimeError,
+                       model, X, Y, h0, workspace=ws)
+    finally:
+        ws._busy.release()

@@ -35,45 +35,38 @@ def test_parallel_equals_serial(threads, inputs, loss, dtype, method):
             f"{name} differs with {threads} threads: max {np.abs(parallel[name] - value).max():.3e}")
 
 
-def test_blas_is_held_to_one_thread_during_a_parallel_step(monkeypatch):
+def test_parallel_step_leaves_blas_threads_to_the_size_policy(monkeypatch):
+    """Every product runs with the BLAS threads its size asks for, whatever ``parallel`` is
+    (a parallel step used to hold BLAS to one thread, which changed the bits)."""
     pytest.importorskip("threadpoolctl")
-    from threadpoolctl import threadpool_info
-
     from fastbptt import threads
-    seen = []
-    real = threads.blas_single_threaded
+    if not threads.available():
+        pytest.skip("threadpoolctl found no BLAS")
+    seen = {False: [], True: []}
+    real, mode = threads.np.dot, [False]
 
-    def spy():
-        context = real()
+    def spy(a, b, out=None):
+        seen[mode[0]].append((a.shape, b.shape, tuple(lib.get_num_threads() for lib in threads._libs)))
+        return real(a, b, out=out)
 
-        class Spy:
-            def __enter__(self):
-                context.__enter__()
-                seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
-
-            def __exit__(self, *exc):
-                return context.__exit__(*exc)
-        return Spy()
-
-    monkeypatch.setattr(fastbptt.api, "blas_single_threaded", spy)
+    monkeypatch.setattr(threads.np, "dot", spy)
+    monkeypatch.setattr(threads, "PARALLEL_BLAS_MIN_FLOPS", 2 * 5 * 4 * 8)   # some products above it
     model, X, Y, h0 = make_problem(T=5, B=4, H=8)
-    fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")
-    assert seen and all(n == 1 for n in seen[0])
-    seen.clear()
-    fastbptt.loss_and_grad(model, X, Y, h0, parallel=False)
-    assert not seen                                  # the serial path leaves BLAS alone
+    for parallel in (False, True):
+        mode[0] = parallel
+        fastbptt.loss_and_grad(model, X, Y, h0, parallel=parallel, method="fused")
+    assert seen[True] == seen[False]
+    assert {s[2] for s in seen[True]} == {(1,) * len(threads._libs), threads._saved}
 
 
-def test_parallel_without_threadpoolctl_warns(monkeypatch):
-    import sys
-
+def test_without_threadpoolctl_products_keep_blas_settings(monkeypatch):
     from fastbptt import threads
-    monkeypatch.setattr(threads, "_controller", None)
-    monkeypatch.setitem(sys.modules, "threadpoolctl", None)   # makes the import fail
-    with pytest.warns(RuntimeWarning, match="without threadpoolctl"):
-        context = threads.blas_single_threaded()
-    with context:
-        pass
+    model, X, Y, h0 = make_problem(T=5, B=4, H=8)
+    want = fastbptt.loss_and_grad(model, X, Y, h0)[1]["W_hh"].copy()
+    monkeypatch.setattr(threads, "_libs", [])          # as when threadpoolctl is missing
+    assert not threads.available()
+    got = fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")[1]["W_hh"]
+    assert np.array_equal(got, want)
 
 
 def bits(results):

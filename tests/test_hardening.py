@@ -1,0 +1,342 @@
+"""Hostile use of the core: attributes changed by hand, inputs that alias the workspace,
+copies and pickles, Python threads, fork, and bitwise determinism under a BLAS whose bits
+depend on its thread count."""
+
+import copy
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import fastbptt
+from fastbptt import threads
+from helpers import make_problem
+
+
+def _result(model, X, Y, h0=None, **kw):
+    """loss_and_grad on a fresh workspace, everything copied out."""
+    loss, grads, h, dh0 = fastbptt.loss_and_grad(model, X, Y, h0, return_dh0=True, **kw)
+    return loss, {k: v.copy() for k, v in grads.items()}, h.copy(), dh0.copy()
+
+
+def _assert_same(a, b):
+    assert a[0] == b[0], "losses differ"
+    for name in a[1]:
+        assert np.array_equal(a[1][name], b[1][name]), f"grad {name} differs"
+    assert np.array_equal(a[2], b[2]), "h_T differs"
+    assert np.array_equal(a[3], b[3]), "dh0 differs"
+
+
+# ----------------------------------------------------------------------------- the model by hand
+
+@pytest.mark.parametrize("name", ["input_size", "hidden_size", "output_size", "dtype", "bias", "layout"])
+def test_sizes_are_read_only(name):
+    model = fastbptt.RNN(3, 4, 2)
+    with pytest.raises(AttributeError):
+        setattr(model, name, 1000)
+
+
+def test_params_mapping_is_read_only():
+    model = fastbptt.RNN(3, 4, 2)
+    with pytest.raises(TypeError):
+        model.params["W_hh"] = np.zeros((4, 4), np.float32)
+    with pytest.raises(TypeError):
+        del model.params["W_hh"]
+    with pytest.raises(AttributeError):
+        model.params = {}
+
+
+def test_activation_set_by_hand_is_checked():
+    model = fastbptt.RNN(3, 4, 2)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        model.activation = "sigmoid"
+    model.activation = "relu"
+    assert model.activation == "relu"
+
+
+def test_rebinding_flat_updates_the_parameters():
+    """``m.flat = m.flat - lr * g`` used to leave the parameters behind: the loss stayed constant."""
+    model, X, Y, h0 = make_problem(T=6, B=3, D=4, H=8, O=4)
+    ws = fastbptt.Workspace(model, 6, 3)
+    losses = []
+    for _ in range(5):
+        loss, *_ = fastbptt.loss_and_grad(model, X, Y, h0, workspace=ws)
+        losses.append(loss)
+        model.flat = model.flat - 0.1 * ws.grad_flat
+    assert losses[-1] < losses[0] - 1e-3
+    assert np.shares_memory(model.params["W_hh"], model.flat)
+    twin = fastbptt.RNN.from_params(model.params, activation=model.activation)
+    assert np.array_equal(twin.flat, model.flat)
+
+
+def test_rebinding_flat_with_a_wrong_shape_is_refused():
+    model = fastbptt.RNN(3, 4, 2)
+    before = model.flat.copy()
+    with pytest.raises(ValueError, match=r"model\.flat must be set from an array of shape"):
+        model.flat = np.zeros(3)
+    assert np.array_equal(model.flat, before)
+
+
+def test_a_public_view_reshaped_in_place_does_not_reach_the_kernels():
+    model, X, Y, h0 = make_problem(T=5, B=2, D=3, H=6, O=3)
+    want = _result(model, X, Y, h0)
+    model.params["W_hh"].shape = (36,)      # legal NumPy on the view the user holds
+    _assert_same(_result(model, X, Y, h0), want)
+
+
+# ----------------------------------------------------------------------------- aliasing
+
+@pytest.mark.parametrize("method", ["fused", "blas"])
+def test_rollout_inputs_that_are_the_workspace_states(method):
+    """X a view of ws.hs (D == H): the result equals the result on a copy."""
+    model, X, Y, h0 = make_problem(T=6, B=3, D=5, H=5, O=4)
+    ws = fastbptt.Workspace(model, 6, 3)
+    fastbptt.forward(model, X, h0, workspace=ws, method=method)
+    X2 = ws.hs[:-1]                          # h_0 .. h_{T-1} as the next inputs
+    want = _result(model, X2.copy(), Y, h0, method=method)
+    got = fastbptt.loss_and_grad(model, X2, Y, h0, workspace=ws, return_dh0=True, method=method)
+    _assert_same((got[0], got[1], got[2], got[3]), want)
+
+
+def test_forward_outputs_as_mse_targets():
+    model, X, _, h0 = make_problem(T=5, B=3, D=4, H=6, O=4, loss="mse")
+    ws = fastbptt.Workspace(model, 5, 3)
+    Y, _ = fastbptt.forward(model, X, h0, workspace=ws)
+    want = _result(model, X, Y.copy(), h0, loss="mse")
+    got = fastbptt.loss_and_grad(model, X, Y, h0, loss="mse", workspace=ws, return_dh0=True)
+    _assert_same(got, want)
+
+
+def test_carry_that_is_a_workspace_buffer():
+    model, X, Y, h0 = make_problem(T=5, B=3, D=4, H=6, O=4)
+    ws = fastbptt.Workspace(model, 5, 3)
+    carry = ws.dz[:, :, 0]                   # (T, B), overwritten by the sweep
+    carry[...] = np.linspace(0, 1, 15).reshape(5, 3)
+    want = _result(model, X, Y, h0, carry=carry.copy())
+    _assert_same(fastbptt.loss_and_grad(model, X, Y, h0, workspace=ws, carry=carry, return_dh0=True), want)
+
+
+def test_h0_that_is_the_last_state_or_dh0():
+    model, X, Y, h0 = make_problem(T=5, B=3, D=4, H=6, O=4)
+    ws = fastbptt.Workspace(model, 5, 3)
+    _, _, h, dh0 = fastbptt.loss_and_grad(model, X, Y, h0, workspace=ws, return_dh0=True)
+    for state in (h, dh0):
+        want = _result(model, X, Y, state.copy())
+        _assert_same(fastbptt.loss_and_grad(model, X, Y, state, workspace=ws, return_dh0=True), want)
+
+
+def test_backward_dO_that_is_the_forward_output():
+    model, X, _, h0 = make_problem(T=5, B=3, D=4, H=6, O=4)
+    ref_ws = fastbptt.Workspace(model, 5, 3)
+    O_ref, _ = fastbptt.forward(model, X, h0, workspace=ref_ws)
+    want = {k: v.copy() for k, v in fastbptt.backward(model, O_ref.copy(), workspace=ref_ws).items()}
+    ws = fastbptt.Workspace(model, 5, 3)
+    O, _ = fastbptt.forward(model, X, h0, workspace=ws)
+    got = fastbptt.backward(model, O, workspace=ws)       # dO = o, a view of ws.out
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+
+
+# ----------------------------------------------------------------------------- copies and pickles
+
+def _check_independent(model, twin):
+    assert np.array_equal(twin.flat, model.flat)
+    assert not np.shares_memory(twin.flat, model.flat)
+    for name, view in twin.params.items():
+        assert np.shares_memory(view, twin.flat), f"{name} is not a view into the copy's flat"
+    twin.params["W_hh"][...] += 1
+    assert not np.array_equal(twin.flat, model.flat)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_model_copy_is_independent(how):
+    model = fastbptt.RNN(5, 7, 3, activation="relu", bias=False, dtype=np.float64, seed=3)
+    twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert repr(twin) == repr(model)
+    _check_independent(model, twin)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_workspace_copy_is_independent_and_usable(how):
+    model, X, Y, h0 = make_problem(T=5, B=3, D=4, H=6, O=4)
+    ws = fastbptt.Workspace(model, 5, 3)
+    fastbptt.loss_and_grad(model, X, Y, h0, workspace=ws)
+    twin = copy.deepcopy(ws) if how == "deepcopy" else pickle.loads(pickle.dumps(ws))
+    assert np.array_equal(twin.grad_flat, ws.grad_flat)
+    for name, view in twin.grads.items():
+        assert np.shares_memory(view, twin.grad_flat)
+        assert not np.shares_memory(view, ws.grad_flat)
+    model2 = copy.deepcopy(model)
+    model2.flat *= 0.5
+    want = _result(model2, X, Y, h0)
+    _assert_same(fastbptt.loss_and_grad(model2, X, Y, h0, workspace=twin, return_dh0=True), want)
+
+
+def test_keep_the_best_model_pattern():
+    model, X, Y, h0 = make_problem(T=5, B=3, D=4, H=6, O=4)
+    best = copy.deepcopy(model)
+    model.flat -= 1.0
+    assert not np.array_equal(best.flat, model.flat)
+    assert fastbptt.loss_and_grad(best, X, Y, h0)[0] == _result(copy.deepcopy(best), X, Y, h0)[0]
+
+
+def _loss_in_child(model, X, Y):
+    return fastbptt.loss_and_grad(model, X, Y)[0]
+
+
+def test_spawn_multiprocessing_takes_a_model():
+    model, X, Y, _ = make_problem(T=4, B=2, D=3, H=5, O=3)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        got = pool.apply(_loss_in_child, (model, X, Y))
+    assert got == fastbptt.loss_and_grad(model, X, Y)[0]
+
+
+# ----------------------------------------------------------------------------- threads
+
+def test_kernels_release_the_gil():
+    from fastbptt import kernels
+    compiled = [getattr(m, n) for m in (kernels.forward, kernels.backward, kernels.losses)
+                for n in dir(m) if hasattr(getattr(m, n), "py_func")
+                and getattr(m, n).targetoptions.get("inline") != "always"]   # inlined helpers
+    assert len(compiled) >= 12
+    for kernel in compiled:
+        assert kernel.targetoptions.get("nogil"), f"{kernel.py_func.__name__} holds the GIL"
+
+
+def test_python_threads_give_the_single_threaded_results_and_restore_blas():
+    """Eight threads, separate workspaces, parallel and serial mixed, at once."""
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    problems = [make_problem(T=40, B=12, D=16, H=48, O=10, dtype=dt, inputs=inp, seed=s)
+                for s, (dt, inp) in enumerate([(np.float32, "dense"), (np.float32, "tokens"),
+                                               (np.float64, "dense"), (np.float64, "tokens")])]
+    want = [_result(*p) for p in problems]
+    got = [None] * 8
+    errors = []
+
+    def work(i):
+        try:
+            model, X, Y, h0 = problems[i % 4]
+            ws = fastbptt.Workspace(model, X.shape[0], X.shape[1])
+            for _ in range(5):
+                r = fastbptt.loss_and_grad(model, X, Y, h0, workspace=ws, parallel=i % 2 == 1,
+                                           return_dh0=True)
+            got[i] = (r[0], {k: v.copy() for k, v in r[1].items()}, r[2].copy(), r[3].copy())
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+    for i in range(8):
+        _assert_same(got[i], want[i % 4])
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+
+
+def test_blas_threads_follow_the_product_size():
+    assert threads.threads_for(threads.PARALLEL_BLAS_MIN_FLOPS - 1) == 1
+    assert threads.threads_for(threads.PARALLEL_BLAS_MIN_FLOPS) == 0     # the caller's setting
+
+
+def test_small_products_run_on_one_blas_thread(monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    if not threads.available():
+        pytest.skip("threadpoolctl found no BLAS")
+    seen = []
+    real = np.dot
+
+    def spy(a, b, out=None):
+        seen.append(tuple(lib.get_num_threads() for lib in threads._libs))
+        return real(a, b, out=out)
+
+    monkeypatch.setattr(threads.np, "dot", spy)
+    model, X, Y, h0 = make_problem(T=35, B=32, D=28, H=64, O=28, dtype=np.float32)
+    fastbptt.loss_and_grad(model, X, Y, h0, method="blas")
+    assert len(seen) > 70 and all(set(s) == {1} for s in seen)
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+def _run(code, env=None, timeout=600):
+    full_env = dict(os.environ, **(env or {}))
+    tests = os.path.dirname(__file__)
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, full_env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def test_fork_after_a_parallel_call_does_not_hang():
+    """GNU OpenMP's pool does not survive fork: the child runs the serial kernels (same bits)."""
+    if sys.platform != "linux":
+        pytest.skip("fork is Linux's default start method")
+    done = _run("""
+        import multiprocessing, warnings
+        import numpy as np, fastbptt
+        from helpers import make_problem
+        model, X, Y, h0 = make_problem(T=30, B=8, D=6, H=16, O=5, dtype=np.float32)
+        want = fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")[0]
+        def child(_):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loss = fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")[0]
+            return loss, [str(w.message) for w in caught]
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            results = pool.map(child, range(4), chunksize=1)
+        assert all(loss == want for loss, _ in results), results
+        print("ok", results[0][1])
+    """, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")
+
+
+def _has_avx2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="needs an x86 CPU with AVX2 for OpenBLAS's Haswell kernels")
+def test_parallel_equals_serial_with_a_blas_whose_bits_depend_on_threads():
+    """OpenBLAS's Haswell SGEMM splits long reductions between threads, so its one- and
+    two-thread results differ; the parallel path used to run its products on one thread.
+    Realistic sizes, every method and input kind, float32 and float64, carry given."""
+    pytest.importorskip("threadpoolctl")
+    done = _run("""
+        import numpy as np, fastbptt
+        from helpers import make_problem
+        from threadpoolctl import threadpool_info
+        bad = []
+        for dtype in (np.float32, np.float64):
+            for inputs in ("dense", "tokens"):
+                for loss in ("cross_entropy", "mse"):
+                    for T, B, D, H, O in [(50, 48, 40, 128, 30), (100, 32, 28, 64, 28), (40, 7, 20, 96, 12)]:
+                        model, X, Y, h0 = make_problem(T, B, D, H, O, loss=loss, inputs=inputs, dtype=dtype)
+                        carry = np.random.default_rng(1).uniform(0, 2, size=(T, B)).astype(dtype)
+                        for method in ("fused", "blas", "auto"):
+                            runs = []
+                            for parallel in (False, True):
+                                r = fastbptt.loss_and_grad(model, X, Y, h0, loss=loss, parallel=parallel,
+                                                           method=method, carry=carry, return_dh0=True,
+                                                           return_dX=True)
+                                runs.append((r[0], r[1]["W_hh"].copy(), np.concatenate(
+                                    [g.ravel() for g in r[1].values()]), r[2].copy(), r[3].copy(), r[4].copy()))
+                            a, b = runs
+                            if a[0] != b[0] or not all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:])):
+                                bad.append((np.dtype(dtype).name, inputs, loss, (T, B, H), method))
+        print("blas", [i.get("architecture") for i in threadpool_info() if i["user_api"] == "blas"])
+        print("bad", bad)
+    """, env={"OPENBLAS_CORETYPE": "Haswell"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bad []" in done.stdout, done.stdout
