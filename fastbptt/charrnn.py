@@ -21,18 +21,19 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
 from . import api, checkpoint, data, optim
 from ._paths import check_output_path
+from ._progress import compiling
 from .generate import predict
 from .model import RNN
 from .training import _carry_weight, train_epoch
 from .workspace import Workspace
 
 PROG = "python -m fastbptt train"
+COMPILE_TEXT = "compiling kernels (about 5 s the first time, cached afterwards)"
 
 
 class UsageError(Exception):
@@ -208,7 +209,7 @@ def _warm_up(model, ws, opt, loader, parallel):
 
 def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, clip_value=None, epochs=500,
           sampling="sequential", optimizer="sgd", random_truncation=None, seed=0, dtype="float32",
-          parallel=False, resume=None, quiet=True, log=print, status=None):
+          parallel=False, resume=None, quiet=True, log=print):
     """Train a character-level model with d2l's recipe; the engine of the command line.
 
     Parameters
@@ -225,8 +226,6 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
         No progress bar or per-epoch lines.
     log : callable
         Where per-epoch lines go when there is no progress bar (no tqdm, or not a terminal).
-    status : callable, optional
-        Where the lines about compiling the kernels go (default: standard error).
 
     Returns
     -------
@@ -242,13 +241,8 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
         start = _resume(resume, model, opt, rng, vocab, optimizer, lr, epochs)
     loader = data.SeqDataLoader(corpus, steps, batch, sampling, rng=rng)
     ws = Workspace(model, steps, batch)
-    status = _status if status is None else status
-    if not quiet:
-        status("compiling kernels (about 5 s the first time, cached afterwards) ...")
-    began = time.perf_counter()
-    _warm_up(model, ws, opt, loader, parallel)
-    if not quiet:
-        status(f"kernels ready in {time.perf_counter() - began:.1f} s")
+    with compiling(enabled=not quiet, text=COMPILE_TEXT):   # said only if it takes a while
+        _warm_up(model, ws, opt, loader, parallel)
 
     bar = _progress(epochs, start, quiet)
     every = max(1, (epochs - start) // 10)
@@ -283,10 +277,6 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
         raise _diverged(epochs - 1, "the parameters became NaN or Inf")
     return {"perplexity": history[-1], "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
             "epochs": epochs, "model": model, "optimizer": opt, "rng": rng, "history": history}
-
-
-def _status(line):
-    print(line, file=sys.stderr, flush=True)
 
 
 def _diverged(epoch, why):
