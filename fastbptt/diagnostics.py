@@ -59,7 +59,7 @@ def hidden_grads(model, workspace, carry=None):
     """
     _check(model, workspace)
     T, B, H = workspace.T, workspace.B, model.hidden_size
-    carry = api._check_carry(carry, T, B)
+    carry = api._check_carry(carry, T, B, model.dtype)
     if carry is None:
         carry = workspace.last_carry
     p = model.params

@@ -1,5 +1,8 @@
 """Clipping and optimizers against plain NumPy formulas; checkpoints and bitwise resumption."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -305,6 +308,40 @@ def test_a_tampered_optimizer_state_is_refused_and_changes_nothing(change, match
         optim.optimizer_from_state_dict(model, sd)
     after = opt.state_dict()
     assert after["t"] == before["t"] == 1 and after["hyper"] == before["hyper"]
+
+
+def copy_with_pickle(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("copy_fn", [copy.deepcopy, copy_with_pickle], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam", "adamw"])
+def test_a_copied_optimizer_updates_the_copied_model(name, copy_fn):
+    """Keep-the-best-model: copy (model, optimizer) together; each pair then trains on its own."""
+    model = fastbptt.RNN(3, 4, 3, seed=0)
+    opt = optim.make_optimizer(name, model, 0.05)
+    grads = [random_grad(model.n_params, np.float32, seed=s) for s in range(4)]
+    opt.step(grads[0])
+    model2, opt2 = copy_fn((model, opt))
+    assert opt2.model is model2 and model2 is not model
+    assert opt2.t == 1 and opt2.hyper == opt.hyper
+    for k in opt.state:
+        assert not np.shares_memory(opt2.state[k], opt.state[k])
+        np.testing.assert_array_equal(opt2.state[k], opt.state[k])
+    frozen = model.flat.copy(), {k: v.copy() for k, v in opt.state.items()}
+    for g in grads[1:]:
+        opt2.step(g)
+    np.testing.assert_array_equal(model.flat, frozen[0])          # the original pair is untouched
+    for k in opt.state:
+        np.testing.assert_array_equal(opt.state[k], frozen[1][k])
+    assert opt.t == 1 and opt2.t == 4
+    for g in grads[1:]:                                           # the same steps give the same bits
+        opt.step(g)
+    np.testing.assert_array_equal(model.flat, model2.flat)
+    alone = copy_fn(opt)                                          # an optimizer alone brings its own model
+    alone.step(grads[0])
+    assert alone.model is not model
+    np.testing.assert_array_equal(model.flat, model2.flat)
 
 
 def test_optimizer_state_of_another_kind_is_refused():
