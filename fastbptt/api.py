@@ -71,7 +71,7 @@ def _private(a, ws):
     Feeding a workspace's outputs back in (a rollout, outputs as targets) must give the
     same result as feeding a copy.
     """
-    if a is not None and any(np.may_share_memory(a, buf) for buf in ws.buffers()):
+    if a is not None and ws.overlaps(a):
         return a.copy()
     return a
 
@@ -142,16 +142,26 @@ def _launch(parallel):
     return _threads_mod.parallel_launch() if parallel else contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def _claim(ws):
-    """Hold ``ws`` for this call; a call from another thread meanwhile gets a RuntimeError."""
-    if not ws._busy.acquire(blocking=False):
-        raise RuntimeError("workspace is in use by another call (another thread?): give each thread "
-                           "its own fastbptt.Workspace")
-    try:
-        yield ws
-    finally:
-        ws._busy.release()
+class _claim:
+    """``with _claim(ws):`` around a call's work: holds ``ws`` (a call from another thread meanwhile
+    gets a RuntimeError) and a ``threads`` session (BLAS threads by product size)."""
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    def __enter__(self):
+        if not self.ws._busy.acquire(blocking=False):
+            raise RuntimeError("workspace is in use by another call (another thread?): give each "
+                               "thread its own fastbptt.Workspace")
+        _threads_mod.enter()
+        return self.ws
+
+    def __exit__(self, *exc):
+        _threads_mod.leave()
+        self.ws._busy.release()
+        return False
 
 
 def _check_flags(**flags):
@@ -427,7 +437,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     # -- everything is valid from here on
-    with _claim(ws), _threads_mod.session():
+    with _claim(ws):
         X, Y, carry = _private(X, ws), _private(Y, ws), _private(carry, ws)
         _start(ws, h0)
         if kind == "tokens":
@@ -458,7 +468,7 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
     method = _check_method(method, B, model.hidden_size)
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
-    with _claim(ws), _threads_mod.session():
+    with _claim(ws):
         X = _private(X, ws)
         _start(ws, h0)
         if kind == "tokens":
@@ -511,7 +521,7 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     carry = _check_carry(carry, ws.T, ws.B, model.dtype)
     method = _check_method(method, ws.B, model.hidden_size)
     parallel = _threads(parallel, method)
-    with _claim(ws), _threads_mod.session():
+    with _claim(ws):
         carry = _private(carry, ws)
         kind = ws.forward_kind
         np.copyto(ws.out, dO.reshape(ws.T * ws.B, model.output_size))   # first: dO may overlap

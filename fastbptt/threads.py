@@ -50,6 +50,7 @@ _libs = None                         # threadpoolctl's BLAS controllers; [] with
 _in_flight = 0                       # calls between enter() and leave()
 _saved = ()                          # the caller's thread count of each library, read on the first entry
 _current = ()                        # the count each library has now
+_one = ()                            # one thread for every library
 
 
 def _blas_libs():
@@ -61,6 +62,8 @@ def _blas_libs():
             _libs = []
         else:
             _libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    global _one
+    _one = (1,) * len(_libs)
     return _libs
 
 
@@ -70,7 +73,7 @@ def available():
 
 
 def enter():
-    """Start a call that runs products through ``dot``; pair with ``leave()`` (use ``session()``)."""
+    """Start a call that runs products through ``dot``; pair with ``leave()`` (try/finally)."""
     global _in_flight, _saved, _current
     libs = _blas_libs()
     with _lock:
@@ -91,21 +94,6 @@ def leave():
             _current = _saved
 
 
-class session:
-    """``with session():`` around a call that uses ``dot``: BLAS's threads are the caller's again
-    once the last such call in the process has left."""
-
-    __slots__ = ()
-
-    def __enter__(self):
-        enter()
-        return self
-
-    def __exit__(self, *exc):
-        leave()
-        return False
-
-
 def threads_for(flops):
     """The BLAS thread count a product of ``flops`` operations runs with (0: the caller's setting)."""
     return 0 if flops >= PARALLEL_BLAS_MIN_FLOPS else 1
@@ -120,10 +108,8 @@ def dot(a, b, out):
     if not _libs:
         np.dot(a, b, out=out)
         return
-    m = a.shape[0] if a.ndim == 2 else 1
-    n = threads_for(2 * m * a.shape[-1] * b.shape[-1])
+    want = _saved if 2 * a.size * b.shape[-1] >= PARALLEL_BLAS_MIN_FLOPS else _one
     with _lock:
-        want = _saved if n == 0 else (n,) * len(_libs)
         if want != _current:
             for lib, k in zip(_libs, want):
                 lib.set_num_threads(k)

@@ -20,6 +20,49 @@ def model_signature(model):
     return (model.input_size, model.hidden_size, model.output_size, model.bias, model.dtype)
 
 
+def declare(T, B, D, H, O, dtype, n_params):
+    """Every fixed buffer of a workspace: (name, shape, dtype, initial value), in block order."""
+    return [
+        ("hs", (T + 1, B, H), dtype, 0),        # h_0 .. h_T
+        ("dz", (T, B, H), dtype, 0),            # W_qhᵀ ∂L/∂o_t, then ∂L/∂z_t
+        ("out", (T * B, O), dtype, 0),          # o_t, then ∂L/∂o_t
+        ("row_loss", (T * B,), dtype, 0),       # ℓ(o_t, y_t) per position
+        ("W_hhT", (H, H), dtype, 0),            # W_hhᵀ, contiguous
+        ("stepT", (H, B), dtype, 0),            # one step's GEMM result, transposed (per-step BLAS)
+        ("zero_h", (H,), dtype, 0),             # b_h of a model without bias
+        ("ones", (T * B,), dtype, 1),           # sums over positions as GEMVs
+        ("carry_full", (T, B), dtype, 1),       # carry weights of full BPTT
+        ("carry", (T, B), dtype, 1),            # caller's carry weights, copied
+        ("dh0", (B, H), dtype, 0),              # ∂L/∂h_0
+        ("tokens", (T, B), np.intp, 0),         # token ids, when inputs are tokens
+        ("targets", (T * B,), np.intp, 0),      # class labels, for cross-entropy
+        ("grad_flat", (n_params,), dtype, 0),   # every gradient, laid out like model.flat
+    ]
+
+
+_ALIGN = 64   # bytes: each buffer starts on a cache line
+
+
+def carve(declared):
+    """One zeroed byte block and a named view into it for each declared buffer, set to its value."""
+    offsets, total = [], 0
+    for _, shape, dtype, _ in declared:
+        offsets.append(total)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    raw = np.zeros(total + _ALIGN, np.uint8)
+    shift = -raw.ctypes.data % _ALIGN
+    block = raw[shift:shift + total]
+    views = {}
+    for (name, shape, dtype, value), offset in zip(declared, offsets):
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        view = block[offset:offset + nbytes].view(dtype).reshape(shape)
+        if value:
+            view[...] = value
+        views[name] = view
+    return block, views
+
+
 class Workspace:
     """Buffers for running ``model`` on batches of B sequences of length T.
 
@@ -52,44 +95,46 @@ class Workspace:
         D, H, O, _, dtype = self.signature
         T, B = self.T, self.B
         self.dtype = dtype
-        self.hs = np.zeros((T + 1, B, H), dtype)      # h_0 .. h_T
-        self.dz = np.zeros((T, B, H), dtype)          # W_qhᵀ ∂L/∂o_t, then ∂L/∂z_t
-        self.out = np.zeros((T * B, O), dtype)        # o_t, then ∂L/∂o_t
-        self.row_loss = np.zeros(T * B, dtype)        # ℓ(o_t, y_t) per position
-        self.W_hhT = np.zeros((H, H), dtype)          # W_hhᵀ, contiguous
-        self.stepT = np.zeros((H, B), dtype)          # one step's GEMM result, transposed (per-step BLAS)
-        self.zero_h = np.zeros(H, dtype)              # b_h of a model without bias
-        self.ones = np.ones(T * B, dtype)             # sums over positions as GEMVs
-        self.carry_full = np.ones((T, B), dtype)      # carry weights of full BPTT
-        self.carry = np.ones((T, B), dtype)           # caller's carry weights, copied
+        self._make_buffers(model.n_params)
         self.last_carry = self.carry_full             # the weights the last backward pass used
-        self.dh0 = np.zeros((B, H), dtype)            # ∂L/∂h_0
-        self.tokens = np.zeros((T, B), np.intp)       # token ids, when inputs are tokens
-        self.targets = np.zeros(T * B, np.intp)       # class labels, for cross-entropy
-        self.grad_flat = np.zeros(model.n_params, dtype)
-        self.grads = flat_views(self.grad_flat, model.layout)
         self._x = None                                # dense inputs kept by forward(), made on first use
         self._dX = None                               # ∂L/∂X, made on first request
         self.forward_kind = None                      # "dense"/"tokens" after forward(), None otherwise
         self._busy = threading.Lock()                 # held by the call using it (one thread at a time)
 
+    def _make_buffers(self, n_params):
+        """Every fixed buffer as a named view into one block (see ``declare``), and the gradient views."""
+        D, H, O, bias, dtype = self.signature
+        self._declared = declare(self.T, self.B, D, H, O, dtype, n_params)
+        self._block, views = carve(self._declared)
+        vars(self).update(views)
+        self.grads = flat_views(self.grad_flat, param_layout(D, H, O, bias))
+
     def __getstate__(self):
-        state = {k: v for k, v in vars(self).items() if k not in ("grads", "last_carry", "_busy")}
-        state["last_carry_is_full"] = self.last_carry is self.carry_full
-        return state
+        names = [name for name, *_ in self._declared]
+        return {"T": self.T, "B": self.B, "signature": self.signature, "dtype": self.dtype,
+                "buffers": {name: getattr(self, name) for name in names},
+                "x": self._x, "dX": self._dX, "forward_kind": self.forward_kind,
+                "last_carry_is_full": self.last_carry is self.carry_full}
 
     def __setstate__(self, state):
-        state = dict(state)
-        full = state.pop("last_carry_is_full")
-        vars(self).update(state)
-        D, H, O, bias, dtype = self.signature
-        self.grads = flat_views(self.grad_flat, param_layout(D, H, O, bias))
-        self.last_carry = self.carry_full if full else self.carry
+        self.T, self.B, self.signature, self.dtype = state["T"], state["B"], state["signature"], state["dtype"]
+        self._make_buffers(state["buffers"]["grad_flat"].size)
+        for name, value in state["buffers"].items():
+            getattr(self, name)[...] = value
+        self._x, self._dX, self.forward_kind = state["x"], state["dX"], state["forward_kind"]
+        self.last_carry = self.carry_full if state["last_carry_is_full"] else self.carry
         self._busy = threading.Lock()
 
     def buffers(self):
-        """Every array the workspace holds (what an input must not overlap)."""
-        return [a for a in vars(self).values() if isinstance(a, np.ndarray)]
+        """The arrays that hold the workspace's memory: the block, and the input and ∂L/∂X buffers once made."""
+        return [a for a in (self._block, self._x, self._dX) if a is not None]
+
+    def overlaps(self, a):
+        """Whether the memory of array ``a`` may overlap the workspace's (bounds only, as ``np.may_share_memory``)."""
+        return (np.may_share_memory(a, self._block)
+                or (self._x is not None and np.may_share_memory(a, self._x))
+                or (self._dX is not None and np.may_share_memory(a, self._dX)))
 
     def x_buffer(self):
         """(T, B, D) buffer for dense inputs kept between ``forward`` and ``backward``."""
