@@ -134,6 +134,8 @@ def _threads(parallel, method):
     method runs its own small kernels serially. Products go through ``threads.dot``
     either way, with BLAS threads chosen by size, so the bits never depend on it.
     """
+    if parallel:
+        _threads_mod.warn_if_uncontrolled()
     return bool(parallel and method == "fused" and _threads_mod.parallel_allowed())
 
 

@@ -72,6 +72,19 @@ def available():
     return bool(_blas_libs())
 
 
+_warned_uncontrolled = False
+
+
+def warn_if_uncontrolled():
+    """Warn once that BLAS's threads cannot be set per product (no threadpoolctl)."""
+    global _warned_uncontrolled
+    if not _blas_libs() and not _warned_uncontrolled:
+        _warned_uncontrolled = True
+        warnings.warn("parallel=True without threadpoolctl: BLAS chooses its own threads for every "
+                      "product and may fight Numba's for the cores; pip install threadpoolctl "
+                      "(or set OPENBLAS_NUM_THREADS=1)", RuntimeWarning, stacklevel=4)
+
+
 def enter():
     """Start a call that runs products through ``dot``; pair with ``leave()`` (try/finally)."""
     global _in_flight, _saved, _current

@@ -64,8 +64,10 @@ def test_without_threadpoolctl_products_keep_blas_settings(monkeypatch):
     model, X, Y, h0 = make_problem(T=5, B=4, H=8)
     want = fastbptt.loss_and_grad(model, X, Y, h0)[1]["W_hh"].copy()
     monkeypatch.setattr(threads, "_libs", [])          # as when threadpoolctl is missing
+    monkeypatch.setattr(threads, "_warned_uncontrolled", False)
     assert not threads.available()
-    got = fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")[1]["W_hh"]
+    with pytest.warns(RuntimeWarning, match="without threadpoolctl"):
+        got = fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")[1]["W_hh"]
     assert np.array_equal(got, want)
 
 
