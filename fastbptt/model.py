@@ -287,6 +287,9 @@ class RNN:
                              f"missing {sorted(missing)}, unexpected {sorted(extra)}")
         checked = {}
         for name, shape in self.layout:
+            if isinstance(params[name], np.ma.MaskedArray):
+                raise TypeError(f"params[{name!r}] is a masked array; pass .filled(value) to choose "
+                                f"what the masked entries hold")
             value = np.asarray(params[name])
             if value.dtype != self.dtype:
                 raise TypeError(f"params[{name!r}] must have the model's dtype {self.dtype}, "

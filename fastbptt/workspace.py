@@ -86,6 +86,17 @@ class Workspace:
         ∂L/∂h_0 of the last backward pass.
     """
 
+    # set once, when the workspace is made: replacing one by hand could hand a kernel a buffer
+    # of another size (an out-of-range write), so assignment is refused; write into them in place
+    _FIXED = frozenset({"T", "B", "signature", "dtype", "grads", "_block", "_declared"}
+                       | {name for name, *_ in declare(1, 1, 1, 1, 1, np.float64, 1)})
+
+    def __setattr__(self, name, value):
+        if name in self._FIXED and name in self.__dict__:
+            raise AttributeError(f"Workspace.{name} is fixed when the workspace is made; write into "
+                                 f"it in place (ws.{name}[...] = ...) or make a new Workspace")
+        object.__setattr__(self, name, value)
+
     def __init__(self, model, T, B):
         if not isinstance(model, RNN):
             raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")

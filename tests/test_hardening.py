@@ -90,6 +90,23 @@ def test_a_public_view_reshaped_in_place_does_not_reach_the_kernels():
     _assert_same(_result(model, X, Y, h0), want)
 
 
+@pytest.mark.parametrize("name", ["hs", "carry_full", "tokens", "grad_flat", "T", "B", "grads"])
+def test_workspace_buffers_cannot_be_replaced(name):
+    """A smaller array put in by hand would let a kernel write out of bounds."""
+    model = fastbptt.RNN(3, 4, 2)
+    ws = fastbptt.Workspace(model, 5, 2)
+    with pytest.raises(AttributeError, match=rf"Workspace\.{name} is fixed"):
+        setattr(ws, name, np.zeros(1))
+    getattr(ws, name)                         # still there
+
+
+def test_masked_parameters_are_refused():
+    model = fastbptt.RNN(3, 4, 2)
+    params = {k: np.ma.masked_array(v.copy()) for k, v in model.params.items()}
+    with pytest.raises(TypeError, match=r"params\['W_hx'\] is a masked array"):
+        model.load_params(params)
+
+
 # ----------------------------------------------------------------------------- aliasing
 
 @pytest.mark.parametrize("method", ["fused", "blas"])
