@@ -34,7 +34,7 @@ from .model import RNN
 # ----------------------------------------------------------------------------- kernels
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sum_squares(g):
     """Σ g² in float64, in a fixed order: eight interleaved partial sums (independent
     chains, so the loop is not bound by the latency of one addition), then the tail."""
@@ -64,7 +64,7 @@ def _sum_squares(g):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _max_abs(g):
     """max |g| (for a gradient without NaN)."""
     m = 0.0
@@ -75,7 +75,7 @@ def _max_abs(g):
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sum_squares_scaled(g, m):
     """Σ (g / m)²: each term at most 1, so neither overflows nor loses the small ones."""
     s = 0.0
@@ -85,14 +85,14 @@ def _sum_squares_scaled(g, m):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scale(g, factor):
     """g ← factor · g."""
     for i in range(g.shape[0]):
         g[i] = g[i] * factor
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _clamp(g, c):
     """g ← min(max(g, -c), c)."""
     for i in range(g.shape[0]):
@@ -102,13 +102,13 @@ def _clamp(g, c):
             g[i] = -c
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sgd(p, g, lr):
     for i in range(p.shape[0]):
         p[i] = p[i] - lr * g[i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sgd_momentum(p, g, v, lr, mu):
     for i in range(p.shape[0]):
         vi = mu * v[i] + g[i]
@@ -116,7 +116,7 @@ def _sgd_momentum(p, g, v, lr, mu):
         p[i] = p[i] - lr * v[i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _adagrad(p, g, G, lr, eps):
     for i in range(p.shape[0]):
         gi = np.float64(g[i])
@@ -124,7 +124,7 @@ def _adagrad(p, g, G, lr, eps):
         p[i] = p[i] - lr * gi / np.sqrt(np.float64(G[i]) + eps)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _adam(p, g, m, v, lr, beta1, beta2, eps, c1, c2, decay, coupled):
     """One Adam/AdamW step. c1 = 1 - β₁ᵗ, c2 = 1 - β₂ᵗ. ``coupled``: λ·p joins the gradient
     (Adam's L2 penalty); else p shrinks by (1 - lr·λ) first (AdamW's decoupled decay)."""

@@ -217,11 +217,11 @@ def test_spawn_multiprocessing_takes_a_model():
 # ----------------------------------------------------------------------------- threads
 
 def test_kernels_release_the_gil():
-    from fastbptt import kernels
-    compiled = [getattr(m, n) for m in (kernels.forward, kernels.backward, kernels.losses)
+    from fastbptt import kernels, optim
+    compiled = [getattr(m, n) for m in (kernels.forward, kernels.backward, kernels.losses, optim)
                 for n in dir(m) if hasattr(getattr(m, n), "py_func")
                 and getattr(m, n).targetoptions.get("inline") != "always"]   # inlined helpers
-    assert len(compiled) >= 12
+    assert len(compiled) >= 19
     for kernel in compiled:
         assert kernel.targetoptions.get("nogil"), f"{kernel.py_func.__name__} holds the GIL"
 
