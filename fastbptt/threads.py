@@ -12,12 +12,16 @@ other threads do, so the bits of a result do not either (some BLAS kernels, such
 OpenBLAS's Haswell GEMM, split long reductions between threads and round differently
 with one thread than with two).
 
-The thread count is process-wide state in BLAS. ``dot`` changes it under one lock,
-with a count of the calls in flight: the first call to come in reads the caller's
-setting, the last one to leave puts it back, and between them each product is run
-under the lock with the count its size asks for. Python threads may call fastbptt at
-once on separate workspaces (the compiled kernels release the GIL); their products
-take turns.
+The thread count is process-wide state in BLAS, and OpenBLAS ignores changes made
+from any thread but the main one once its pool runs. So only the main thread changes
+it: a call reads the caller's setting, runs each product under one lock with the count
+its size asks for, and puts the setting back as it leaves. Calls from other Python
+threads (the compiled kernels release the GIL, so they run at once on separate
+workspaces) run their products, under the same lock, with the caller's setting: never
+with a count the main thread chose for one of its own products, but not with the
+size-based one either. Limit BLAS to one thread (``threadpoolctl.threadpool_limits(1)``
+or ``OPENBLAS_NUM_THREADS=1``) when you train in several threads: every product then
+runs on one thread wherever it is called, and the bits agree everywhere.
 
 Without threadpoolctl (``pip install "fastbptt[parallel]"``) BLAS keeps its own
 setting for every product: results are still deterministic, but small products may
@@ -45,12 +49,16 @@ import numpy as np
 #: result: change it before the first call, not between calls you compare.
 PARALLEL_BLAS_MIN_FLOPS = 2 ** 28
 
-_lock = threading.RLock()            # guards everything below and every product under it
+_lock = threading.Condition()        # guards everything below and every product run under it
 _libs = None                         # threadpoolctl's BLAS controllers; [] without threadpoolctl
-_in_flight = 0                       # calls between enter() and leave()
-_saved = ()                          # the caller's thread count of each library, read on the first entry
+_saved = ()                          # the caller's thread count of each library, read as a call starts
 _current = ()                        # the count each library has now
 _one = ()                            # one thread for every library
+_waiting = 0                         # other threads' products waiting for the caller's count back
+
+
+def _is_main():
+    return threading.get_ident() == threading.main_thread().ident
 
 
 def _blas_libs():
@@ -86,25 +94,31 @@ def warn_if_uncontrolled():
 
 
 def enter():
-    """Start a call that runs products through ``dot``; pair with ``leave()`` (try/finally)."""
-    global _in_flight, _saved, _current
-    libs = _blas_libs()
-    with _lock:
-        if _in_flight == 0 and libs:
-            _saved = tuple(lib.get_num_threads() for lib in libs)
-            _current = _saved
-        _in_flight += 1
+    """Start a call that runs products through ``dot``; pair with ``leave()`` (try/finally).
+
+    Only the main thread changes BLAS's thread count: OpenBLAS ignores changes made from
+    other threads once its thread pool runs.
+    """
+    global _saved, _current
+    if _blas_libs() and _is_main():
+        with _lock:
+            _saved = _current = tuple(lib.get_num_threads() for lib in _libs)
+
+
+def _set(want):
+    global _current
+    for lib, k in zip(_libs, want):
+        lib.set_num_threads(k)
+    _current = want
 
 
 def leave():
-    """End a call begun with ``enter()``; the last one out restores the caller's BLAS threads."""
-    global _in_flight, _current
-    with _lock:
-        _in_flight -= 1
-        if _in_flight == 0 and _current != _saved:
-            for lib, n in zip(_libs, _saved):
-                lib.set_num_threads(n)
-            _current = _saved
+    """End a call begun with ``enter()``: the main thread puts back the caller's BLAS threads."""
+    if _libs and _is_main():
+        with _lock:
+            if _current != _saved:
+                _set(_saved)
+                _lock.notify_all()
 
 
 def threads_for(flops):
@@ -116,18 +130,30 @@ def dot(a, b, out):
     """``np.dot(a, b, out=out)`` on as many BLAS threads as its size pays for (see the module).
 
     Must be called between ``enter()`` and ``leave()``. a (M, K) or (K,), b (K, N), out (M, N) or (N,).
+    On the main thread the product runs with the count its size asks for; on any other thread
+    (which cannot change it) with the caller's setting, never with a count the main thread set
+    for one of its own products.
     """
-    global _current
+    global _waiting
     if not _libs:
         np.dot(a, b, out=out)
         return
-    want = _saved if 2 * a.size * b.shape[-1] >= PARALLEL_BLAS_MIN_FLOPS else _one
     with _lock:
-        if want != _current:
-            for lib, k in zip(_libs, want):
-                lib.set_num_threads(k)
-            _current = want
-        np.dot(a, b, out=out)
+        if _is_main():
+            want = _saved if 2 * a.size * b.shape[-1] >= PARALLEL_BLAS_MIN_FLOPS else _one
+            if want != _current:
+                _set(want)
+            np.dot(a, b, out=out)
+            if _waiting and _current != _saved:      # another thread waits for the caller's count
+                _set(_saved)
+                _lock.notify_all()
+        else:
+            _waiting += 1
+            try:
+                _lock.wait_for(lambda: _current == _saved)
+            finally:
+                _waiting -= 1
+            np.dot(a, b, out=out)
 
 
 # ------------------------------------------------------------------------ Numba's threads
@@ -138,8 +164,11 @@ _forked_child = False                # ... and this is a child forked after that
 
 
 def _after_fork_in_child():
-    global _forked_child, _launch_lock
-    _launch_lock = threading.Lock()  # a lock held by another thread at the fork would stay held
+    global _forked_child, _launch_lock, _lock, _waiting
+    # locks held by other threads at the fork would stay held in the child: new ones
+    _launch_lock = threading.Lock()
+    _lock = threading.Condition()
+    _waiting = 0
     if _pool_started and not _fork_safe_layer():
         _forked_child = True
 

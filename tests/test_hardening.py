@@ -226,21 +226,13 @@ def test_kernels_release_the_gil():
         assert kernel.targetoptions.get("nogil"), f"{kernel.py_func.__name__} holds the GIL"
 
 
-def test_python_threads_give_the_single_threaded_results_and_restore_blas():
-    """Eight threads, separate workspaces, parallel and serial mixed, at once."""
-    pytest.importorskip("threadpoolctl")
-    from threadpoolctl import threadpool_info
-    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-    problems = [make_problem(T=40, B=12, D=16, H=48, O=10, dtype=dt, inputs=inp, seed=s)
-                for s, (dt, inp) in enumerate([(np.float32, "dense"), (np.float32, "tokens"),
-                                               (np.float64, "dense"), (np.float64, "tokens")])]
-    want = [_result(*p) for p in problems]
-    got = [None] * 8
-    errors = []
+def _in_threads(problems, n=8):
+    """Each problem run 5 times in each of ``n`` threads at once (parallel and serial mixed)."""
+    got, errors = [None] * n, []
 
     def work(i):
         try:
-            model, X, Y, h0 = problems[i % 4]
+            model, X, Y, h0 = problems[i % len(problems)]
             ws = fastbptt.Workspace(model, X.shape[0], X.shape[1])
             for _ in range(5):
                 r = fastbptt.loss_and_grad(model, X, Y, h0, workspace=ws, parallel=i % 2 == 1,
@@ -249,15 +241,58 @@ def test_python_threads_give_the_single_threaded_results_and_restore_blas():
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(n)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
     assert not errors, errors
-    for i in range(8):
-        _assert_same(got[i], want[i % 4])
-    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+    return got
+
+
+def _thread_problems():
+    # float64 at this size: one- and two-thread OpenBLAS products differ in the last bits
+    return [make_problem(T=50, B=9, D=28, H=64, O=28, dtype=dt, inputs=inp, seed=s)
+            for s, (dt, inp) in enumerate([(np.float32, "dense"), (np.float32, "tokens"),
+                                           (np.float64, "dense"), (np.float64, "tokens")])]
+
+
+def test_python_threads_with_blas_on_one_thread_give_the_main_thread_bits():
+    """The README's recipe for several threads: BLAS limited to one thread, then every call
+    gives the main thread's bits, parallel or not, and BLAS's setting comes back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    problems = _thread_problems()
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        want = [_result(*p) for p in problems]
+        got = _in_threads(problems)
+        inside = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    for i, result in enumerate(got):
+        _assert_same(result, want[i % 4])
+    assert set(inside) == {1}
+
+
+def test_python_threads_are_deterministic_and_never_see_the_main_threads_setting():
+    """With BLAS's own setting, threads other than the main one run products with it: the same
+    bits in every thread and every run, while the main thread computes at the same time."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    problems = _thread_problems()
+    first = _in_threads(problems)
+    later, main_results = [], []
+    runner = threading.Thread(target=lambda: later.extend(_in_threads(problems)))
+    runner.start()
+    while runner.is_alive():                     # the main thread sets one BLAS thread meanwhile
+        main_results.append(_result(*problems[0]))
+    runner.join()
+    assert main_results
+    for a, b in zip(first, later, strict=True):
+        _assert_same(a, b)
+    for i in range(4, 8):
+        _assert_same(first[i], first[i - 4])
+    want_main = _result(*problems[0])
+    for r in main_results:
+        _assert_same(r, want_main)
+    assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before
 
 
 def test_blas_threads_follow_the_product_size():
