@@ -519,6 +519,11 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     if ws.forward_kind is None:
         raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
                          "workspace=workspace) first (once per backward)")
+    if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again
+        _check_ids(ws.tokens, "workspace.tokens", (ws.T, ws.B), model.input_size, "token ids")
+    elif ws.forward_kind != "dense" or ws._x is None:
+        raise ValueError(f"workspace.forward_kind is {ws.forward_kind!r} without the inputs of a "
+                         f"forward pass: call fastbptt.forward(model, X, workspace=workspace) first")
     dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite)
     carry = _check_carry(carry, ws.T, ws.B, model.dtype)
     method = _check_method(method, ws.B, model.hidden_size)

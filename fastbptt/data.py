@@ -343,6 +343,9 @@ def file_sha1(path):
 
 
 def _check_corpus(corpus):
+    if isinstance(corpus, np.ma.MaskedArray):
+        raise TypeError("corpus is a masked array, whose hidden ids would be used: pass "
+                        "corpus.compressed() to drop the masked tokens")
     corpus = np.asarray(corpus)
     if corpus.ndim != 1:
         raise ValueError(f"corpus must be a 1-D array of token ids, got shape {corpus.shape}")

@@ -221,6 +221,12 @@ class RNN:
                              f"got {value.shape}; the parameters keep their values")
         if value.dtype.kind not in "fiu":
             raise TypeError(f"model.flat must be set from real numbers, got dtype {value.dtype}")
+        if value.dtype.itemsize > self._dtype.itemsize or value.dtype.kind != "f":
+            finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
+            biggest = float(np.max(np.abs(finite), initial=0))
+            if biggest > float(np.finfo(self._dtype).max):
+                raise ValueError(f"model.flat must be set from values that {self._dtype.name} can hold, "
+                                 f"got {biggest:.3g}; the parameters keep their values")
         self._flat[...] = value
 
     @property
@@ -239,12 +245,20 @@ class RNN:
                 "flat": self._flat}
 
     def __setstate__(self, state):
+        """Rebuild from the sizes and the flat buffer, checked as the constructor checks them."""
         D, H, O, bias = state["sizes"]
-        flat = np.asarray(state["flat"])
-        self._build(D, H, O, bias, check_dtype(np.dtype(state["dtype"])), flat)
+        D, H, O = (_positive_int(v, n) for v, n in ((D, "input_size"), (H, "hidden_size"),
+                                                    (O, "output_size")))
+        if not isinstance(bias, (bool, np.bool_)):
+            raise ValueError(f"a pickled RNN has bias={bias!r}")
+        flat = state["flat"]
+        if not isinstance(flat, np.ndarray) or isinstance(flat, np.ma.MaskedArray) or flat.ndim != 1:
+            raise ValueError("a pickled RNN's flat buffer must be a plain 1-D ndarray")
+        self._build(D, H, O, bool(bias), check_dtype(np.dtype(state["dtype"])), np.zeros(0))
         if self._flat.size != flat.size:
             raise ValueError(f"a pickled RNN's flat buffer has {flat.size} values, "
                              f"its sizes need {self._flat.size}")
+        self.flat = flat
         self.activation = state["activation"]
 
     def reset_parameters(self, seed=0, init="uniform", scale=None):

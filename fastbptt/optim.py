@@ -29,7 +29,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .model import RNN
+from .model import RNN, ViewMap
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -160,10 +160,13 @@ def _number(value, name, *, low=None, low_open=False, high=None, high_open=False
     return value
 
 
-def _grad_buffer(grad, name="grad"):
-    """The flat gradient itself (a Workspace's ``grad_flat``, or a 1-D float array to change in place)."""
+def _grad_buffer(grad, name="grad", writable=True):
+    """The flat gradient itself (a Workspace's ``grad_flat``, or a 1-D float array; changed in place
+    when ``writable``)."""
     if hasattr(grad, "grad_flat") and isinstance(grad.grad_flat, np.ndarray):
         grad = grad.grad_flat
+    if isinstance(grad, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; pass {name}.filled(0.0)")
     if not isinstance(grad, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array (such as workspace.grad_flat) or a Workspace, "
                         f"got {type(grad).__name__}")
@@ -172,8 +175,10 @@ def _grad_buffer(grad, name="grad"):
                          f"got shape {grad.shape}")
     if grad.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must hold float32 or float64, got dtype {grad.dtype}")
-    if not grad.flags.c_contiguous or not grad.flags.writeable:
+    if writable and not (grad.flags.c_contiguous and grad.flags.writeable):
         raise ValueError(f"{name} must be contiguous and writable: it is changed in place")
+    if not grad.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous (np.ascontiguousarray({name}))")
     return grad
 
 
@@ -216,7 +221,7 @@ def grad_norm(grad):
     grad : ndarray (n_params,) or Workspace
         The flat gradient (``workspace.grad_flat``) or the workspace holding it.
     """
-    return _norm(_grad_buffer(grad))
+    return _norm(_grad_buffer(grad, writable=False))
 
 
 def clip_grad_norm(grad, max_norm):
@@ -306,19 +311,40 @@ class Optimizer:
     def __init__(self, model, **hyper):
         if not isinstance(model, RNN):
             raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
-        self.model = model
-        self.hyper = hyper
-        self.t = 0                                   # steps taken
-        self.state = {name: np.zeros_like(model.flat) for name in self._state_names}
+        self._model = model
+        self._hyper = hyper
+        self._t = 0                                   # steps taken
+        self._state = {name: np.zeros_like(model.flat) for name in self._state_names}
+
+    # read-only: a model, state array, step count or hyperparameter changed by hand would reach
+    # the compiled update unchecked (a state array of another size is an out-of-bounds write)
+    model = property(lambda self: self._model, doc="The model this optimizer updates (read-only).")
+    t = property(lambda self: self._t, doc="Steps taken (read-only; ``load_state_dict`` restores it).")
+    hyper = property(lambda self: ViewMap(self._hyper),
+                     doc="Hyperparameters, a read-only mapping (``lr`` is assignable on its own).")
+    state = property(lambda self: ViewMap(self._state),
+                     doc="State arrays laid out like ``model.flat`` (read-only mapping; write in place).")
+
+    def __getstate__(self):
+        return {"model": self._model, "state_dict": self.state_dict()}
+
+    def __setstate__(self, saved):
+        """Rebuild through the constructor and ``load_state_dict``, so a tampered pickle is refused."""
+        model, sd = saved["model"], saved["state_dict"]
+        if not isinstance(sd, dict) or not isinstance(sd.get("hyper"), dict):
+            raise ValueError("a pickled optimizer must hold a state_dict() with its hyperparameters")
+        fresh = type(self)(model, **sd["hyper"])
+        vars(self).update(vars(fresh))
+        self.load_state_dict(sd)
 
     @property
     def lr(self):
         """The learning rate (assignable, e.g. for a schedule)."""
-        return self.hyper["lr"]
+        return self._hyper["lr"]
 
     @lr.setter
     def lr(self, value):
-        self.hyper["lr"] = _number(value, "lr", low=0.0, low_open=True)
+        self._hyper["lr"] = _number(value, "lr", low=0.0, low_open=True)
 
     def step(self, grad):
         """Update ``model.flat`` in place from the flat gradient.
@@ -328,12 +354,21 @@ class Optimizer:
         grad : ndarray (n_params,) of the model's dtype, or Workspace
             ``workspace.grad_flat`` after ``loss_and_grad`` (only read).
         """
-        grad = _grad_buffer(grad)
-        flat = self.model.flat
+        grad = _grad_buffer(grad, writable=False)
+        flat = self._model.flat
         if grad.shape != flat.shape or grad.dtype != flat.dtype:
             raise ValueError(f"grad must have shape {flat.shape} and dtype {flat.dtype} like model.flat, "
                              f"got shape {grad.shape} and dtype {grad.dtype}")
-        self.t += 1
+        if not flat.flags.writeable:
+            raise ValueError("model.flat is read-only (its flags.writeable was set to False); "
+                             "set model.flat.flags.writeable = True")
+        for name, value in self._state.items():   # what the kernel writes: exactly model.flat's layout
+            if (value.shape != flat.shape or value.dtype != flat.dtype or not value.flags.c_contiguous
+                    or not value.flags.writeable):
+                raise ValueError(f"optimizer state {name!r} no longer matches model.flat (shape "
+                                 f"{value.shape}, dtype {value.dtype}); make a new optimizer or "
+                                 f"load_state_dict() a saved one")
+        self._t += 1
         self._update(flat, grad)
 
     def _update(self, p, g):  # pragma: no cover - abstract
@@ -341,19 +376,19 @@ class Optimizer:
 
     def _warm_up(self):
         """Compile the kernel for this dtype (on scratch arrays), so timing excludes it."""
-        saved = self.model, self.state, self.t
-        scratch = RNN(1, 1, 1, bias=False, dtype=self.model.dtype)
+        saved = self._model, self._state, self._t
+        scratch = RNN(1, 1, 1, bias=False, dtype=self._model.dtype)
         try:
-            self.model, self.t = scratch, 0
-            self.state = {name: np.zeros_like(scratch.flat) for name in self._state_names}
+            self._model, self._t = scratch, 0
+            self._state = {name: np.zeros_like(scratch.flat) for name in self._state_names}
             self.step(np.zeros_like(scratch.flat))
         finally:
-            self.model, self.state, self.t = saved
+            self._model, self._state, self._t = saved
 
     def state_dict(self):
         """Name, hyperparameters, step count and state arrays (copies)."""
-        return {"name": self.name, "hyper": dict(self.hyper), "t": self.t,
-                "state": {k: v.copy() for k, v in self.state.items()}}
+        return {"name": self.name, "hyper": dict(self._hyper), "t": self._t,
+                "state": {k: v.copy() for k, v in self._state.items()}}
 
     def load_state_dict(self, sd):
         """Restore what ``state_dict`` returned (from this kind of optimizer, for this model's size).
@@ -379,14 +414,16 @@ class Optimizer:
             got = sorted(state) if isinstance(state, dict) else state
             raise ValueError(f"state must hold {sorted(self._state_names)}, got {got}")
         for k, v in state.items():
+            if isinstance(v, np.ma.MaskedArray):
+                raise TypeError(f"optimizer state {k!r} is a masked array; pass .filled(0.0)")
             v = np.asarray(v)
-            if v.shape != self.model.flat.shape or v.dtype != self.model.flat.dtype:
+            if v.shape != self._model.flat.shape or v.dtype != self._model.flat.dtype:
                 raise ValueError(f"optimizer state {k!r} has shape {v.shape} and dtype {v.dtype}, "
-                                 f"but the model needs {self.model.flat.shape} and {self.model.flat.dtype}")
-        self.hyper = hyper
-        self.t = int(t)
+                                 f"but the model needs {self._model.flat.shape} and {self._model.flat.dtype}")
+        self._hyper = hyper
+        self._t = int(t)
         for k, v in state.items():
-            self.state[k][...] = v
+            self._state[k][...] = v
 
     def _check_compatible(self, hyper):
         """Refuse a state whose hyperparameters need other state arrays than this optimizer has."""
@@ -396,7 +433,7 @@ class Optimizer:
         raise NotImplementedError
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
         return f"{type(self).__name__}({args})"
 
 
@@ -418,7 +455,7 @@ class SGD(Optimizer):
 
     @property
     def _state_names(self):
-        return self.state_names_for(self.hyper)
+        return self.state_names_for(self._hyper)
 
     @classmethod
     def state_names_for(cls, hyper):
@@ -430,14 +467,14 @@ class SGD(Optimizer):
                 "momentum": _number(momentum, "momentum", low=0.0, high=1.0, high_open=True)}
 
     def _check_compatible(self, hyper):
-        if (hyper["momentum"] > 0) != (self.hyper["momentum"] > 0):
+        if (hyper["momentum"] > 0) != (self._hyper["momentum"] > 0):
             raise ValueError(f"state is for SGD with momentum={hyper['momentum']}, but this one has "
-                             f"momentum={self.hyper['momentum']}")
+                             f"momentum={self._hyper['momentum']}")
 
     def _update(self, p, g):
-        h = self.hyper
+        h = self._hyper
         if h["momentum"] > 0:
-            _sgd_momentum(p, g, self.state["velocity"], h["lr"], h["momentum"])
+            _sgd_momentum(p, g, self._state["velocity"], h["lr"], h["momentum"])
         else:
             _sgd(p, g, h["lr"])
 
@@ -466,7 +503,7 @@ class Adagrad(Optimizer):
                 "eps": _number(eps, "eps", low=0.0, low_open=True)}
 
     def _update(self, p, g):
-        _adagrad(p, g, self.state["sum_squares"], self.hyper["lr"], self.hyper["eps"])
+        _adagrad(p, g, self._state["sum_squares"], self._hyper["lr"], self._hyper["eps"])
 
 
 class Adam(Optimizer):
@@ -501,10 +538,10 @@ class Adam(Optimizer):
                 "weight_decay": _number(weight_decay, "weight_decay", low=0.0)}
 
     def _update(self, p, g):
-        h = self.hyper
+        h = self._hyper
         b1, b2 = h["betas"]
-        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
-        _adam(p, g, self.state["exp_avg"], self.state["exp_avg_sq"], h["lr"], b1, b2, h["eps"],
+        c1, c2 = 1.0 - b1 ** self._t, 1.0 - b2 ** self._t
+        _adam(p, g, self._state["exp_avg"], self._state["exp_avg_sq"], h["lr"], b1, b2, h["eps"],
               c1, c2, h["weight_decay"], self._coupled)
 
 

@@ -56,9 +56,9 @@ def random_truncation(T, pi, rng, B=None, dtype=np.float64, out=None):
         T = _positive_int(T, "T")
         dt = check_dtype(dtype)
         out = np.empty((T,) if B is None else (T, _positive_int(B, "B")), dtype=dt)
-    elif not isinstance(out, np.ndarray) or out.dtype not in (np.float32, np.float64) \
+    elif type(out) is not np.ndarray or out.dtype not in (np.float32, np.float64) \
             or not out.flags.c_contiguous or not out.flags.writeable:
-        raise TypeError("out must be a contiguous, writable float32 or float64 ndarray")
+        raise TypeError("out must be a plain (not masked), contiguous, writable float32 or float64 ndarray")
     weight = _carry_weight(pi, out.dtype)
     rng.random(dtype=out.dtype, out=out)
     # u < π with probability π: carry 1/π; else cut

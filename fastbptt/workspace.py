@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from .model import RNN, _positive_int, flat_views, param_layout
+from .model import RNN, _positive_int, check_dtype, flat_views, param_layout
 
 
 def model_signature(model):
@@ -129,11 +129,41 @@ class Workspace:
                 "last_carry_is_full": self.last_carry is self.carry_full}
 
     def __setstate__(self, state):
-        self.T, self.B, self.signature, self.dtype = state["T"], state["B"], state["signature"], state["dtype"]
-        self._make_buffers(state["buffers"]["grad_flat"].size)
-        for name, value in state["buffers"].items():
+        """Rebuild the block and copy the saved buffers in, after checking that each has its declared
+        shape and dtype (a tampered pickle is refused, never handed to a kernel)."""
+        T, B = _positive_int(state["T"], "T"), _positive_int(state["B"], "B")
+        D, H, O, bias, dtype = state["signature"]
+        D, H, O = (_positive_int(v, n) for v, n in ((D, "D"), (H, "H"), (O, "O")))
+        if not isinstance(bias, bool):
+            raise ValueError(f"a pickled Workspace has bias={bias!r}")
+        dtype = check_dtype(dtype)
+        object.__setattr__(self, "T", T)
+        object.__setattr__(self, "B", B)
+        object.__setattr__(self, "signature", (D, H, O, bias, dtype))
+        object.__setattr__(self, "dtype", dtype)
+        n_params = sum(int(np.prod(shape)) for _, shape in param_layout(D, H, O, bias))
+        self._make_buffers(n_params)
+        saved = state["buffers"]
+        if set(saved) != {name for name, *_ in self._declared}:
+            raise ValueError("a pickled Workspace does not hold the buffers it declares")
+        for name, shape, dt, _ in self._declared:
+            value = np.asarray(saved[name])
+            if value.shape != shape or value.dtype != np.dtype(dt):
+                raise ValueError(f"a pickled Workspace's {name} has shape {value.shape} and dtype "
+                                 f"{value.dtype}, not {shape} and {np.dtype(dt)}")
             getattr(self, name)[...] = value
-        self._x, self._dX, self.forward_kind = state["x"], state["dX"], state["forward_kind"]
+        extra = {}
+        for key, want in (("x", (T, B, D)), ("dX", (T, B, D))):
+            value = state[key]
+            if value is not None:
+                value = np.array(value, copy=True)
+                if value.shape != want or value.dtype != dtype:
+                    raise ValueError(f"a pickled Workspace's {key} buffer has shape {value.shape}, not {want}")
+            extra[key] = value
+        kind = state["forward_kind"]
+        if kind not in (None, "dense", "tokens") or (kind == "dense" and extra["x"] is None):
+            raise ValueError(f"a pickled Workspace has forward_kind={kind!r}")
+        self._x, self._dX, self.forward_kind = extra["x"], extra["dX"], kind
         self.last_carry = self.carry_full if state["last_carry_is_full"] else self.carry
         self._busy = threading.Lock()
 

@@ -392,3 +392,132 @@ def test_parallel_equals_serial_with_a_blas_whose_bits_depend_on_threads():
     """, env={"OPENBLAS_CORETYPE": "Haswell"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bad []" in done.stdout, done.stdout
+
+
+# ----------------------------------------------------------------------------- found by attacking
+
+def _tamper(obj, edit):
+    """Pickle ``obj`` with ``edit`` applied to its pickled state, then unpickle."""
+    make, args, state = obj.__reduce_ex__(2)[:3]
+    state = copy.deepcopy(state)
+    edit(state)
+    twin = make(*args)
+    twin.__setstate__(state)
+    return twin
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_optimizer_state_model_and_hyper_cannot_be_rebound(name):
+    from fastbptt import optim
+    model = fastbptt.RNN(5, 8, 5)
+    opt = getattr(optim, name)(model, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+    state_name = next(iter(opt.state))
+    with pytest.raises(TypeError):
+        opt.state[state_name] = np.zeros(3, np.float32)       # used to write past a 3-element array
+    for attr, value in (("model", fastbptt.RNN(50, 80, 50)), ("state", {}), ("hyper", {}), ("t", -1)):
+        with pytest.raises(AttributeError):
+            setattr(opt, attr, value)
+    with pytest.raises(TypeError):
+        opt.hyper["lr"] = "x"
+    opt.state[state_name].shape = (1, opt.state[state_name].size)   # legal NumPy, wrong layout
+    with pytest.raises(ValueError, match=rf"optimizer state {state_name!r} no longer matches model\.flat"):
+        opt.step(np.ones_like(model.flat))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s["state_dict"]["state"].update({k: v[:3] for k, v in s["state_dict"]["state"].items()}),
+     "has shape"),
+    (lambda s: s["state_dict"].update(t=-1), "t"),
+    (lambda s: s["state_dict"]["hyper"].update(lr="x"), "lr"),
+])
+def test_tampered_optimizer_pickle_is_refused(edit, match):
+    from fastbptt import optim
+    opt = optim.Adam(fastbptt.RNN(5, 8, 5), lr=0.1)
+    opt.step(np.ones_like(opt.model.flat))
+    with pytest.raises((ValueError, TypeError), match=match):
+        _tamper(opt, edit)
+
+
+def test_read_only_model_flat_in_an_optimizer_step():
+    from fastbptt import optim
+    model = fastbptt.RNN(5, 8, 5)
+    opt = optim.SGD(model, lr=0.1)
+    model.flat.flags.writeable = False
+    with pytest.raises(ValueError, match=r"model\.flat is read-only"):
+        opt.step(np.ones_like(model.flat))
+
+
+def test_a_read_only_gradient_may_be_stepped_from():
+    from fastbptt import optim
+    model = fastbptt.RNN(5, 8, 5)
+    g = np.ones_like(model.flat)
+    g.flags.writeable = False
+    before = model.flat.copy()
+    optim.SGD(model, lr=0.1).step(g)
+    assert np.allclose(model.flat, before - 0.1)
+
+
+def test_token_ids_written_into_the_workspace_by_hand_are_refused_by_backward():
+    """forward() keeps the ids in ws.tokens, a public buffer: an id put there by hand used to
+    reach the scatter kernel (a segfault)."""
+    model, X, _, h0 = make_problem(T=5, B=3, D=4, H=6, O=4, inputs="tokens")
+    ws = fastbptt.Workspace(model, 5, 3)
+    fastbptt.forward(model, X, h0, workspace=ws)
+    ws.tokens[2, 1] = 10 ** 9
+    with pytest.raises(ValueError, match=r"workspace\.tokens must hold token ids in \[0, 4\)"):
+        fastbptt.backward(model, np.zeros((5, 3, 4)), workspace=ws)
+
+
+def test_forward_kind_set_by_hand_is_refused():
+    model, *_ = make_problem(T=5, B=3, D=4, H=6, O=4)
+    ws = fastbptt.Workspace(model, 5, 3)
+    ws.forward_kind = "dense"
+    with pytest.raises(ValueError, match="without the inputs of a forward pass"):
+        fastbptt.backward(model, np.zeros((5, 3, 4)), workspace=ws)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s["buffers"].update(hs=s["buffers"]["hs"][:1]), "hs has shape"),
+    (lambda s: s["buffers"].update(tokens=np.zeros(1, np.intp)), "tokens has shape"),
+    (lambda s: s.update(T=0), "T must be a positive int"),
+    (lambda s: s.update(forward_kind="dense"), "forward_kind"),
+])
+def test_tampered_workspace_pickle_is_refused(edit, match):
+    model, *_ = make_problem(T=5, B=3, D=4, H=6, O=4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        _tamper(fastbptt.Workspace(model, 5, 3), edit)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.update(sizes=(0, 8, 5, True)), "input_size must be a positive int"),
+    (lambda s: s.update(sizes=(5, 8, 5, "no")), "bias"),
+    (lambda s: s.update(flat=np.full(s["flat"].size, 1e300)), "float32 can hold"),
+    (lambda s: s.update(flat=np.ma.masked_array(s["flat"])), "plain 1-D ndarray"),
+])
+def test_tampered_model_pickle_is_refused(edit, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _tamper(fastbptt.RNN(5, 8, 5), edit)
+
+
+def test_flat_set_from_values_the_dtype_cannot_hold():
+    model = fastbptt.RNN(5, 8, 5)
+    before = model.flat.copy()
+    with pytest.raises(ValueError, match=r"float32 can hold, got 1e\+300"):
+        model.flat = np.full(model.n_params, 1e300)
+    assert np.array_equal(model.flat, before)
+
+
+def test_masked_corpus_and_carry_buffer_are_refused():
+    from fastbptt import data, training
+    corpus = np.ma.masked_array(np.arange(100) % 7, mask=np.arange(100) % 5 == 0)
+    with pytest.raises(TypeError, match=r"corpus is a masked array.*compressed"):
+        data.SeqDataLoader(corpus, 5, 2)
+    with pytest.raises(TypeError, match="plain"):
+        training.random_truncation(5, 0.5, 0, out=np.ma.masked_array(np.zeros(5)))
+
+
+def test_masked_gradient_in_clipping_is_a_type_error_naming_it():
+    from fastbptt import optim
+    g = np.ma.masked_array(np.ones(10), mask=np.arange(10) == 3)
+    with pytest.raises(TypeError, match=r"grad is a masked array"):
+        optim.clip_grad_norm(g, 1.0)
