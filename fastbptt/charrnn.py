@@ -300,6 +300,9 @@ def _resume(path, model, opt, rng, vocab, optimizer, lr, epochs):
         raise ValueError(f"checkpoint {path!r} was trained on a different vocabulary")
     if saved.optimizer is None:
         raise ValueError(f"checkpoint {path!r} holds no optimizer state")
+    if not np.isfinite(model.flat).all():
+        raise ValueError(f"checkpoint {path!r} holds NaN or Inf parameters (saved from a run that "
+                         f"diverged?): resume from an earlier checkpoint, or start again")
     start = extra.get("epoch", 0)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise checkpoint.CheckpointError(f"checkpoint {path!r} is damaged: its epoch count {start!r} "

@@ -287,3 +287,15 @@ def test_a_huge_perplexity_is_not_printed_in_full(capsys):
     code, out, err = run(capsys, "--epochs", "5", "--lr", "100", "--clip", "100")
     assert code in (0, 1), err
     assert not re.search(r"\d{12}", out + err)              # never a 190-digit number on screen
+
+
+def test_resume_from_a_checkpoint_with_nan_parameters_names_the_checkpoint(capsys, tmp_path):
+    path = tmp_path / "a.npz"
+    assert run(capsys, "--epochs", "2", "--save", str(path))[0] == 0
+    with np.load(path) as f:
+        members = {k: f[k] for k in f.files}
+    members["model.flat"] = np.full_like(members["model.flat"], np.nan)
+    np.savez(path, **members)
+    code, out, err = run(capsys, "--epochs", "4", "--resume", str(path))
+    assert code == 2
+    assert "holds NaN or Inf parameters" in err and "check_finite" not in err
