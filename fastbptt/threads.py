@@ -55,6 +55,7 @@ _saved = ()                          # the caller's thread count of each library
 _current = ()                        # the count each library has now
 _one = ()                            # one thread for every library
 _waiting = 0                         # other threads' products waiting for the caller's count back
+_readers = 0                         # other threads' products running now (with the caller's count)
 
 
 def _is_main():
@@ -132,28 +133,57 @@ def dot(a, b, out):
     Must be called between ``enter()`` and ``leave()``. a (M, K) or (K,), b (K, N), out (M, N) or (N,).
     On the main thread the product runs with the count its size asks for; on any other thread
     (which cannot change it) with the caller's setting, never with a count the main thread set
-    for one of its own products.
+    for one of its own products. Other threads' products run at once; the main thread changes
+    the count only while none of them runs.
     """
-    global _waiting
+    global _waiting, _readers
     if not _libs:
         np.dot(a, b, out=out)
         return
-    with _lock:
-        if _is_main():
+    if _is_main():
+        with _lock:
             want = _saved if 2 * a.size * b.shape[-1] >= PARALLEL_BLAS_MIN_FLOPS else _one
             if want != _current:
+                _lock.wait_for(lambda: _readers == 0)
                 _set(want)
             np.dot(a, b, out=out)
             if _waiting and _current != _saved:      # another thread waits for the caller's count
                 _set(_saved)
                 _lock.notify_all()
-        else:
-            _waiting += 1
-            try:
-                _lock.wait_for(lambda: _current == _saved)
-            finally:
-                _waiting -= 1
-            np.dot(a, b, out=out)
+        return
+    _warn_other_thread()
+    with _lock:
+        _waiting += 1
+        try:
+            _lock.wait_for(lambda: _current == _saved)
+        finally:
+            _waiting -= 1
+        _readers += 1
+    try:
+        np.dot(a, b, out=out)
+    finally:
+        with _lock:
+            _readers -= 1
+            if _readers == 0:
+                _lock.notify_all()
+
+
+_warned_other_thread = False
+
+
+def _warn_other_thread():
+    global _warned_other_thread
+    if _warned_other_thread:
+        return
+    n = max(lib.get_num_threads() for lib in _libs)
+    if n > 1:
+        _warned_other_thread = True
+        warnings.warn(f"fastbptt called from a thread other than the main one while BLAS uses "
+                      f"{n} threads: OpenBLAS ignores thread-count changes from other "
+                      f"threads, so every product runs on all of them and threads that compute at "
+                      f"once can be many times slower. Limit BLAS to one thread on the main thread "
+                      f"before starting the threads (threadpoolctl.threadpool_limits(1), or "
+                      f"OPENBLAS_NUM_THREADS=1).", RuntimeWarning, stacklevel=5)
 
 
 # ------------------------------------------------------------------------ Numba's threads
@@ -164,11 +194,11 @@ _forked_child = False                # ... and this is a child forked after that
 
 
 def _after_fork_in_child():
-    global _forked_child, _launch_lock, _lock, _waiting
+    global _forked_child, _launch_lock, _lock, _waiting, _readers
     # locks held by other threads at the fork would stay held in the child: new ones
     _launch_lock = threading.Lock()
     _lock = threading.Condition()
-    _waiting = 0
+    _waiting = _readers = 0
     if _pool_started and not _fork_safe_layer():
         _forked_child = True
 

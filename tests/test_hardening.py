@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -293,6 +294,22 @@ def test_python_threads_are_deterministic_and_never_see_the_main_threads_setting
     for r in main_results:
         _assert_same(r, want_main)
     assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before
+
+
+def test_a_call_from_another_thread_with_threaded_blas_warns_once(monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not threads.available():
+        pytest.skip("threadpoolctl found no BLAS")
+    monkeypatch.setattr(threads, "_warned_other_thread", False)
+    model, X, Y, h0 = make_problem(T=5, B=3, D=4, H=6, O=4)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            worker = threading.Thread(target=fastbptt.loss_and_grad, args=(model, X, Y, h0))
+            worker.start()
+            worker.join()
+    messages = [str(w.message) for w in seen if "thread other than the main one" in str(w.message)]
+    assert len(messages) == 1 and "threadpool_limits(1)" in messages[0]
 
 
 def test_blas_threads_follow_the_product_size():
