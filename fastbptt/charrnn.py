@@ -33,7 +33,7 @@ from .training import _carry_weight, train_epoch
 from .workspace import Workspace
 
 PROG = "python -m fastbptt train"
-COMPILE_TEXT = "compiling kernels (about 5 s the first time, cached afterwards)"
+COMPILE_TEXT = "compiling kernels (5-15 s the first time, cached afterwards)"
 
 
 class UsageError(Exception):
@@ -75,8 +75,9 @@ def _temperature(text):
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter,
-        description="Train a character-level RNN language model with fastbptt; the defaults are "
-                    "Dive into Deep Learning's recipe for The Time Machine.",
+        description="Train a character-level RNN language model with fastbptt; the sizes and "
+                    "hyperparameters default to Dive into Deep Learning's recipe for The Time "
+                    "Machine (the text itself is --text).",
         epilog="Without --text the corpus is a text that ships with Python (the Zen of Python and "
                "standard-library docstrings, about 17,000 characters). The Time Machine is "
                "Project Gutenberg's public-domain text; d2l's copy is timemachine.txt.")
