@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 
-MUTANT_TIMEOUT_S = 180
+MUTANT_TIMEOUT_S = 60     # a selection takes 10-20 s; a mutated loop that never ends costs this
 
 # Each entry is one pytest run (its own -k); a file's runs go in order, stopping at the first failure.
 _KERNELS = [
