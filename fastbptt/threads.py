@@ -44,10 +44,13 @@ import warnings
 import numpy as np
 
 #: Products with fewer floating-point operations than this run on one BLAS thread.
-#: About 2.7e8: a few milliseconds on one core, long enough that waiting for a busy
-#: core costs less than the second thread gains. Part of what decides the bits of a
-#: result: change it before the first call, not between calls you compare.
-PARALLEL_BLAS_MIN_FLOPS = 2 ** 28
+#: About 3.4e7, a third of a millisecond on one core: the smallest products whose second
+#: thread still paid for itself with the other core busy, in side-by-side timings of
+#: 2^24, 2^25 and 2^28 on a 2-core machine (2^24 would thread the 70 per-step products of
+#: a T = 35, B = 32, H = 512 step, 2^28 its weight gradients' neighbours too). Part of
+#: what decides the bits of a result: change it before the first call, not between calls
+#: you compare.
+PARALLEL_BLAS_MIN_FLOPS = 2 ** 25
 
 _lock = threading.Condition()        # guards everything below and every product run under it
 _libs = None                         # threadpoolctl's BLAS controllers; [] without threadpoolctl

@@ -272,6 +272,7 @@ def test_python_threads_with_blas_on_one_thread_give_the_main_thread_bits():
     assert set(inside) == {1}
 
 
+@pytest.mark.filterwarnings("ignore:fastbptt called from a thread other than the main one")
 def test_python_threads_are_deterministic_and_never_see_the_main_threads_setting():
     """With BLAS's own setting, threads other than the main one run products with it: the same
     bits in every thread and every run, while the main thread computes at the same time."""
