@@ -313,6 +313,15 @@ def test_a_call_from_another_thread_with_threaded_blas_warns_once(monkeypatch):
     assert len(messages) == 1 and "threadpool_limits(1)" in messages[0]
 
 
+def test_gnu_openmp_workers_do_not_spin_for_milliseconds():
+    done = _run("import os, fastbptt; print(os.environ['GOMP_SPINCOUNT'])", env={"GOMP_SPINCOUNT": ""})
+    assert done.stdout.strip() == "", "a value the user set must be kept"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    done = subprocess.run([sys.executable, "-c", "import os, fastbptt; print(os.environ['GOMP_SPINCOUNT'])"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.strip() == "10000", done.stderr
+
+
 def test_blas_threads_follow_the_product_size():
     assert threads.threads_for(threads.PARALLEL_BLAS_MIN_FLOPS - 1) == 1
     assert threads.threads_for(threads.PARALLEL_BLAS_MIN_FLOPS) == 0     # the caller's setting
