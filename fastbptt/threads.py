@@ -52,31 +52,60 @@ import numpy as np
 #: you compare.
 PARALLEL_BLAS_MIN_FLOPS = 2 ** 25
 
-_lock = threading.Condition()        # guards everything below and every product run under it
+_mutex = threading.Lock()            # guards everything below and every product run under it
+_lock = threading.Condition(_mutex)  # ... and signals when the caller's count is back
 _libs = None                         # threadpoolctl's BLAS controllers; [] without threadpoolctl
 _saved = ()                          # the caller's thread count of each library, read as a call starts
 _current = ()                        # the count each library has now
 _one = ()                            # one thread for every library
+_getters = _setters = ()             # each library's get/set of its thread count
+_GEMM_ONE = _GEMV_ONE = 0            # below these sizes BLAS runs a product on one thread anyway
 _waiting = 0                         # other threads' products waiting for the caller's count back
 _readers = 0                         # other threads' products running now (with the caller's count)
 
 
+_main = threading.main_thread().ident
+_get_ident = threading.get_ident
+
+
 def _is_main():
-    return threading.get_ident() == threading.main_thread().ident
+    return _get_ident() == _main
 
 
 def _blas_libs():
-    global _libs
-    if _libs is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _libs = []
-        else:
-            _libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
-    global _one
-    _one = (1,) * len(_libs)
+    """threadpoolctl's BLAS controllers (found once), with what ``dot`` needs of them."""
+    global _libs, _one, _getters, _setters, _GEMM_ONE, _GEMV_ONE
+    if _libs is not None:
+        return _libs
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        _libs = []
+        return _libs
+    libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    _one = (1,) * len(libs)
+    _getters = [_direct(lib, "openblas_get_num_threads", lib.get_num_threads) for lib in libs]
+    _setters = [_direct(lib, "openblas_set_num_threads", lib.set_num_threads) for lib in libs]
+    if libs and all(lib.internal_api == "openblas" for lib in libs):
+        # OpenBLAS runs a GEMM of M·N·K < 65536·t and a GEMV of M·N < 2304·t on one thread,
+        # whatever its setting (interface/gemm.c, gemv.c; t = GEMM_MULTITHREAD_THRESHOLD, 4 by
+        # default and in NumPy's own build, possibly lower elsewhere): such products need no
+        # change of the setting, which costs microseconds each way
+        t = 4 if all(lib.prefix.startswith("libscipy_openblas") for lib in libs) else 1
+        _GEMM_ONE, _GEMV_ONE = 65536 * t, 2304 * t
+    _libs = libs
     return _libs
+
+
+def _direct(lib, name, public):
+    """OpenBLAS's own C function behind threadpoolctl's ``public`` method (which looks its symbol
+    up on every call: 1.9 µs against 0.3), or ``public`` itself for other libraries."""
+    try:
+        if lib.internal_api == "openblas":
+            return getattr(lib.dynlib, lib._get_symbol(name))
+    except Exception:   # another threadpoolctl: its private helper moved
+        pass
+    return public
 
 
 def available():
@@ -106,13 +135,13 @@ def enter():
     global _saved, _current
     if _blas_libs() and _is_main():
         with _lock:
-            _saved = _current = tuple(lib.get_num_threads() for lib in _libs)
+            _saved = _current = tuple(get() for get in _getters)
 
 
 def _set(want):
     global _current
-    for lib, k in zip(_libs, want):
-        lib.set_num_threads(k)
+    for set_threads, k in zip(_setters, want):
+        set_threads(k)
     _current = want
 
 
@@ -140,13 +169,13 @@ def dot(a, b, out):
     the count only while none of them runs.
     """
     global _waiting, _readers
-    if not _libs:
+    if not _libs or _one_thread_anyway(a, b):
         np.dot(a, b, out=out)
         return
-    if _is_main():
-        with _lock:
-            want = _saved if 2 * a.size * b.shape[-1] >= PARALLEL_BLAS_MIN_FLOPS else _one
-            if want != _current:
+    if _get_ident() == _main:
+        want = _saved if 2 * a.size * b.shape[-1] >= PARALLEL_BLAS_MIN_FLOPS else _one
+        with _mutex:
+            if want is not _current and want != _current:
                 _lock.wait_for(lambda: _readers == 0)
                 _set(want)
             np.dot(a, b, out=out)
@@ -171,6 +200,14 @@ def dot(a, b, out):
                 _lock.notify_all()
 
 
+def _one_thread_anyway(a, b):
+    """Whether BLAS runs ``np.dot(a, b)`` on one thread whatever its setting. NumPy calls GEMV
+    when an operand is a vector or has a dimension of 1, GEMM otherwise."""
+    if a.ndim == 1 or b.ndim == 1 or 1 in a.shape or 1 in b.shape:
+        return max(a.size, b.size) < _GEMV_ONE
+    return a.size * b.shape[1] < _GEMM_ONE
+
+
 _warned_other_thread = False
 
 
@@ -178,7 +215,7 @@ def _warn_other_thread():
     global _warned_other_thread
     if _warned_other_thread:
         return
-    n = max(lib.get_num_threads() for lib in _libs)
+    n = max(get() for get in _getters)
     if n > 1:
         _warned_other_thread = True
         warnings.warn(f"fastbptt called from a thread other than the main one while BLAS uses "
@@ -205,11 +242,13 @@ _forked_child = False                # ... and this is a child forked after that
 
 
 def _after_fork_in_child():
-    global _forked_child, _launch_lock, _lock, _waiting, _readers
+    global _forked_child, _launch_lock, _mutex, _lock, _waiting, _readers, _main
     # locks held by other threads at the fork would stay held in the child: new ones
     _launch_lock = threading.Lock()
-    _lock = threading.Condition()
+    _mutex = threading.Lock()
+    _lock = threading.Condition(_mutex)
     _waiting = _readers = 0
+    _main = threading.main_thread().ident
     if _pool_started and not _fork_safe_layer():
         _forked_child = True
 

@@ -302,7 +302,7 @@ def test_a_call_from_another_thread_with_threaded_blas_warns_once(monkeypatch):
     if not threads.available():
         pytest.skip("threadpoolctl found no BLAS")
     monkeypatch.setattr(threads, "_warned_other_thread", False)
-    model, X, Y, h0 = make_problem(T=5, B=3, D=4, H=6, O=4)
+    model, X, Y, h0 = make_problem(T=50, B=9, D=28, H=64, O=28)    # products BLAS may thread
     with threadpoolctl.threadpool_limits(2, user_api="blas"), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -320,6 +320,22 @@ def test_gnu_openmp_workers_do_not_spin_for_milliseconds():
     done = subprocess.run([sys.executable, "-c", "import os, fastbptt; print(os.environ['GOMP_SPINCOUNT'])"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.stdout.strip() == "10000", done.stderr
+
+
+def test_products_blas_runs_on_one_thread_anyway_leave_the_setting_alone(monkeypatch):
+    """A T = 100, B = 1, H = 32 step: every product is below OpenBLAS's own one-thread sizes, so
+    the call changes no setting (a change costs microseconds each way)."""
+    pytest.importorskip("threadpoolctl")
+    if not threads.available() or not threads._GEMM_ONE:
+        pytest.skip("needs OpenBLAS through threadpoolctl")
+    calls = []
+    monkeypatch.setattr(threads, "_setters", [lambda k: calls.append(k)] * len(threads._libs))
+    model, X, Y, _ = make_problem(T=100, B=1, D=1, H=32, O=1, inputs="tokens", dtype=np.float32)
+    fastbptt.loss_and_grad(model, X, Y)
+    assert calls == []
+    model, X, Y, _ = make_problem(T=35, B=32, D=28, H=64, O=28, inputs="tokens", dtype=np.float32)
+    fastbptt.loss_and_grad(model, X, Y)
+    assert calls                                  # bigger products do get their one thread
 
 
 def test_blas_threads_follow_the_product_size():

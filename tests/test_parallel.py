@@ -51,6 +51,8 @@ def test_parallel_step_leaves_blas_threads_to_the_size_policy(monkeypatch):
 
     monkeypatch.setattr(threads.np, "dot", spy)
     monkeypatch.setattr(threads, "PARALLEL_BLAS_MIN_FLOPS", 2 * 5 * 4 * 8)   # some products above it
+    monkeypatch.setattr(threads, "_GEMM_ONE", 0)       # no product left to BLAS's own small-size rule
+    monkeypatch.setattr(threads, "_GEMV_ONE", 0)
     model, X, Y, h0 = make_problem(T=5, B=4, H=8)
     for parallel in (False, True):
         mode[0] = parallel
