@@ -54,3 +54,12 @@ def assert_close(name, got, want, dtype):
     assert err <= rtol * scale, (
         f"{name}: max abs error {err:.3e} exceeds {rtol:.1e} x scale {scale:.3e}")
     return err
+
+
+def has_avx2():
+    """Whether this is an x86 CPU with AVX2 (where OpenBLAS's Haswell kernels can be forced)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False

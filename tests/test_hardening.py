@@ -17,7 +17,7 @@ import pytest
 
 import fastbptt
 from fastbptt import threads
-from helpers import make_problem
+from helpers import has_avx2, make_problem
 
 
 def _result(model, X, Y, h0=None, **kw):
@@ -394,15 +394,7 @@ def test_fork_after_a_parallel_call_does_not_hang():
     assert done.stdout.startswith("ok")
 
 
-def _has_avx2():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx2" in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx2(), reason="needs an x86 CPU with AVX2 for OpenBLAS's Haswell kernels")
+@pytest.mark.skipif(not has_avx2(), reason="needs an x86 CPU with AVX2 for OpenBLAS's Haswell kernels")
 def test_parallel_equals_serial_with_a_blas_whose_bits_depend_on_threads():
     """OpenBLAS's Haswell SGEMM splits long reductions between threads, so its one- and
     two-thread results differ; the parallel path used to run its products on one thread.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastbptt
-from helpers import make_problem
+from helpers import has_avx2, make_problem
 
 
 def run(model, X, Y, h0, loss, parallel, method="auto", carry=None):
@@ -101,20 +101,12 @@ def test_parallel_equals_serial_at_realistic_sizes(T, B, H, inputs, loss, dtype)
     assert not differ, "parallel=True is not bitwise serial:\n" + "\n".join(differ)
 
 
-def _has_avx2():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx2" in f.read()
-    except OSError:
-        return False
-
-
 def test_parallel_equals_serial_at_realistic_sizes_with_another_blas_kernel():
     """The same promise with OpenBLAS's Haswell kernels, whose one- and two-thread products
     round differently (the kernels this machine picks may happen not to): one subprocess."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    if not (blas and all(i["internal_api"] == "openblas" for i in blas) and _has_avx2()):
+    if not (blas and all(i["internal_api"] == "openblas" for i in blas) and has_avx2()):
         pytest.skip("needs OpenBLAS on an x86-64 CPU with AVX2")
     import os
     import subprocess
