@@ -172,7 +172,12 @@ class RNN:
         self._dtype = dtype
         self._layout = tuple(param_layout(D, H, O, bias))
         n = sum(int(np.prod(shape)) for _, shape in self._layout)
-        self._flat = np.zeros(n, dtype)
+        try:
+            self._flat = np.zeros(n, dtype)
+        except MemoryError:
+            raise MemoryError(f"an RNN with input_size={D}, hidden_size={H}, output_size={O} has {n:,} "
+                              f"parameters ({n * dtype.itemsize / 2**30:,.1f} GiB of {dtype.name}), "
+                              f"more than this machine can allocate; use smaller sizes") from None
         if flat.size == n:
             self._flat[...] = flat
         # two sets of views: the public ``params`` and the ones the API hands to the kernels,

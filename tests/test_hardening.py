@@ -556,3 +556,8 @@ def test_masked_gradient_in_clipping_is_a_type_error_naming_it():
     g = np.ma.masked_array(np.ones(10), mask=np.arange(10) == 3)
     with pytest.raises(TypeError, match=r"grad is a masked array"):
         optim.clip_grad_norm(g, 1.0)
+
+
+def test_a_model_too_big_for_memory_names_its_sizes():
+    with pytest.raises(MemoryError, match=r"hidden_size=1099511627776, output_size=2 has .* parameters .* GiB"):
+        fastbptt.RNN(2 ** 40, 2 ** 40, 2)
