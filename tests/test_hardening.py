@@ -561,3 +561,39 @@ def test_masked_gradient_in_clipping_is_a_type_error_naming_it():
 def test_a_model_too_big_for_memory_names_its_sizes():
     with pytest.raises(MemoryError, match=r"hidden_size=1099511627776, output_size=2 has .* parameters .* GiB"):
         fastbptt.RNN(2 ** 40, 2 ** 40, 2)
+
+
+def test_what_used_to_segfault_is_refused_in_a_child_process():
+    """The red team's crashes, each in a child so that a regression fails this test instead of
+    killing pytest: a short optimizer state array, an optimizer pickled with one, and an id
+    written into the workspace by hand before backward."""
+    done = _run("""
+        import copy, pickle
+        import numpy as np, fastbptt
+        from fastbptt import optim
+        m = fastbptt.RNN(5, 8, 5)
+        for make in (lambda: optim.SGD(m, lr=0.1, momentum=0.9), lambda: optim.Adagrad(m, lr=0.1)):
+            opt = make()
+            name = next(iter(opt.state))
+            try:
+                opt.state[name] = np.zeros(3, np.float32)
+            except TypeError:
+                print("state refused")
+            sd = opt.__getstate__()
+            sd["state_dict"]["state"][name] = np.zeros(3, np.float32)
+            twin = type(opt).__new__(type(opt))
+            try:
+                twin.__setstate__(sd)
+            except ValueError:
+                print("pickle refused")
+        X = np.random.default_rng(0).integers(0, 5, size=(20, 4))
+        ws = fastbptt.Workspace(m, 20, 4)
+        fastbptt.forward(m, X, workspace=ws)
+        ws.tokens[3, 2] = 10 ** 12
+        try:
+            fastbptt.backward(m, np.zeros((20, 4, 5), np.float32), workspace=ws)
+        except ValueError:
+            print("ids refused")
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:5] == ["state refused", "pickle refused"] * 2 + ["ids refused"]
