@@ -339,7 +339,10 @@ def main(argv=None):
         return int(exc.code or 0)
     try:
         _check_args(args)
-        corpus, vocab = data.load_corpus(args.text, max_tokens=args.max_tokens or None)
+        try:
+            corpus, vocab = data.load_corpus(args.text, max_tokens=args.max_tokens or None)
+        except ValueError as exc:           # not UTF-8, say: the flag it came from leads
+            raise UsageError(f"--text: {exc}") from None
         need = data.min_tokens(args.steps, args.batch, args.sampling)
         if corpus.size < need:
             source = args.text or "the default text"

@@ -1,5 +1,8 @@
 """Shared test helpers: random problems and a comparison that names what differs."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 import fastbptt
@@ -63,3 +66,8 @@ def has_avx2():
             return " avx2" in f.read()
     except OSError:
         return False
+
+
+#: d2l's timemachine.txt: $FASTBPTT_TIMEMACHINE, else ../shared/data/timemachine.txt beside the checkout
+TIME_MACHINE = Path(os.environ.get("FASTBPTT_TIMEMACHINE")
+                    or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "timemachine.txt")

@@ -17,7 +17,7 @@ from fastbptt import charrnn, checkpoint, optim
 from fastbptt.model import RNN
 
 SMALL = ["--hidden", "16", "--steps", "10", "--batch", "4", "--max-tokens", "3000", "--quiet"]
-TIME_MACHINE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "timemachine.txt"
+from helpers import TIME_MACHINE  # noqa: E402
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_d2l.py"
 
 
@@ -299,3 +299,10 @@ def test_resume_from_a_checkpoint_with_nan_parameters_names_the_checkpoint(capsy
     code, out, err = run(capsys, "--epochs", "4", "--resume", str(path))
     assert code == 2
     assert "holds NaN or Inf parameters" in err and "check_finite" not in err
+
+
+def test_a_text_that_is_not_utf8_is_named_by_its_flag(capsys, tmp_path):
+    path = tmp_path / "bin.txt"
+    path.write_bytes(bytes(range(128, 256)) * 4)
+    code, out, err = run(capsys, "--text", str(path))
+    assert code == 2 and "--text: text file" in err and "not UTF-8" in err

@@ -6,14 +6,13 @@ import os
 import random
 import re
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastbptt import data
 
-TIME_MACHINE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "timemachine.txt"
+from helpers import TIME_MACHINE  # noqa: E402
 needs_time_machine = pytest.mark.skipif(not TIME_MACHINE.is_file(),
                                         reason=f"{TIME_MACHINE} is absent")
 
