@@ -123,3 +123,58 @@ def test_openblas_one_thread_sizes_are_left_alone_and_the_next_size_gets_the_pol
     seen, after = _blas_threads_of(monkeypatch, [gemm_below, gemm_at, gemv_below, gemv_at])
     assert seen == [{2}, {1}, {2}, {1}]
     assert after == {2}
+
+
+def test_another_openblas_build_is_assumed_to_thread_from_65536_flops():
+    """An OpenBLAS that is not NumPy's own may be built with a lower GEMM_MULTITHREAD_THRESHOLD:
+    assume 1, so a GEMM from M·N·K = 65536 and a GEMV from M·N = 2304 get the size policy
+    (mutant: another multiplier for other builds)."""
+    pytest.importorskip("threadpoolctl")
+    done = _run("""
+        import threadpoolctl
+        real_select = threadpoolctl.ThreadpoolController.select
+
+        def select(self, **kwargs):                  # the same OpenBLAS, under another name
+            chosen = real_select(self, **kwargs)
+            for lib in chosen.lib_controllers:
+                lib.prefix = "libopenblas"
+            return chosen
+
+        threadpoolctl.ThreadpoolController.select = select
+        import numpy as np
+        from fastbptt import threads
+        if not threads.available() or threads._libs[0].internal_api != "openblas":
+            print("skip")
+            raise SystemExit
+        seen, real = [], np.dot
+        threads.np.dot = lambda a, b, out=None: (seen.append(threads._libs[0].get_num_threads()),
+                                                 real(a, b, out=out))
+        with threadpoolctl.threadpool_limits(2, user_api="blas"):
+            for M, K, N in [(63, 32, 32), (64, 32, 32), (47, 49, 1), (48, 48, 1)]:
+                threads.enter()
+                threads.dot(np.ones((M, K)), np.ones((K, N)), np.empty((M, N)))
+                threads.leave()
+        print(seen)
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.strip() == "skip":
+        pytest.skip("needs OpenBLAS through threadpoolctl")
+    assert done.stdout.strip() == "[2, 1, 2, 1]"
+
+
+def test_parallel_without_threadpoolctl_warns_once_in_a_new_process():
+    """The warning's flag starts down (mutant: starting up, so no process ever warns)."""
+    done = _run("""
+        import sys, warnings
+        sys.modules["threadpoolctl"] = None          # import threadpoolctl fails
+        import fastbptt
+        from helpers import make_problem
+        model, X, Y, h0 = make_problem(T=5, B=4, H=8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")
+        print(sum("without threadpoolctl" in str(w.message) for w in caught))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "1"
