@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
 
+import fastbptt
 from fastbptt import threads
+from helpers import make_problem
 
 
 def _run(code, timeout=120):
@@ -178,3 +181,17 @@ def test_parallel_without_threadpoolctl_warns_once_in_a_new_process():
     """)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "1"
+
+
+def test_parallel_with_threadpoolctl_does_not_warn_about_it(monkeypatch):
+    """The no-threadpoolctl warning needs both: no BLAS controllers and not warned yet (mutant:
+    either one)."""
+    pytest.importorskip("threadpoolctl")
+    if not threads.available():
+        pytest.skip("threadpoolctl found no BLAS")
+    monkeypatch.setattr(threads, "_warned_uncontrolled", False)
+    model, X, Y, h0 = make_problem(T=5, B=4, H=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")
+    assert not [w for w in caught if "without threadpoolctl" in str(w.message)]
