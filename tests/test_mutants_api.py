@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import numpy as np
@@ -195,3 +196,32 @@ def test_parallel_with_threadpoolctl_does_not_warn_about_it(monkeypatch):
         warnings.simplefilter("always")
         fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")
     assert not [w for w in caught if "without threadpoolctl" in str(w.message)]
+
+
+def test_the_no_threadpoolctl_warning_points_at_the_callers_line(monkeypatch):
+    """(mutant: another stacklevel)"""
+    monkeypatch.setattr(threads, "_libs", [])          # as when threadpoolctl is missing
+    monkeypatch.setattr(threads, "_warned_uncontrolled", False)
+    model, X, Y, h0 = make_problem(T=5, B=4, H=8)
+    with pytest.warns(RuntimeWarning, match="without threadpoolctl") as caught:
+        fastbptt.loss_and_grad(model, X, Y, h0, parallel=True, method="fused")
+    assert [w.filename for w in caught] == [__file__]
+
+
+def test_the_other_thread_warning_points_at_the_callers_line(monkeypatch):
+    """(mutant: another stacklevel)"""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not threads.available():
+        pytest.skip("threadpoolctl found no BLAS")
+    monkeypatch.setattr(threads, "_warned_other_thread", False)
+    model, X, Y, h0 = make_problem(T=50, B=9, D=28, H=64, O=28)    # products BLAS may thread
+
+    def work():
+        fastbptt.loss_and_grad(model, X, Y, h0)
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+    assert [w.filename for w in caught if "thread other than the main one" in str(w.message)] == [__file__]
