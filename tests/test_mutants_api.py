@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -225,3 +226,128 @@ def test_the_other_thread_warning_points_at_the_callers_line(monkeypatch):
         worker.start()
         worker.join()
     assert [w.filename for w in caught if "thread other than the main one" in str(w.message)] == [__file__]
+
+
+_FORK_CHILD = """
+    import multiprocessing, sys, warnings
+    import numpy as np, threadpoolctl, fastbptt
+    from fastbptt.kernels import forward
+    from helpers import make_problem
+    small = make_problem(T=30, B=8, D=6, H=16, O=5, dtype=np.float32)
+    big = make_problem(T=50, B=9, D=28, H=64, O=28)       # products that change BLAS's setting
+    launched, real = [], forward.recurrence_parallel
+
+    def spy(*args):
+        launched.append(1)
+        return real(*args)
+
+    def child(_):
+        forward.recurrence_parallel = spy
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                loss = fastbptt.loss_and_grad(*small, parallel=True, method="fused")[0]
+            with threadpoolctl.threadpool_limits(2, user_api="blas"):
+                fastbptt.loss_and_grad(*big)
+        return loss, len(launched), sum("forked after" in str(w.message) for w in caught)
+
+    fastbptt.loss_and_grad(*small, parallel=PARENT_PARALLEL, method="fused")
+    import numba
+    if PARENT_PARALLEL and numba.threading_layer() != "omp":
+        print("skip"); sys.exit()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        (loss, launches, warned), = pool.map(child, [0])
+    assert loss == fastbptt.loss_and_grad(*small)[0]
+    print(launches, warned)
+"""
+
+
+@pytest.mark.parametrize("parent_parallel,want", [(False, "2 0"), (True, "0 1")])
+def test_a_forked_child_runs_parallel_only_if_the_parent_had_not(parent_parallel, want):
+    """A child forked before any parallel call runs the parallel kernels, unwarned; one forked after
+    the parent started GNU OpenMP's pool runs the serial ones and warns once. Either way its
+    products change BLAS's setting without waiting on the parent's other threads (mutants: the
+    pool taken as started, the child's reader count not reset, the warning never or always given)."""
+    pytest.importorskip("threadpoolctl")
+    if sys.platform != "linux":
+        pytest.skip("fork is Linux's default start method")
+    done = _run(_FORK_CHILD.replace("PARENT_PARALLEL", str(parent_parallel)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.strip() == "skip":
+        pytest.skip("the parent's Numba layer survives fork")
+    assert done.stdout.strip() == want
+
+
+def _record_setters(monkeypatch):
+    """Every change of BLAS's thread count from now on, as (thread id, count), still made."""
+    pytest.importorskip("threadpoolctl")
+    if not threads.available():
+        pytest.skip("threadpoolctl found no BLAS")
+    calls = []
+    monkeypatch.setattr(threads, "_setters", [
+        lambda k, real=real: (calls.append((threading.get_ident(), k)), real(k)) for real in threads._setters])
+    return calls
+
+
+def test_with_blas_limited_to_one_thread_a_call_changes_no_setting(monkeypatch):
+    """The README's recipe for threads: one BLAS thread is what every small product wants already
+    (mutant: a change whenever the wanted tuple is another object of the same value)."""
+    calls = _record_setters(monkeypatch)
+    import threadpoolctl
+    model, X, Y, _ = make_problem(T=35, B=32, D=28, H=64, O=28, inputs="tokens", dtype=np.float32)
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        fastbptt.loss_and_grad(model, X, Y)
+    assert calls == []
+
+
+def test_another_threads_call_never_changes_blas_setting(monkeypatch):
+    """Only the main thread changes the count, even while its own call has it at one thread
+    (mutant: any thread puts the caller's count back as it leaves)."""
+    calls = _record_setters(monkeypatch)
+    import threadpoolctl
+    model, X, Y, _ = make_problem(T=100, B=1, D=1, H=32, O=1, inputs="tokens", dtype=np.float32)
+    a = np.ones((64, 64))
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        threads.enter()
+        try:
+            threads.dot(a, a, np.empty((64, 64)))           # the main thread's call: one thread now
+            worker = threading.Thread(target=fastbptt.loss_and_grad, args=(model, X, Y))
+            worker.start()
+            worker.join()
+        finally:
+            threads.leave()
+    assert calls and {ident for ident, _ in calls} == {threading.get_ident()}
+
+
+def test_a_waiting_thread_gets_the_callers_count_back_after_the_main_threads_next_product(monkeypatch):
+    """Another thread's product waits for the caller's count while the main thread's call holds one
+    thread, and gets it back after the main thread's next product, not at the end of its call;
+    afterwards a main call changes the count once each way again (mutants: no hand-back, or a
+    waiting count that does not return to zero)."""
+    calls = _record_setters(monkeypatch)
+    import threadpoolctl
+    a = np.ones((64, 64))                                    # threaded by OpenBLAS, < 2^25 flops
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        threads.enter()
+        try:
+            threads.dot(a, a, np.empty((64, 64)))           # one thread now
+            done = threading.Event()
+            worker = threading.Thread(target=lambda: (threads.dot(a, a, np.empty((64, 64))), done.set()))
+            worker.start()
+            while not threads._waiting and worker.is_alive():   # until it waits for the count
+                time.sleep(0.001)
+            threads.dot(a, a, np.empty((64, 64)))           # ... which comes back after this one
+            worker.join(timeout=60)                          # a hang guard, not a timing
+            handed_back = done.is_set()
+        finally:
+            threads.leave()
+        worker.join()
+        assert handed_back
+        del calls[:]
+        threads.enter()
+        try:
+            for _ in range(3):
+                threads.dot(a, a, np.empty((64, 64)))
+        finally:
+            threads.leave()
+    assert [k for _, k in calls] == [1, 2]
