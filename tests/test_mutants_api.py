@@ -319,6 +319,7 @@ def test_another_threads_call_never_changes_blas_setting(monkeypatch):
     assert calls and {ident for ident, _ in calls} == {threading.get_ident()}
 
 
+@pytest.mark.filterwarnings("ignore:fastbptt called from a thread other than the main one")
 def test_a_waiting_thread_gets_the_callers_count_back_after_the_main_threads_next_product(monkeypatch):
     """Another thread's product waits for the caller's count while the main thread's call holds one
     thread, and gets it back after the main thread's next product, not at the end of its call;
@@ -351,3 +352,53 @@ def test_a_waiting_thread_gets_the_callers_count_back_after_the_main_threads_nex
         finally:
             threads.leave()
     assert [k for _, k in calls] == [1, 2]
+
+
+def test_a_call_from_another_thread_with_blas_on_one_thread_does_not_warn(monkeypatch):
+    """The README's recipe for threads gives no warning (mutant: warning from one BLAS thread up)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(threads, "_warned_other_thread", False)
+    model, X, Y, h0 = make_problem(T=50, B=9, D=28, H=64, O=28)    # products BLAS may thread
+    with threadpoolctl.threadpool_limits(1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        worker = threading.Thread(target=fastbptt.loss_and_grad, args=(model, X, Y, h0))
+        worker.start()
+        worker.join()
+    assert not [w for w in caught if "thread other than the main one" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:fastbptt called from a thread other than the main one")
+def test_the_main_thread_waits_for_every_other_threads_product_before_changing_the_count(monkeypatch):
+    """Two other threads' products run at once with the caller's count; the main thread may change
+    it only after both end (mutant: a reader count that is set, not counted, so the first one to
+    end lets the main thread change the count under the second)."""
+    calls = _record_setters(monkeypatch)
+    import threadpoolctl
+    a = np.ones((64, 64))                                    # threaded by OpenBLAS, < 2^25 flops
+    both_in, changed, seen, real = threading.Barrier(2), threading.Event(), [], np.dot
+    main = threading.get_ident()
+
+    def spy(x, y, out=None):
+        if threading.get_ident() != main:
+            both_in.wait(timeout=60)
+            if threading.current_thread().name == "second":  # still running when the first ends
+                changed.wait(timeout=2)          # set if the main thread changes the count meanwhile
+                seen.append(threads._libs[0].get_num_threads())
+        return real(x, y, out=out)
+
+    monkeypatch.setattr(threads.np, "dot", spy)
+    setters = threads._setters
+    monkeypatch.setattr(threads, "_setters", [lambda k, s=s: (s(k), changed.set()) for s in setters])
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        threads.enter()
+        try:
+            pool = [threading.Thread(target=threads.dot, args=(a, a, np.empty((64, 64))), name=name)
+                    for name in ("first", "second")]
+            for t in pool:
+                t.start()
+            pool[0].join()
+            threads.dot(a, a, np.empty((64, 64)))           # the main thread wants one thread
+            pool[1].join()
+        finally:
+            threads.leave()
+    assert seen == [2] and calls
