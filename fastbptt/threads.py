@@ -282,7 +282,7 @@ def _warn_forked():
         warnings.warn("parallel=True runs the serial kernels (same results) in this process: it was "
                       "forked after its parent started Numba's OpenMP threads, which do not survive a "
                       "fork. Use multiprocessing's 'spawn' or 'forkserver' start method to run in "
-                      "parallel in the children.", RuntimeWarning, stacklevel=4)
+                      "parallel in the children.", RuntimeWarning, stacklevel=5)
 
 
 def parallel_launch():
