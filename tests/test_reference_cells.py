@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastbptt import reference_cells as rc
+from test_reference import numerical_grad
 
 CELLS = {"gru": 3, "lstm": 4}
 
@@ -28,20 +29,6 @@ def _state_arrays(state):
     return [state] if isinstance(state, np.ndarray) else list(state)
 
 
-def numeric_grad(f, a, eps=1e-6):
-    """Central differences of the scalar f() with respect to every element of ``a`` (changed in place)."""
-    g = np.zeros_like(a)
-    for idx in np.ndindex(a.shape):
-        keep = a[idx]
-        a[idx] = keep + eps
-        up = f()
-        a[idx] = keep - eps
-        down = f()
-        a[idx] = keep
-        g[idx] = (up - down) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scale", [0.6, 3.0])
 @pytest.mark.parametrize("inputs,loss", [("dense", "cross_entropy"), ("tokens", "mse"), ("dense", "mse")])
@@ -53,12 +40,12 @@ def test_reference_against_finite_differences(cell, scale, inputs, loss):
         return rc.loss_and_grad(params, X, Y, state0, cell, loss)[0]
 
     for name, p in params.items():
-        np.testing.assert_allclose(grads[name], numeric_grad(f, p), rtol=1e-6, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(grads[name], numerical_grad(f, p), rtol=1e-6, atol=1e-8, err_msg=name)
     for i, s in enumerate(_state_arrays(state0)):
-        np.testing.assert_allclose(_state_arrays(dstate0)[i], numeric_grad(f, s), rtol=1e-6, atol=1e-8,
+        np.testing.assert_allclose(_state_arrays(dstate0)[i], numerical_grad(f, s), rtol=1e-6, atol=1e-8,
                                    err_msg=f"state0[{i}]")
     if inputs == "dense":
-        np.testing.assert_allclose(dX, numeric_grad(f, X), rtol=1e-6, atol=1e-8, err_msg="X")
+        np.testing.assert_allclose(dX, numerical_grad(f, X), rtol=1e-6, atol=1e-8, err_msg="X")
 
 
 def _torch_module(cell, params, D, H):
