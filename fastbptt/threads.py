@@ -237,8 +237,7 @@ def _warn_other_thread():
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 _launch_lock = threading.Lock()
-_pool_started = False                # this process launched Numba's thread pool
-_forked_child = False                # ... and this is a child forked after that
+_forked_child = False                # a child forked after a fork-unsafe Numba pool started
 
 
 def _after_fork_in_child():
@@ -249,7 +248,7 @@ def _after_fork_in_child():
     _lock = threading.Condition(_mutex)
     _waiting = _readers = 0
     _main = threading.main_thread().ident
-    if _pool_started and not _fork_safe_layer():
+    if not _fork_safe_layer():      # a fork-unsafe pool was started, by fastbptt or by anyone
         _forked_child = True
 
 
@@ -287,6 +286,4 @@ def _warn_forked():
 
 def parallel_launch():
     """A context manager around one launch of a ``parallel=True`` kernel."""
-    global _pool_started
-    _pool_started = True
     return _launch_lock

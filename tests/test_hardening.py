@@ -601,3 +601,30 @@ def test_what_used_to_segfault_is_refused_in_a_child_process():
     """)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[:5] == ["state refused", "pickle refused"] * 2 + ["ids refused"]
+
+
+def test_fork_after_the_users_own_parallel_code_also_runs_serially():
+    """A pool started by the user's own @njit(parallel=True) code does not survive fork either."""
+    if sys.platform != "linux":
+        pytest.skip("fork is Linux's default start method")
+    done = _run("""
+        import multiprocessing, warnings
+        import numba, numpy as np, fastbptt
+        from numba import njit, prange
+        from fastbptt import threads
+        @njit(parallel=True)
+        def own(a):
+            for i in prange(a.size):
+                a[i] += 1
+        own(np.zeros(100))
+        def child(_):
+            warnings.simplefilter("ignore")
+            return threads.parallel_allowed()
+        if numba.threading_layer() in ("tbb", "workqueue"):
+            print("ok fork-safe layer")
+        else:
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                print("ok" if pool.map(child, [0]) == [False] else "parallel allowed in the child")
+    """, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok"), done.stdout
