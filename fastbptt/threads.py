@@ -154,11 +154,6 @@ def leave():
                 _lock.notify_all()
 
 
-def threads_for(flops):
-    """The BLAS thread count a product of ``flops`` operations runs with (0: the caller's setting)."""
-    return 0 if flops >= PARALLEL_BLAS_MIN_FLOPS else 1
-
-
 def dot(a, b, out):
     """``np.dot(a, b, out=out)`` on as many BLAS threads as its size pays for (see the module).
 

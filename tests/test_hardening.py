@@ -340,11 +340,6 @@ def test_products_blas_runs_on_one_thread_anyway_leave_the_setting_alone(monkeyp
     assert calls                                  # bigger products do get their one thread
 
 
-def test_blas_threads_follow_the_product_size():
-    assert threads.threads_for(threads.PARALLEL_BLAS_MIN_FLOPS - 1) == 1
-    assert threads.threads_for(threads.PARALLEL_BLAS_MIN_FLOPS) == 0     # the caller's setting
-
-
 def test_small_products_run_on_one_blas_thread(monkeypatch):
     pytest.importorskip("threadpoolctl")
     if not threads.available():
