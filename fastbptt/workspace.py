@@ -173,9 +173,7 @@ class Workspace:
 
     def overlaps(self, a):
         """Whether the memory of array ``a`` may overlap the workspace's (bounds only, as ``np.may_share_memory``)."""
-        return (np.may_share_memory(a, self._block)
-                or (self._x is not None and np.may_share_memory(a, self._x))
-                or (self._dX is not None and np.may_share_memory(a, self._dX)))
+        return any(np.may_share_memory(a, buf) for buf in self.buffers())
 
     def x_buffer(self):
         """(T, B, D) buffer for dense inputs kept between ``forward`` and ``backward``."""
