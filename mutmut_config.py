@@ -43,17 +43,19 @@ _THREAD_TESTS = [f"tests/test_hardening.py::test_{name}" for name in (
     "gnu_openmp_workers_do_not_spin_for_milliseconds",
     "fork_after_a_parallel_call_does_not_hang",
     "parallel_equals_serial_with_a_blas_whose_bits_depend_on_threads")]
+_API = [
+    ["tests/test_bad_input.py", "tests/test_against_reference.py", "tests/test_carry.py",
+     "tests/test_workspace.py", "tests/test_parallel.py", "tests/test_thread_counts.py",
+     "-k", "not another_blas_kernel"],
+    ["tests/test_hardening.py", "tests/test_mutants_api.py"]]   # aliasing, masks, threads
 SELECTIONS = {
-    "fastbptt/kernels/primitives.py": [["tests/test_primitives.py"]],
-    "fastbptt/kernels/forward.py": _KERNELS,
-    "fastbptt/kernels/backward.py": _KERNELS,
-    "fastbptt/kernels/losses.py": _KERNELS,
-    "fastbptt/api.py": [
-        ["tests/test_bad_input.py", "tests/test_against_reference.py", "tests/test_carry.py",
-         "tests/test_workspace.py", "tests/test_parallel.py", "tests/test_thread_counts.py",
-         "-k", "not another_blas_kernel"],
-        ["tests/test_hardening.py", "tests/test_mutants_api.py"]],   # aliasing, masks, threads
-    "fastbptt/threads.py": [
+    "fastbptt/core/kernels/primitives.py": [["tests/test_primitives.py"]],
+    "fastbptt/core/kernels/forward.py": _KERNELS,
+    "fastbptt/core/kernels/backward.py": _KERNELS,
+    "fastbptt/core/kernels/losses.py": _KERNELS,
+    "fastbptt/core/api.py": _API,
+    "fastbptt/core/validation.py": _API,     # the argument checks api.py calls (they were in api.py)
+    "fastbptt/core/threads.py": [
         _THREAD_TESTS,
         ["tests/test_parallel.py"],
         ["tests/test_hardening.py", "tests/test_mutants_api.py",
@@ -61,7 +63,7 @@ SELECTIONS = {
 }
 # Tested with BLAS's own thread count, not OPENBLAS_NUM_THREADS=1: threads.py decides it per
 # product, and with one thread everywhere its choices cannot be seen (and api.py calls it).
-BLAS_AS_IS = {"fastbptt/threads.py", "fastbptt/api.py"}
+BLAS_AS_IS = {"fastbptt/core/threads.py", "fastbptt/core/api.py", "fastbptt/core/validation.py"}
 
 
 def run_selection(runs, blas_as_is=False):

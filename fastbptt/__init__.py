@@ -9,11 +9,14 @@ the flat buffer), ``training`` (truncated BPTT steps and epochs), ``diagnostics`
 (gradient flow through time), ``checkpoint`` (save and resume), ``predict``.
 """
 
-from . import checkpoint, data, diagnostics, optim, reference, training
-from .api import backward, forward, loss_and_grad
-from .generate import predict
-from .model import RNN
-from .workspace import Workspace
+from . import core, training
+from .core import api, kernels, model, reference, threads, workspace
+from .core.api import backward, forward, loss_and_grad
+from .core.model import RNN
+from .core.workspace import Workspace
+from .training import data, diagnostics, generate, optim
+from .training import saving as checkpoint
+from .training.generate import predict
 
 __version__ = "0.1.0"
 __all__ = ["RNN", "Workspace", "loss_and_grad", "forward", "backward", "predict", "reference",

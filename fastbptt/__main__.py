@@ -8,9 +8,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "profile": ("fastbptt.profile", "time one training step against the NumPy reference"),
-    "bench": ("fastbptt.benchmark", "the benchmark grid, side by side with PyTorch and JAX"),
-    "train": ("fastbptt.charrnn", "train a character-level RNN language model"),
+    "profile": ("fastbptt.benchmarking.profile", "time one training step against the NumPy reference"),
+    "bench": ("fastbptt.benchmarking.benchmark", "the benchmark grid, side by side with PyTorch and JAX"),
+    "train": ("fastbptt.training.charrnn", "train a character-level RNN language model"),
 }
 
 

@@ -36,7 +36,7 @@ import stat
 
 import numpy as np
 
-from .model import _positive_int
+from ..core.validation import positive_int
 
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 """SHA-1 of d2l's ``timemachine.txt``, the text its language-model chapters use."""
@@ -380,7 +380,7 @@ def min_tokens(T, B, sampling="sequential"):
     Sequential partitioning draws an offset in [0, T] and needs T·B + 1 tokens after it;
     random sampling draws one in [0, T) and needs B subsequences of T plus one token.
     """
-    T, B = _positive_int(T, "T"), _positive_int(B, "B")
+    T, B = positive_int(T, "T"), positive_int(B, "B")
     if sampling == "sequential":
         return T * (B + 1) + 1
     if sampling == "random":
@@ -416,7 +416,7 @@ def sequential_batches(corpus, T, B, rng=None):
         Inputs and next-token targets, time first, C-contiguous (new arrays).
     """
     corpus = _check_corpus(corpus)
-    T, B = _positive_int(T, "T"), _positive_int(B, "B")
+    T, B = positive_int(T, "T"), positive_int(B, "B")
     rng = as_generator(rng)
     need = min_tokens(T, B, "sequential") if rng is not None else T * B + 1
     if corpus.size < need:
@@ -453,7 +453,7 @@ def random_batches(corpus, T, B, rng):
     X, Y : ndarray (T, B) int64
     """
     corpus = _check_corpus(corpus)
-    T, B = _positive_int(T, "T"), _positive_int(B, "B")
+    T, B = positive_int(T, "T"), positive_int(B, "B")
     rng = as_generator(rng, required_by="random_batches")
     need = min_tokens(T, B, "random")
     if corpus.size < need:
@@ -492,7 +492,7 @@ class SeqDataLoader:
 
     def __init__(self, corpus, T, B, sampling="sequential", rng=None):
         self.corpus = _check_corpus(corpus)
-        self.T, self.B = _positive_int(T, "T"), _positive_int(B, "B")
+        self.T, self.B = positive_int(T, "T"), positive_int(B, "B")
         need = min_tokens(self.T, self.B, sampling)
         if self.corpus.size < need:
             raise _too_short(self.corpus.size, need, self.T, self.B)

@@ -21,11 +21,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import api
+from ..core import api
+from ..core.model import RNN
+from ..core.validation import check_dtype, number, positive_int
+from ..core.workspace import Workspace
 from .data import SeqDataLoader, as_generator
-from .model import RNN, _positive_int, check_dtype
-from .optim import Optimizer, _number, clip_grad_norm, clip_grad_value, grad_norm
-from .workspace import Workspace
+from .optim import Optimizer, clip_grad_norm, clip_grad_value, grad_norm
 
 
 def random_truncation(T, pi, rng, B=None, dtype=np.float64, out=None):
@@ -50,12 +51,12 @@ def random_truncation(T, pi, rng, B=None, dtype=np.float64, out=None):
     -------
     ndarray (T,) or (T, B)
     """
-    pi = _number(pi, "pi", low=0.0, low_open=True, high=1.0)
+    pi = number(pi, "pi", low=0.0, low_open=True, high=1.0)
     rng = as_generator(rng, required_by="random_truncation")
     if out is None:
-        T = _positive_int(T, "T")
+        T = positive_int(T, "T")
         dt = check_dtype(dtype)
-        out = np.empty((T,) if B is None else (T, _positive_int(B, "B")), dtype=dt)
+        out = np.empty((T,) if B is None else (T, positive_int(B, "B")), dtype=dt)
     elif type(out) is not np.ndarray or out.dtype not in (np.float32, np.float64) \
             or not out.flags.c_contiguous or not out.flags.writeable:
         raise TypeError("out must be a plain (not masked), contiguous, writable float32 or float64 ndarray")
@@ -199,7 +200,7 @@ def train_epoch(model, batches, optimizer, *, workspace, carry_state=None, clip=
     carry = None
     if truncation_pi is not None:
         rng = as_generator(rng, required_by="truncation_pi")
-        truncation_pi = _number(truncation_pi, "truncation_pi", low=0.0, low_open=True, high=1.0)
+        truncation_pi = number(truncation_pi, "truncation_pi", low=0.0, low_open=True, high=1.0)
         _carry_weight(truncation_pi, workspace.dtype)
         carry = np.empty((workspace.T, workspace.B), workspace.dtype)
     total, tokens, max_norm, h = 0.0, 0, 0.0, None

@@ -16,8 +16,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+# the checks live in validation; the underscore names are the old ones, kept for callers
+from .validation import DTYPES, check_dtype, check_seed
+from .validation import positive_int as _positive_int
+from .validation import real as _real
+
 ACTIVATIONS = {"identity": 0, "tanh": 1, "relu": 2}
-DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def param_layout(input_size, hidden_size, output_size, bias=True):
@@ -74,45 +78,6 @@ def flat_views(flat, layout):
         views[name] = flat[offset:offset + size].reshape(shape)
         offset += size
     return ViewMap(views)
-
-
-def _positive_int(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
-
-
-def check_dtype(dtype, name="dtype"):
-    """Return ``dtype`` as a NumPy dtype if it is float32 or float64, else raise TypeError."""
-    if dtype is None:   # np.dtype(None) would silently be float64
-        raise TypeError(f"{name} must be np.float32 or np.float64, got None")
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
-    if dt not in DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {dt}")
-    return dt
-
-
-def check_seed(seed, name="seed"):
-    """A seed ``numpy.random.default_rng`` takes: None, an int >= 0, or a Generator."""
-    if seed is None or isinstance(seed, np.random.Generator):
-        return seed
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"{name} must be None, an int >= 0 or a numpy.random.Generator, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"{name} must be an int >= 0 (or None for a fresh random seed), got {seed}")
-    return int(seed)
-
-
-def _real(value, name):
-    """A real number as a float; bools, strings and arrays are refused."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
 
 
 class RNN:

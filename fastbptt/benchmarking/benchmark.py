@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .._paths import check_output_path
+from .._progress import Progress, compiling
 from . import _machine, compare
 from ._load import DEFAULT_THRESHOLD, Load, LoadMonitor, describe, total
-from ._paths import check_output_path
-from ._progress import Progress, compiling
-from .profile import positive_ints
+from .timing import best_time, positive_ints
 
 DTYPE_SHORT = {"float32": "f32", "float64": "f64"}
 
@@ -83,46 +83,6 @@ def grid(Ts, Hs, Bs, D, dtypes=("float32",), activations=("tanh",)):
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def best_time(fn, repeats=5, min_time=0.02, warmup=1):
-    """Best wall time of one call of ``fn``, in seconds.
-
-    ``warmup`` calls run untimed first. Then a round calls ``fn`` enough times (1, 2, 4, ...)
-    to last at least ``min_time``; the best round of ``repeats``, divided by its number of
-    calls, is returned with the time of the first warm-up call (compilation, tracing).
-
-    Returns
-    -------
-    best : float
-        Seconds per call in the best round.
-    rounds : list of float
-        Seconds per call in each round.
-    first : float or None
-        Seconds of the first warm-up call.
-    """
-    first = None
-    for i in range(warmup):
-        start = time.perf_counter()
-        fn()
-        if i == 0:
-            first = time.perf_counter() - start
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time or calls >= 1 << 20:
-            break
-        calls *= 2
-    rounds = [elapsed / calls]
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rounds.append((time.perf_counter() - start) / calls)
-    return min(rounds), rounds, first
 
 
 def gemm_peak(dtype=np.float32, n=2048, repeats=5):
@@ -318,7 +278,7 @@ def machine_info(impls, environ=None):
         base, _ = compare.parse_name(name)
         if base in ("torch", "jax"):
             versions[base] = compare.version(base)
-    from . import __version__
+    from .. import __version__
     versions["fastbptt"] = __version__
     extension = _machine.cpu_vector_extension()
     blas = _machine.blas_libraries()
@@ -485,7 +445,7 @@ def warm_up(impls, dtypes, activations, enabled=True):
     first timed configuration does not also time a compilation, and a first run is not
     several silent seconds.
     """
-    from . import api
+    from ..core import api
 
     variants = sorted({compare.parse_name(n)[0] for n in impls if n.startswith("fastbptt")})
     if not variants:
@@ -651,7 +611,7 @@ def select_impls(args, parser, default=("fastbptt", "reference", "torch", "jax")
         impls.insert(impls.index("fastbptt") + 1 if "fastbptt" in impls else 0, "fastbptt-parallel")
     impls = [n for n in compare.IMPLEMENTATIONS if n in impls]
     if args.method:
-        from . import api
+        from ..core import api
         known = getattr(api, "METHODS", None)
         if known is None:
             parser.error("--method: this fastbptt's loss_and_grad has no method keyword")

@@ -9,16 +9,17 @@ import platform
 
 import numpy as np
 
-from . import reference
-from .api import loss_and_grad
-from .model import RNN
-from .workspace import Workspace
+from ..core import reference
+from ..core.api import loss_and_grad
+from ..core.model import RNN
+from ..core.workspace import Workspace
+from . import timing
+from .timing import positive_ints  # noqa: F401 (the old place of the flag parser)
 
 
 def best_time(fn, repeats=5, min_time=0.05):
-    """Best wall time of one call of ``fn`` in seconds (``fastbptt.benchmark.best_time``)."""
-    from .benchmark import best_time as timer
-    return timer(fn, repeats=repeats, min_time=min_time)[0]
+    """Best wall time of one call of ``fn`` in seconds (``fastbptt.benchmarking.timing.best_time``)."""
+    return timing.best_time(fn, repeats=repeats, min_time=min_time)[0]
 
 
 def profile_step(T, H, B=1, vocab=28, dtype=np.float32, parallel=False, seed=0):
@@ -52,7 +53,7 @@ def profile_step(T, H, B=1, vocab=28, dtype=np.float32, parallel=False, seed=0):
 
 def warm_up(dtype, parallel):
     """Compile (or load from the cache) the token-input kernels of both methods on a tiny problem."""
-    from . import api
+    from ..core import api
 
     model = RNN(5, 4, 5, dtype=dtype, seed=0)
     X = np.zeros((3, 2), dtype=np.int64)
@@ -69,17 +70,6 @@ def format_row(r):
     """One result of ``profile_step`` as a line of the table under ``HEADER``."""
     return (f"{r['T']:>6} {r['H']:>5} {r['B']:>3} {r['fast_ms']:>12.3f} {r['reference_ms']:>13.3f} "
             f"{r['speedup']:>7.1f}x {r['max_grad_error']:>12.1e}")
-
-
-def positive_ints(text):
-    """Parse "10,100,1000" for argparse: comma-separated positive integers."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def build_parser():
@@ -111,8 +101,9 @@ def main(argv=None):
 
     import numba
 
-    from . import __version__, _machine
-    from ._progress import Progress, compiling
+    from .. import __version__
+    from .._progress import Progress, compiling
+    from . import _machine
 
     blas = _machine.blas_libraries()
     extension = _machine.cpu_vector_extension()

@@ -24,13 +24,15 @@ import sys
 
 import numpy as np
 
-from . import api, checkpoint, data, optim
-from ._paths import check_output_path
-from ._progress import compiling
+from .._paths import check_output_path
+from .._progress import compiling
+from ..core import api
+from ..core.model import RNN
+from ..core.workspace import Workspace
+from . import data, optim
+from . import saving as checkpoint
 from .generate import predict
-from .model import RNN
-from .training import _carry_weight, train_epoch
-from .workspace import Workspace
+from .tbptt import _carry_weight, train_epoch
 
 PROG = "python -m fastbptt train"
 COMPILE_TEXT = "compiling kernels (5-15 s the first time, cached afterwards)"

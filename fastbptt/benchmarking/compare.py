@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 
-from . import reference
-from .api import loss_and_grad
-from .model import RNN
-from .workspace import Workspace
+from ..core import reference
+from ..core.api import loss_and_grad
+from ..core.model import RNN
+from ..core.workspace import Workspace
 
 #: All implementations, in the order the benchmarks show them. "fastbptt-parallel" is
 #: fastbptt with ``parallel=True`` (the B sequences spread over Numba's threads).
@@ -84,7 +84,7 @@ def version(name):
     """The version string of the library behind implementation ``name`` (None if absent)."""
     name, _ = parse_name(name)
     if name in ("fastbptt", "fastbptt-parallel", "reference"):
-        from . import __version__
+        from .. import __version__
         return __version__
     if not available(name):
         return None

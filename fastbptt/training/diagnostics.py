@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import api
-from .model import RNN
-from .workspace import Workspace, model_signature
+from ..core import api, validation
+from ..core.model import RNN
+from ..core.workspace import Workspace, model_signature
 
 
 def _check(model, workspace):
@@ -59,7 +59,7 @@ def hidden_grads(model, workspace, carry=None):
     """
     _check(model, workspace)
     T, B, H = workspace.T, workspace.B, model.hidden_size
-    carry = api._check_carry(carry, T, B, model.dtype)
+    carry = validation.check_carry(carry, T, B, model.dtype)
     if carry is None:
         carry = workspace.last_carry
     p = model.params
@@ -100,8 +100,8 @@ def gradient_flow(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     stay in the workspace (or a new one), as after ``loss_and_grad``.
     """
     if workspace is None:
-        api._check_model(model, False)
-        _, _, T, B = api._check_inputs(model, X, False)
+        api.check_model(model, False)
+        _, _, T, B = validation.check_inputs(model, X, False)
         workspace = Workspace(model, T, B)
     value = api.loss_and_grad(model, X, Y, h0, loss, workspace=workspace, carry=carry)[0]
     return value, hidden_grad_norms(model, workspace, carry, per_sequence)

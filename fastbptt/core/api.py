@@ -20,9 +20,18 @@ from .kernels import forward as _fw
 from .kernels import losses as _losses
 from .model import ACTIVATIONS, RNN
 from .threads import dot
+# the shared checks live in validation; the underscore names are the old ones, kept for callers and tests
+from .validation import LOSSES
+from .validation import all_finite as _all_finite
+from .validation import as_array as _as_array
+from .validation import check_carry as _check_carry
+from .validation import check_flags as _check_flags
+from .validation import check_float as _check_float
+from .validation import check_ids as _check_ids
+from .validation import check_inputs as _check_inputs
+from .validation import check_loss as _check_loss
 from .workspace import Workspace, model_signature
 
-LOSSES = ("cross_entropy", "mse")
 METHODS = ("auto", "fused", "blas")
 
 
@@ -44,27 +53,6 @@ def choose_method(B, H):
 # ----------------------------------------------------------------------------- checks
 
 
-def _all_finite(a):
-    """True when ``a`` holds no NaN or Inf (two reductions, no temporary arrays)."""
-    return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
-
-
-def _as_array(a, name):
-    """``a`` as a plain ndarray. Masked arrays are refused: their hidden values would reach the kernels."""
-    if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array, and masks are not supported: pass "
-                        f"{name}.filled(value) to choose what the masked entries hold (for padding, "
-                        f"any valid id or 0.0, and carry=0 or a zero loss gradient where it must not count)")
-    if type(a) is not np.ndarray:
-        try:
-            a = np.asarray(a)
-        except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be an array, got {type(a).__name__}: {exc}") from None
-        if type(a) is not np.ndarray:  # subclasses (np.matrix, memmap) as plain arrays
-            a = a.view(np.ndarray)
-    return a
-
-
 def _private(a, ws):
     """``a``, or a copy of it when it overlaps a buffer of ``ws`` that the call writes before reading ``a``.
 
@@ -76,40 +64,8 @@ def _private(a, ws):
     return a
 
 
-def _check_float(a, name, dtype, shape, check_finite):
-    """A float array of exactly ``dtype`` and ``shape``, C-contiguous (copied if it was not)."""
-    a = _as_array(a, name)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must hold floats of dtype {dtype}, got dtype {a.dtype}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} has dtype {a.dtype} but the model is {dtype}; "
-                        f"convert it with .astype(np.{dtype.name}) (nothing is cast silently)")
-    if a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    if check_finite and not _all_finite(a):
-        raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to let them propagate)")
-    return np.ascontiguousarray(a)
-
-
-def _check_ids(a, name, shape, upper, what):
-    """An integer array of ``shape`` whose every value lies in [0, upper)."""
-    a = _as_array(a, name)
-    if a.dtype.kind == "f":
-        raise TypeError(f"{name} must hold integer {what}, got floats (dtype {a.dtype}); "
-                        f"convert with .astype(np.int64) if they are whole numbers")
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integer {what}, got dtype {a.dtype}")
-    if a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    lo, hi = a.min(), a.max()
-    if lo < 0 or hi >= upper:
-        bad = lo if lo < 0 else hi
-        where = tuple(int(i) for i in np.argwhere(a == bad)[0])
-        raise ValueError(f"{name} must hold {what} in [0, {upper}), got {bad} at index {where}")
-    return a
-
-
-def _check_model(model, check_finite):
+def check_model(model, check_finite):
+    """A fastbptt.RNN with a writable buffer (and, with ``check_finite``, finite parameters)."""
     if not isinstance(model, RNN):
         raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
     if not model.flat.flags.writeable:
@@ -119,6 +75,9 @@ def _check_model(model, check_finite):
         bad = [name for name, p in model.params.items() if not _all_finite(p)]
         raise ValueError(f"model parameters {bad} contain NaN or Inf "
                          f"(pass check_finite=False to let them propagate)")
+
+
+_check_model = check_model     # the old name
 
 
 def _check_method(method, B, H):
@@ -166,38 +125,6 @@ class _claim:
         return False
 
 
-def _check_flags(**flags):
-    """The values of ``flags`` as bools, in order; a TypeError names any that is not one."""
-    for name, value in flags.items():
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-    return tuple(bool(value) for value in flags.values())
-
-
-def _check_inputs(model, X, check_finite):
-    """Return (kind, X, T, B): kind "dense" with X (T, B, D) floats, or "tokens" with X (T, B) ints."""
-    X = _as_array(X, "X")
-    D = model.input_size
-    if X.ndim == 2 and X.dtype.kind in "iu":
-        kind = "tokens"
-    elif X.ndim == 3:
-        kind = "dense"
-    elif X.ndim == 2:
-        raise TypeError(f"X of rank 2 must hold integer token ids of shape (T, B), got dtype {X.dtype}; "
-                        f"dense inputs have shape (T, B, D={D})")
-    else:
-        raise ValueError(f"X must have shape (T, B, D={D}) with floats or (T, B) with token ids, "
-                         f"got shape {X.shape}")
-    T, B = X.shape[:2]
-    if T == 0 or B == 0:
-        raise ValueError(f"X must have T >= 1 time steps and B >= 1 sequences, got shape {X.shape}")
-    if kind == "tokens":
-        X = _check_ids(X, "X", (T, B), D, "token ids")
-    else:
-        X = _check_float(X, "X", model.dtype, (T, B, D), check_finite)
-    return kind, X, T, B
-
-
 def _check_workspace(workspace, model, T, B):
     if workspace is None:
         return Workspace(model, T, B)
@@ -218,12 +145,6 @@ def _check_h0(h0, model, B, check_finite):
     return _check_float(h0, "h0", model.dtype, (B, model.hidden_size), check_finite)
 
 
-def _check_loss(loss):
-    if not isinstance(loss, str) or loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    return loss
-
-
 def _check_targets(Y, loss, model, T, B, check_finite):
     loss = _check_loss(loss)
     if loss == "cross_entropy":
@@ -231,24 +152,6 @@ def _check_targets(Y, loss, model, T, B, check_finite):
     if loss == "mse":
         return _check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-
-
-def _check_carry(carry, T, B, dtype):
-    """Carry weights of shape (T,) or (T, B), floats finite in ``dtype``; None means full BPTT."""
-    if carry is None:
-        return None
-    carry = _as_array(carry, "carry")
-    if carry.dtype.kind != "f":
-        raise TypeError(f"carry must hold floats, got dtype {carry.dtype}")
-    if carry.shape not in ((T,), (T, B)):
-        raise ValueError(f"carry must have shape ({T},) or ({T}, {B}), got {carry.shape}")
-    if not _all_finite(carry):
-        raise ValueError("carry contains NaN or Inf")
-    biggest = max(-float(carry.min()), float(carry.max())) if carry.size else 0.0
-    if biggest > float(np.finfo(dtype).max):
-        raise ValueError(f"carry holds {biggest:.3g}, which the model's {dtype.name} cannot represent "
-                         f"(largest {np.finfo(dtype).max:.3g})")
-    return carry
 
 
 # ----------------------------------------------------------------------------- passes
@@ -430,7 +333,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     """
     check_finite, parallel, return_dh0, return_dX = _check_flags(
         check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
-    _check_model(model, check_finite)
+    check_model(model, check_finite)
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
     Y = _check_targets(Y, loss, model, T, B, check_finite)
@@ -464,7 +367,7 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
     h_T : ndarray (B, H)
     """
     check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
-    _check_model(model, check_finite)
+    check_model(model, check_finite)
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
     method = _check_method(method, B, model.hidden_size)
@@ -511,7 +414,7 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     """
     check_finite, parallel, return_dh0, return_dX = _check_flags(
         check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
-    _check_model(model, check_finite)
+    check_model(model, check_finite)
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace must be the fastbptt.Workspace that forward() used, "
                         f"got {type(workspace).__name__}")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import api
+from ..core import api
+from ..core.model import RNN
+from ..core.validation import number
+from ..core.workspace import Workspace
 from .data import Vocab, as_generator
-from .model import RNN
-from .optim import _number
-from .workspace import Workspace
 
 
 def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
@@ -60,7 +60,7 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     if temperature is not None:
-        temperature = _number(temperature, "temperature", low=0.0)
+        temperature = number(temperature, "temperature", low=0.0)
     greedy = temperature is None or temperature == 0
     rng = as_generator(rng)
     if not greedy and rng is None:

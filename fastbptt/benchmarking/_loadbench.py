@@ -287,7 +287,7 @@ def main(args, configs, impls, command):
 
     from . import benchmark
     from ._load import LoadMonitor
-    from ._progress import Progress
+    from .._progress import Progress
 
     cores = compare.default_threads()
     competitors = args.load_procs if args.load_procs is not None else max(1, cores // 2)

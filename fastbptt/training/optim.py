@@ -29,7 +29,10 @@ import math
 import numpy as np
 from numba import njit
 
-from .model import RNN, ViewMap
+from ..core.model import RNN, ViewMap
+from ..core.validation import number
+
+_number = number     # the old name, kept for callers (it lives in core.validation)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -146,20 +149,6 @@ def _adam(p, g, m, v, lr, beta1, beta2, eps, c1, c2, decay, coupled):
 # ----------------------------------------------------------------------------- checks
 
 
-def _number(value, name, *, low=None, low_open=False, high=None, high_open=False):
-    """A finite real number in the given range, as a Python float; else a clear error."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
-    return value
-
-
 def _grad_buffer(grad, name="grad", writable=True):
     """The flat gradient itself (a Workspace's ``grad_flat``, or a 1-D float array; changed in place
     when ``writable``)."""
@@ -243,7 +232,7 @@ def clip_grad_norm(grad, max_norm):
         ‖g‖ before clipping (log it). A NaN norm leaves the gradient unchanged.
     """
     grad = _grad_buffer(grad)
-    theta = _number(max_norm, "max_norm", low=0.0, low_open=True)
+    theta = number(max_norm, "max_norm", low=0.0, low_open=True)
     m, s = _norm_parts(grad)
     norm = m * math.sqrt(s)
     if norm > theta:
@@ -268,7 +257,7 @@ def clip_grad_value(grad, clip_value=5.0):
         The global L2 norm of the gradient before clipping.
     """
     grad = _grad_buffer(grad)
-    c = _number(clip_value, "clip_value", low=0.0, low_open=True)
+    c = number(clip_value, "clip_value", low=0.0, low_open=True)
     norm = _norm(grad)
     _clamp(grad, c)
     return norm
@@ -344,7 +333,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._hyper["lr"] = _number(value, "lr", low=0.0, low_open=True)
+        self._hyper["lr"] = number(value, "lr", low=0.0, low_open=True)
 
     def step(self, grad):
         """Update ``model.flat`` in place from the flat gradient.
@@ -463,8 +452,8 @@ class SGD(Optimizer):
 
     @staticmethod
     def _check_hyper(lr, momentum=0.0):
-        return {"lr": _number(lr, "lr", low=0.0, low_open=True),
-                "momentum": _number(momentum, "momentum", low=0.0, high=1.0, high_open=True)}
+        return {"lr": number(lr, "lr", low=0.0, low_open=True),
+                "momentum": number(momentum, "momentum", low=0.0, high=1.0, high_open=True)}
 
     def _check_compatible(self, hyper):
         if (hyper["momentum"] > 0) != (self._hyper["momentum"] > 0):
@@ -499,8 +488,8 @@ class Adagrad(Optimizer):
 
     @staticmethod
     def _check_hyper(lr, eps=1e-8):
-        return {"lr": _number(lr, "lr", low=0.0, low_open=True),
-                "eps": _number(eps, "eps", low=0.0, low_open=True)}
+        return {"lr": number(lr, "lr", low=0.0, low_open=True),
+                "eps": number(eps, "eps", low=0.0, low_open=True)}
 
     def _update(self, p, g):
         _adagrad(p, g, self._state["sum_squares"], self._hyper["lr"], self._hyper["eps"])
@@ -531,11 +520,11 @@ class Adam(Optimizer):
     def _check_hyper(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
-        return {"lr": _number(lr, "lr", low=0.0, low_open=True),
-                "betas": (_number(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
-                          _number(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)),
-                "eps": _number(eps, "eps", low=0.0, low_open=True),
-                "weight_decay": _number(weight_decay, "weight_decay", low=0.0)}
+        return {"lr": number(lr, "lr", low=0.0, low_open=True),
+                "betas": (number(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
+                          number(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)),
+                "eps": number(eps, "eps", low=0.0, low_open=True),
+                "weight_decay": number(weight_decay, "weight_decay", low=0.0)}
 
     def _update(self, p, g):
         h = self._hyper

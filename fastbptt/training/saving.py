@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._paths import check_output_path
+from .._paths import check_output_path
+from ..core.model import ACTIVATIONS, RNN, param_layout
 from .data import check_text_file
-from .model import ACTIVATIONS, RNN, param_layout
 from .optim import Optimizer, optimizer_from_state_dict
 from .optim import check_config as check_optimizer
 

@@ -12,7 +12,8 @@ import threading
 
 import numpy as np
 
-from .model import RNN, _positive_int, check_dtype, flat_views, param_layout
+from .model import RNN, flat_views, param_layout
+from .validation import check_dtype, positive_int
 
 
 def model_signature(model):
@@ -100,8 +101,8 @@ class Workspace:
     def __init__(self, model, T, B):
         if not isinstance(model, RNN):
             raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
-        self.T = _positive_int(T, "T")
-        self.B = _positive_int(B, "B")
+        self.T = positive_int(T, "T")
+        self.B = positive_int(B, "B")
         self.signature = model_signature(model)
         D, H, O, _, dtype = self.signature
         T, B = self.T, self.B
@@ -131,9 +132,9 @@ class Workspace:
     def __setstate__(self, state):
         """Rebuild the block and copy the saved buffers in, after checking that each has its declared
         shape and dtype (a tampered pickle is refused, never handed to a kernel)."""
-        T, B = _positive_int(state["T"], "T"), _positive_int(state["B"], "B")
+        T, B = positive_int(state["T"], "T"), positive_int(state["B"], "B")
         D, H, O, bias, dtype = state["signature"]
-        D, H, O = (_positive_int(v, n) for v, n in ((D, "D"), (H, "H"), (O, "O")))
+        D, H, O = (positive_int(v, n) for v, n in ((D, "D"), (H, "H"), (O, "O")))
         if not isinstance(bias, bool):
             raise ValueError(f"a pickled Workspace has bias={bias!r}")
         dtype = check_dtype(dtype)
