@@ -20,8 +20,7 @@ MOVED = {
     "compare": "benchmarking.compare", "benchmark": "benchmarking.benchmark",
     "profile": "benchmarking.profile", "_load": "benchmarking._load",
     "_loadbench": "benchmarking._loadbench", "_machine": "benchmarking._machine",
-    "kernels": "core.kernels", "kernels.forward": "core.kernels.forward",
-    "kernels.backward": "core.kernels.backward", "kernels.losses": "core.kernels.losses",
+    "kernels": "core.kernels", "kernels.sweep": "core.kernels.sweep", "kernels.losses": "core.kernels.losses",
     "kernels.primitives": "core.kernels.primitives",
 }
 

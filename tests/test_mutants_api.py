@@ -231,7 +231,7 @@ def test_the_other_thread_warning_points_at_the_callers_line(monkeypatch):
 _FORK_CHILD = """
     import multiprocessing, sys, warnings
     import numpy as np, threadpoolctl, fastbptt
-    from fastbptt.kernels import forward
+    from fastbptt.kernels import sweep as forward
     from helpers import make_problem
     small = make_problem(T=30, B=8, D=6, H=16, O=5, dtype=np.float32)
     big = make_problem(T=50, B=9, D=28, H=64, O=28)       # products that change BLAS's setting

@@ -79,38 +79,46 @@ def test_from_params_round_trip():
 
 
 NRT_SCRIPT = r'''
+import types
 import numpy as np
 from numba import njit
 from numba.core.runtime import rtsys
-from fastbptt.kernels import forward as fw, backward as bw, losses
+from fastbptt.core.cells import CELLS
+from fastbptt.kernels import losses, sweep
 
 @njit
-def step(n, hs, ws_out, row_loss, targets, dz, dh0, carry, tokens, W_hx, b_h, W_hhT, W_hh, dW_hx,
-         ones, act):
-    for _ in range(n):   # the fused path's compiled kernels, called as the API calls them
-        fw.gather_input(hs[1:], tokens, W_hx)
-        fw.recurrence(hs, b_h, W_hhT, ones, act)
+def step(n, cell, rec, ones, ws_out, row_loss, targets, carry, tokens, W_ih, b_ih, dW_ih):
+    for _ in range(n):   # every compiled kernel of a training step, called as the API calls them
+        sweep.gather_input(cell.gx, tokens, W_ih, b_ih)
+        sweep.recurrence(cell, rec, ones)
+        sweep.forward_step(cell, 0, rec)
         losses.cross_entropy(ws_out, row_loss, targets)
-        bw.reverse_sweep(dz, dh0, hs, carry, W_hh, act)
-        bw.scatter_input_grad(dW_hx, dz, tokens)
-        fw.activate_step(hs[1], hs[0], b_h, act)
-        bw.reverse_step(dz[0], dz[1], carry[0], hs[1], act)
+        sweep.reverse_sweep(cell, carry)
+        sweep.backward_step(cell, 0, cell.dh[0], ones, True)
+        sweep.backward_state0(cell, ones)
+        sweep.scatter_input_grad(dW_ih, cell.dgx, tokens)
 
 T, B, D, H, O = 20, 3, 7, 16, 7
 rng = np.random.default_rng(0)
-args = (np.zeros((T + 1, B, H), np.float32), rng.normal(size=(T * B, O)).astype(np.float32),
-        np.zeros(T * B, np.float32), rng.integers(0, O, T * B), np.zeros((T, B, H), np.float32),
-        np.zeros((B, H), np.float32), np.ones((T, B), np.float32), rng.integers(0, D, (T, B)),
-        rng.normal(size=(H, D)).astype(np.float32), np.zeros(H, np.float32),
-        rng.normal(size=(H, H)).astype(np.float32), rng.normal(size=(H, H)).astype(np.float32),
-        np.zeros((H, D), np.float32), np.ones(B, np.float32), 1)
-step(1, *args)
-counts = []
-for n in (1, 10):
-    before = rtsys.get_allocation_stats().alloc
-    step(n, *args)
-    counts.append(rtsys.get_allocation_stats().alloc - before)
-print(counts)
+result = []
+for name, spec in CELLS.items():
+    GH = spec.GATES * H
+    ws = types.SimpleNamespace(**{k: np.zeros(shape, dt) for k, shape, dt, _ in spec.declare(T, B, H, np.float32)})
+    W_hh = rng.normal(size=(GH, H)).astype(np.float32)
+    cell = spec.kernel_views(ws, W_hh, np.ascontiguousarray(W_hh.T), np.zeros(GH, np.float32), 1)
+    args = (cell, np.zeros((B, GH), np.float32), np.ones(B, np.float32),
+            rng.normal(size=(T * B, O)).astype(np.float32), np.zeros(T * B, np.float32),
+            rng.integers(0, O, T * B), np.ones((T, B), np.float32), rng.integers(0, D, (T, B)),
+            rng.normal(size=(GH, D)).astype(np.float32), np.zeros(GH, np.float32),
+            np.zeros((GH, D), np.float32))
+    step(1, *args)
+    counts = []
+    for n in (1, 10):
+        before = rtsys.get_allocation_stats().alloc
+        step(n, *args)
+        counts.append(rtsys.get_allocation_stats().alloc - before)
+    result.append(counts)
+print(result)
 '''
 
 
@@ -125,5 +133,7 @@ def test_kernels_allocate_nothing_per_step():
     out = subprocess.run([sys.executable, "-c", NRT_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    once, ten = ast.literal_eval(out.stdout.strip().splitlines()[-1])
-    assert once == ten, f"allocations: {once} for one step, {ten} for ten"
+    counts = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert len(counts) == 3                                      # every cell
+    for once, ten in counts:
+        assert once == ten, f"allocations: {once} for one step, {ten} for ten (per cell: {counts})"

@@ -7,6 +7,12 @@ the previous one returned (copy what you want to keep).
 
 Inputs are either dense floats X of shape (T, B, D) or integer token ids of
 shape (T, B), meaning one-hot vectors of size D = ``model.input_size``.
+
+Every model is a recurrent layer (``layer_forward``/``layer_backward``, which take
+and return ∂L/∂H) under a head (the readout o_t = W_qh h_t + b_q and the loss);
+``loss_and_grad``, ``forward`` and ``backward`` run both. The layer runs the cell's
+input projection (one GEMM, or a gather for token ids), the generic recurrence and
+reverse sweep (``kernels.sweep``), and the weight gradients as single GEMMs.
 """
 
 import contextlib
@@ -15,10 +21,9 @@ import numba
 import numpy as np
 
 from . import threads as _threads_mod
-from .kernels import backward as _bw
-from .kernels import forward as _fw
 from .kernels import losses as _losses
-from .model import ACTIVATIONS, RNN
+from .kernels import sweep as _sweep
+from .model import RNNBase
 from .threads import dot
 # the shared checks live in validation; the underscore names are the old ones, kept for callers and tests
 from .validation import LOSSES
@@ -35,8 +40,10 @@ from .workspace import Workspace, model_signature
 METHODS = ("auto", "fused", "blas")
 
 
-def choose_method(B, H):
+def choose_method(B, H, gates=1):
     """The recurrence that ``method="auto"`` runs for a batch of B sequences of hidden size H.
+
+    ``gates`` is the cell's G (1 Elman, 3 GRU, 4 LSTM): a step's product is B·H·G·H.
 
     ``"fused"`` runs the whole time loop in one compiled kernel (no call per step, each
     block of W_hh reused across the batch while in cache); ``"blas"`` runs one GEMM per
@@ -45,7 +52,8 @@ def choose_method(B, H):
     thresholds come from timing both on the development machine (2 cores, AVX-512). The
     choice depends on the shape only, never on ``parallel``.
     """
-    if B * H >= 8192 or (H >= 128 and B * H >= 4096) or (H >= 512 and B <= 2):
+    W = H * gates        # the width of the product per step
+    if B * W >= 8192 or (W >= 128 and B * W >= 4096) or (W >= 512 and B <= 2):
         return "blas"
     return "fused"
 
@@ -65,9 +73,10 @@ def _private(a, ws):
 
 
 def check_model(model, check_finite):
-    """A fastbptt.RNN with a writable buffer (and, with ``check_finite``, finite parameters)."""
-    if not isinstance(model, RNN):
-        raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    """A fastbptt model (RNN, GRU or LSTM) with a writable buffer (and, with ``check_finite``,
+    finite parameters)."""
+    if not isinstance(model, RNNBase) or model._CELL is None:
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
     if not model.flat.flags.writeable:
         raise ValueError("model.flat is read-only (its flags.writeable was set to False); "
                          "set model.flat.flags.writeable = True")
@@ -80,10 +89,10 @@ def check_model(model, check_finite):
 _check_model = check_model     # the old name
 
 
-def _check_method(method, B, H):
+def _check_method(method, B, model):
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return choose_method(B, H) if method == "auto" else method
+    return choose_method(B, model.hidden_size, model._CELL.GATES) if method == "auto" else method
 
 
 def _threads(parallel, method):
@@ -131,7 +140,7 @@ def _check_workspace(workspace, model, T, B):
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace must be a fastbptt.Workspace, got {type(workspace).__name__}")
     if workspace.signature != model_signature(model):
-        raise ValueError(f"workspace was made for a model with (D, H, O, bias, dtype) = "
+        raise ValueError(f"workspace was made for a model with (cell, D, H, O, bias, dtype) = "
                          f"{workspace.signature}, but this model has {model_signature(model)}")
     if (workspace.T, workspace.B) != (T, B):
         raise ValueError(f"workspace was made for T={workspace.T}, B={workspace.B} but the inputs have "
@@ -139,10 +148,22 @@ def _check_workspace(workspace, model, T, B):
     return workspace
 
 
-def _check_h0(h0, model, B, check_finite):
-    if h0 is None:
+def _check_state(state, name, model, B, check_finite):
+    """A state of ``model`` for B sequences: an array (B, H), or for the LSTM a pair of them (h, c)."""
+    if state is None:
         return None
-    return _check_float(h0, "h0", model.dtype, (B, model.hidden_size), check_finite)
+    shape = (B, model.hidden_size)
+    if model.cell != "lstm":
+        return _check_float(state, name, model.dtype, shape, check_finite)
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape {shape}, "
+                        f"got {type(state).__name__}")
+    return tuple(_check_float(a, f"{name}[{k}]", model.dtype, shape, check_finite)
+                 for k, a in enumerate(state))
+
+
+def _check_h0(h0, model, B, check_finite):
+    return _check_state(h0, "h0", model, B, check_finite)
 
 
 def _check_targets(Y, loss, model, T, B, check_finite):
@@ -158,95 +179,157 @@ def _check_targets(Y, loss, model, T, B, check_finite):
 
 
 def _start(ws, h0):
-    """hs[0] = h_0, the call's first write into the workspace, so h0 may be a view of it (h_T)."""
-    if h0 is None:
-        ws.hs[0] = 0
-    else:
-        ws.hs[0] = h0
+    """hs[0] = h_0 (and the LSTM's cs[0] = c_0): the call's first writes into the workspace, so h0
+    may be a view of it (h_T)."""
+    if ws.cell == "lstm":
+        h0, c0 = (None, None) if h0 is None else (h0[0], _private(h0[1], ws))
+        ws.cs[0] = 0 if c0 is None else c0     # c0 copied first if it overlaps: hs[0] is written next
+    ws.hs[0] = 0 if h0 is None else h0
 
 
-def _forward(model, ws, kind, X, parallel, method):
-    """Fill ws.hs[1:] with h_1 .. h_T and ws.out with o_1 .. o_T, from h_0 in ws.hs[0].
+def _state_T(ws):
+    """The last state: h_T, or the LSTM's pair (h_T, c_T) (views into the workspace)."""
+    T = ws.T
+    return (ws.hs[T], ws.cs[T]) if ws.cell == "lstm" else ws.hs[T]
+
+
+def _state_grad0(ws):
+    """∂L/∂h_0, or the LSTM's pair (∂L/∂h_0, ∂L/∂c_0) (views into the workspace)."""
+    return (ws.dh0, ws.dc0) if ws.cell == "lstm" else ws.dh0
+
+
+def _layer_weights(model, ws):
+    """(W_ih, b_ih, W_hh, b_hh) of the recurrent layer, zeros for the biases a model lacks."""
+    p, names = model._kernel_views, model._CELL.NAMES
+    W_ih, W_hh = p[names["W_ih"]], p[names["W_hh"]]
+    b_ih = p[names["b_ih"]] if model.bias and names["b_ih"] else ws.zero_b
+    b_hh = p[names["b_hh"]] if model.bias else ws.zero_b
+    return W_ih, b_ih, W_hh, b_hh
+
+
+def _cell_views(model, ws):
+    """The cell's NamedTuple over the workspace, as the sweep kernels take it."""
+    _, _, W_hh, b_hh = _layer_weights(model, ws)
+    return model._CELL.kernel_views(ws, W_hh, ws.W_hhT, b_hh, model._act_code)
+
+
+def _layer_forward(model, ws, kind, X, parallel, method):
+    """Fill ws.hs[1:] with h_1 .. h_T (and the cell's other activations), from the state in ws.hs[0].
 
     X is validated and private (overlaps no buffer of ws); token ids are in ws.tokens.
     """
-    p = model._kernel_views
     T, B = ws.T, ws.B
-    H = model.hidden_size
-    hs = ws.hs
+    W_ih, b_ih, W_hh, _ = _layer_weights(model, ws)
+    cell = _cell_views(model, ws)
+    gx = cell.gx                                                    # (T, B, G·H): the input projection
+    GH = gx.shape[2]
     if kind == "tokens":
-        _fw.gather_input(hs[1:], ws.tokens, p["W_hx"])
+        _sweep.gather_input(gx, ws.tokens, W_ih, b_ih)
     else:
-        dot(X.reshape(T * B, model.input_size), p["W_hx"].T, hs[1:].reshape(T * B, H))
-    b_h = p["b_h"] if model.bias else ws.zero_h
-    act = ACTIVATIONS[model.activation]
-    ws.W_hhT[...] = p["W_hh"].T                                     # contiguous: faster GEMMs too
+        dot(X.reshape(T * B, model.input_size), W_ih.T, gx.reshape(T * B, GH))
+        if model.bias and model._CELL.NAMES["b_ih"]:
+            _sweep.add_rows(gx.reshape(T * B, GH), b_ih)
+    ws.W_hhT[...] = W_hh.T                                          # contiguous: faster GEMMs too
     if method == "fused":
         if parallel:
             with _launch(parallel):
-                _fw.recurrence_parallel(hs, b_h, ws.W_hhT, ws.ones[:B], act, numba.get_num_threads())
+                _sweep.recurrence_parallel(cell, ws.rec, ws.ones[:B], numba.get_num_threads())
         else:
-            _fw.recurrence(hs, b_h, ws.W_hhT, ws.ones[:B], act)
+            _sweep.recurrence(cell, ws.rec, ws.ones[:B])
     else:
-        for t in range(T):   # transposed products (H x H times H x B) are faster in OpenBLAS
-            dot(p["W_hh"], hs[t].T, ws.stepT)                         # (W_hh h_{t-1})ᵀ
-            _fw.activate_step(hs[t + 1], ws.stepT.T, b_h, act)
-    dot(hs[1:].reshape(T * B, H), p["W_qh"].T, ws.out)
+        hs = ws.hs
+        for t in range(T):   # transposed products (G·H x H times H x B) are faster in OpenBLAS
+            dot(W_hh, hs[t].T, ws.recT)                               # (W_hh h_{t-1})ᵀ
+            _sweep.forward_step(cell, t, ws.recT.T)
+
+
+def _forward(model, ws, kind, X, parallel, method):
+    """The layer, then the readout: ws.out holds o_1 .. o_T."""
+    _layer_forward(model, ws, kind, X, parallel, method)
+    p = model._kernel_views
+    T, B, H = ws.T, ws.B, model.hidden_size
+    dot(ws.hs[1:].reshape(T * B, H), p["W_qh"].T, ws.out)
     if model.bias:
-        _fw.add_rows(ws.out, p["b_q"])
+        _sweep.add_rows(ws.out, p["b_q"])
 
 
-def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
-    """From ∂L/∂o in ws.out, fill ws.grads, ws.dh0 and (if wanted) ws.dX_buffer()."""
+def _readout_backward(model, ws):
+    """From ∂L/∂o in ws.out: the readout's gradients, and ∂L/∂h_t = W_qhᵀ ∂L/∂o_t into the cell's dh."""
     p, g = model._kernel_views, ws.grads
+    T, B, H = ws.T, ws.B, model.hidden_size
+    dO = ws.out
+    dot(dO.T, ws.hs[1:].reshape(T * B, H), g["W_qh"])                # Σ_t ∂L/∂o_t h_tᵀ
+    if model.bias:
+        dot(ws.ones, dO, g["b_q"])                                    # Σ_t ∂L/∂o_t
+    dot(dO, p["W_qh"], _cell_views(model, ws).dh.reshape(T * B, H))  # W_qhᵀ ∂L/∂o_t, all t
+
+
+def _layer_backward(model, ws, kind, X, parallel, method, want_dX, carry=None, dstate_T=None):
+    """From ∂L/∂h_t (from above) in the cell's dh: the layer's gradients in ws.grads, ∂L/∂(state_0)
+    and (if wanted) ws.dX_buffer(). ``dstate_T`` is what arrives at the last state (None: nothing)."""
+    g = ws.grads
     T, B = ws.T, ws.B
     D, H = model.input_size, model.hidden_size
-    dO = ws.out
-    hs = ws.hs
-    dz = ws.dz.reshape(T * B, H)
-    ones = ws.ones
-    dot(dO.T, hs[1:].reshape(T * B, H), g["W_qh"])                  # Σ_t ∂L/∂o_t h_tᵀ
-    if model.bias:
-        dot(ones, dO, g["b_q"])                                      # Σ_t ∂L/∂o_t
-    dot(dO, p["W_qh"], dz)                                           # W_qhᵀ ∂L/∂o_t, all t
+    names = model._CELL.NAMES
+    W_ih, _, W_hh, _ = _layer_weights(model, ws)
+    cell = _cell_views(model, ws)
     if carry is None:
         weights = ws.carry_full
     else:
         weights = ws.carry
         weights[...] = carry if carry.ndim == 2 else carry[:, None]
     ws.last_carry = weights
-    act = ACTIVATIONS[model.activation]
+    if ws.cell == "rnn":                    # the Elman cell sends nothing back but through W_hh
+        if dstate_T is not None:
+            cell.dh[T - 1] += dstate_T
+    else:
+        dh_T, dc_T = (dstate_T, None) if ws.cell == "gru" else (dstate_T or (None, None))
+        if dh_T is not None:
+            cell.dh[T - 1] += dh_T
+        ws.ds[...] = 0 if dc_T is None else dc_T          # what arrives at the last state directly
     if method == "fused":
         if parallel:
             with _launch(parallel):
-                _bw.reverse_sweep_parallel(ws.dz, ws.dh0, hs, weights, p["W_hh"], act,
-                                           numba.get_num_threads())
+                _sweep.reverse_sweep_parallel(cell, weights, numba.get_num_threads())
         else:
-            _bw.reverse_sweep(ws.dz, ws.dh0, hs, weights, p["W_hh"], act)
+            _sweep.reverse_sweep(cell, weights)
     else:
-        ws.stepT[...] = 0                                            # nothing comes back into step T
+        drec = cell.drec
         for t in range(T - 1, -1, -1):
             if t < T - 1:
-                dot(ws.W_hhT, ws.dz[t + 1].T, ws.stepT)               # (W_hhᵀ ∂L/∂z_{t+1})ᵀ
-            c = weights[min(t + 1, T - 1)]                            # (times zero at t = T-1)
-            _bw.reverse_step(ws.dz[t], ws.stepT.T, c, hs[t + 1], act)
-        dot(ws.dz[0], p["W_hh"], ws.dh0)
-        _bw.scale_rows(ws.dh0, weights[0])
-    dot(dz.T, hs[:-1].reshape(T * B, H), g["W_hh"])                 # Σ_t ∂L/∂z_t h_{t-1}ᵀ
+                dot(ws.W_hhT, drec[t + 1].T, ws.backT)                 # (W_hhᵀ drec_{t+1})ᵀ
+                _sweep.backward_step(cell, t, ws.backT.T, weights[t + 1], True)
+            else:
+                _sweep.backward_step(cell, t, ws.backT.T, ws.ones[:B], False)
+        dot(drec[0], W_hh, ws.dh0)
+        _sweep.backward_state0(cell, weights[0])
+    GH = cell.drec.shape[2]
+    drec = cell.drec.reshape(T * B, GH)
+    dgx = cell.dgx.reshape(T * B, GH)
+    dot(drec.T, ws.hs[:-1].reshape(T * B, H), g[names["W_hh"]])    # Σ_t ∂L/∂rec_t h_{t-1}ᵀ
     if model.bias:
-        dot(ones, dz, g["b_h"])                                      # Σ_t ∂L/∂z_t
+        dot(ws.ones, drec, g[names["b_hh"]])                          # Σ_t ∂L/∂rec_t
+        if names["b_ih"]:
+            dot(ws.ones, dgx, g[names["b_ih"]])                       # Σ_t ∂L/∂(W_ih x_t + b_ih)
+    dW_ih = g[names["W_ih"]]
     if kind == "tokens":
-        g["W_hx"][...] = 0
+        dW_ih[...] = 0
         if parallel:
             with _launch(parallel):
-                _bw.scatter_input_grad_parallel(g["W_hx"], ws.dz, ws.tokens)
+                _sweep.scatter_input_grad_parallel(dW_ih, cell.dgx, ws.tokens)
         else:
-            _bw.scatter_input_grad(g["W_hx"], ws.dz, ws.tokens)
+            _sweep.scatter_input_grad(dW_ih, cell.dgx, ws.tokens)
     else:
-        dot(dz.T, X.reshape(T * B, D), g["W_hx"])                    # Σ_t ∂L/∂z_t x_tᵀ
+        dot(dgx.T, X.reshape(T * B, D), dW_ih)                        # Σ_t ∂L/∂(W_ih x_t) x_tᵀ
     if want_dX:
-        # ∂L/∂x_t = W_hxᵀ ∂L/∂z_t (for token ids: with respect to the one-hot vectors)
-        dot(dz, p["W_hx"], ws.dX_buffer().reshape(T * B, D))
+        # ∂L/∂x_t = W_ihᵀ ∂L/∂(W_ih x_t) (for token ids: with respect to the one-hot vectors)
+        dot(dgx, W_ih, ws.dX_buffer().reshape(T * B, D))
+
+
+def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
+    """From ∂L/∂o in ws.out, fill ws.grads, ∂L/∂(state_0) and (if wanted) ws.dX_buffer()."""
+    _readout_backward(model, ws)
+    _layer_backward(model, ws, kind, X, parallel, method, want_dX, carry)
 
 
 def _loss(loss, ws, Y, parallel):
@@ -269,10 +352,36 @@ def _extras(ws, return_dh0, return_dX):
     """The optional results, in the documented order."""
     out = ()
     if return_dh0:
-        out += (ws.dh0,)
+        out += (_state_grad0(ws),)
     if return_dX:
         out += (ws.dX_buffer(),)
     return out
+
+
+def _keep_inputs(ws, kind, X):
+    """Copy the inputs into the workspace for the backward pass; return the dense X to use."""
+    if kind == "tokens":
+        np.copyto(ws.tokens, X, casting="unsafe")     # ids are in range: the cast is exact
+        return X
+    np.copyto(ws.x_buffer(), X)
+    return ws.x_buffer()
+
+
+def _check_forward_workspace(workspace, model):
+    """The workspace of a preceding forward pass of ``model``, its kept inputs checked again."""
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be the fastbptt.Workspace that forward() used, "
+                        f"got {type(workspace).__name__}")
+    ws = _check_workspace(workspace, model, workspace.T, workspace.B)
+    if ws.forward_kind is None:
+        raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
+                         "workspace=workspace) first (once per backward)")
+    if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again
+        _check_ids(ws.tokens, "workspace.tokens", (ws.T, ws.B), model.input_size, "token ids")
+    elif ws.forward_kind != "dense" or ws._x is None:
+        raise ValueError(f"workspace.forward_kind is {ws.forward_kind!r} without the inputs of a "
+                         f"forward pass: call fastbptt.forward(model, X, workspace=workspace) first")
+    return ws
 
 
 # ----------------------------------------------------------------------------- public
@@ -284,13 +393,13 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     X : ndarray (T, B, D) of the model's dtype, or (T, B) integer token ids in [0, D)
         Non-contiguous arrays are accepted and copied.
     Y : ndarray (T, B) integer classes in [0, O) for ``"cross_entropy"``,
         or (T, B, O) of the model's dtype for ``"mse"``
-    h0 : ndarray (B, H), optional
-        Initial hidden state; zeros when None.
+    h0 : ndarray (B, H), or for the LSTM a pair (h0, c0) of them, optional
+        Initial state; zeros when None.
     loss : {"cross_entropy", "mse"}
         Softmax cross-entropy averaged over the T·B positions (as
         ``torch.nn.functional.cross_entropy`` on the flattened logits), or
@@ -312,9 +421,11 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     carry : ndarray (T,) or (T, B) of floats, optional
         Weights on the gradient each step sends back through time: the reverse sweep
         uses ∂L/∂h_{t-1} = carry[t] W_hhᵀ ∂L/∂z_t + W_qhᵀ ∂L/∂o_{t-1} (0-based t; carry[0]
-        weighs ∂L/∂h_0). None (all ones) is full BPTT; a 0 cuts the graph before that
-        step; 0 or 1/π at random gives the randomized truncation of Tallec & Ollivier.
-        Converted to the model's dtype.
+        weighs ∂L/∂h_0); for the gated cells carry[t] weighs everything step t sends back to
+        the state before it (the GRU's z ⊙ ∂L/∂h, the LSTM's f ⊙ ∂L/∂c too), as
+        ``.detach()`` of the state does in PyTorch when it is 0. None (all ones) is full
+        BPTT; a 0 cuts the graph before that step; 0 or 1/π at random gives the randomized
+        truncation of Tallec & Ollivier. Converted to the model's dtype.
     method : {"auto", "fused", "blas"}
         How the recurrence and the sweep run: ``"fused"``, one compiled loop over t per
         sequence; ``"blas"``, one GEMM per step over the batch. ``"auto"`` picks by
@@ -325,10 +436,11 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     loss : float
     grads : mapping of str to ndarray
         Keyed like ``model.params``; views into the workspace.
-    h_T : ndarray (B, H)
-        The last hidden state (a view into the workspace; pass it as the next
-        chunk's ``h0`` to carry state without backpropagating across chunks).
+    h_T : ndarray (B, H), or for the LSTM the pair (h_T, c_T)
+        The last state (views into the workspace; pass it as the next chunk's
+        ``h0`` to carry state without backpropagating across chunks).
     dh0 : ndarray (B, H), only if ``return_dh0``
+        ∂L/∂h_0; for the LSTM the pair (∂L/∂h_0, ∂L/∂c_0).
     dX : ndarray (T, B, D), only if ``return_dX``
     """
     check_finite, parallel, return_dh0, return_dX = _check_flags(
@@ -338,7 +450,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     h0 = _check_h0(h0, model, B, check_finite)
     Y = _check_targets(Y, loss, model, T, B, check_finite)
     carry = _check_carry(carry, T, B, model.dtype)
-    method = _check_method(method, B, model.hidden_size)
+    method = _check_method(method, B, model)
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     # -- everything is valid from here on
@@ -351,7 +463,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
         ws.forward_kind = None                            # ws.out is about to hold ∂L/∂o, not o
         value = _loss(loss, ws, Y, parallel)
         _backward(model, ws, kind, X, parallel, method, return_dX, carry)
-    return (value, ws.grads, ws.hs[T]) + _extras(ws, return_dh0, return_dX)
+    return (value, ws.grads, _state_T(ws)) + _extras(ws, return_dh0, return_dX)
 
 
 def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=True, method="auto"):
@@ -364,26 +476,21 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
     -------
     O : ndarray (T, B, O)
         The outputs o_1 .. o_T (a view into the workspace, overwritten by ``backward``).
-    h_T : ndarray (B, H)
+    h_T : ndarray (B, H), or for the LSTM the pair (h_T, c_T)
     """
     check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
     check_model(model, check_finite)
     kind, X, T, B = _check_inputs(model, X, check_finite)
     h0 = _check_h0(h0, model, B, check_finite)
-    method = _check_method(method, B, model.hidden_size)
+    method = _check_method(method, B, model)
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     with _claim(ws):
-        X = _private(X, ws)
+        X = _keep_inputs(ws, kind, _private(X, ws))
         _start(ws, h0)
-        if kind == "tokens":
-            np.copyto(ws.tokens, X, casting="unsafe")
-        else:
-            np.copyto(ws.x_buffer(), X)
-            X = ws.x_buffer()
         _forward(model, ws, kind, X, parallel, method)
         ws.forward_kind = kind
-    return ws.out.reshape(T, B, model.output_size), ws.hs[T]
+    return ws.out.reshape(T, B, model.output_size), _state_T(ws)
 
 
 def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_dX=False,
@@ -395,7 +502,7 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     dO : ndarray (T, B, O) of the model's dtype
         ∂L/∂o_t for every step and sequence.
     workspace : fastbptt.Workspace
@@ -409,27 +516,16 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     -------
     grads : mapping of str to ndarray
         Alone when neither ``return_dh0`` nor ``return_dX``; else the first of a tuple.
-    dh0 : ndarray (B, H), only if ``return_dh0``
+    dh0 : ndarray (B, H) (the LSTM: a pair), only if ``return_dh0``
     dX : ndarray (T, B, D), only if ``return_dX``
     """
     check_finite, parallel, return_dh0, return_dX = _check_flags(
         check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
     check_model(model, check_finite)
-    if not isinstance(workspace, Workspace):
-        raise TypeError(f"workspace must be the fastbptt.Workspace that forward() used, "
-                        f"got {type(workspace).__name__}")
-    ws = _check_workspace(workspace, model, workspace.T, workspace.B)
-    if ws.forward_kind is None:
-        raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
-                         "workspace=workspace) first (once per backward)")
-    if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again
-        _check_ids(ws.tokens, "workspace.tokens", (ws.T, ws.B), model.input_size, "token ids")
-    elif ws.forward_kind != "dense" or ws._x is None:
-        raise ValueError(f"workspace.forward_kind is {ws.forward_kind!r} without the inputs of a "
-                         f"forward pass: call fastbptt.forward(model, X, workspace=workspace) first")
+    ws = _check_forward_workspace(workspace, model)
     dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite)
     carry = _check_carry(carry, ws.T, ws.B, model.dtype)
-    method = _check_method(method, ws.B, model.hidden_size)
+    method = _check_method(method, ws.B, model)
     parallel = _threads(parallel, method)
     with _claim(ws):
         carry = _private(carry, ws)
@@ -439,3 +535,83 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
         _backward(model, ws, kind, ws._x, parallel, method, return_dX, carry)
     extras = _extras(ws, return_dh0, return_dX)
     return (ws.grads,) + extras if extras else ws.grads
+
+
+def layer_forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=True,
+                  method="auto"):
+    """Run the recurrent layer alone (no readout), keeping what ``layer_backward`` needs.
+
+    The entry point for stacks, bidirectional layers and bridges: the layer's outputs H
+    go to whatever head the caller puts on top, whose ∂L/∂H comes back through
+    ``layer_backward``. Arguments as in ``forward``; the inputs are copied into the
+    workspace.
+
+    Returns
+    -------
+    H : ndarray (T, B, H)
+        h_1 .. h_T (a view into the workspace, valid until its next call).
+    state_T : ndarray (B, H), or for the LSTM the pair (h_T, c_T)
+    """
+    check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
+    _check_model(model, check_finite)
+    kind, X, T, B = _check_inputs(model, X, check_finite)
+    h0 = _check_h0(h0, model, B, check_finite)
+    method = _check_method(method, B, model)
+    ws = _check_workspace(workspace, model, T, B)
+    parallel = _threads(parallel, method)
+    with _claim(ws):
+        X = _keep_inputs(ws, kind, _private(X, ws))
+        _start(ws, h0)
+        _layer_forward(model, ws, kind, X, parallel, method)
+        ws.forward_kind = kind
+    return ws.hs[1:], _state_T(ws)
+
+
+def layer_backward(model, dH, dstate_T=None, *, workspace, parallel=False, check_finite=True,
+                   carry=None, method="auto", return_dX=True):
+    """Gradients of the recurrent layer from ∂L/∂H, after ``layer_forward`` (or ``forward``).
+
+    Parameters
+    ----------
+    model : fastbptt.RNN, GRU or LSTM
+    dH : ndarray (T, B, H) of the model's dtype
+        ∂L/∂h_t for t = 1 .. T from whatever uses the layer's outputs (not changed).
+    dstate_T : ndarray (B, H), or for the LSTM a pair of them, optional
+        ∂L/∂(the last state), from whatever uses it beyond the sequence; None is zero.
+    workspace : fastbptt.Workspace
+        The one the preceding ``layer_forward`` used.
+    carry : ndarray (T,) or (T, B), optional
+        As in ``loss_and_grad``.
+    return_dX : bool
+        Also compute ∂L/∂X (one more GEMM); else ``dX`` is None.
+
+    Returns
+    -------
+    grads : mapping of str to ndarray
+        Keyed like ``model.params``; the readout's (``W_qh``, ``b_q``) are zero.
+    dX : ndarray (T, B, D) or None
+    dstate_0 : ndarray (B, H), or for the LSTM the pair (∂L/∂h_0, ∂L/∂c_0)
+    """
+    check_finite, parallel, return_dX = _check_flags(
+        check_finite=check_finite, parallel=parallel, return_dX=return_dX)
+    _check_model(model, check_finite)
+    ws = _check_forward_workspace(workspace, model)
+    T, B = ws.T, ws.B
+    dH = _check_float(dH, "dH", model.dtype, (T, B, model.hidden_size), check_finite)
+    dstate_T = _check_state(dstate_T, "dstate_T", model, B, check_finite)
+    carry = _check_carry(carry, T, B, model.dtype)
+    method = _check_method(method, B, model)
+    parallel = _threads(parallel, method)
+    with _claim(ws):
+        carry = _private(carry, ws)
+        if dstate_T is not None:
+            dstate_T = tuple(_private(a, ws) for a in dstate_T) if isinstance(dstate_T, tuple) \
+                else _private(dstate_T, ws)
+        kind = ws.forward_kind
+        np.copyto(_cell_views(model, ws).dh, dH)      # first: dH may overlap the workspace
+        ws.forward_kind = None
+        for name in ("W_qh", "b_q"):
+            if name in ws.grads:
+                ws.grads[name][...] = 0
+        _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, carry, dstate_T)
+    return ws.grads, (ws.dX_buffer() if return_dX else None), _state_grad0(ws)

@@ -1,13 +1,18 @@
-"""The Elman RNN's parameters: one flat contiguous buffer and named views into it.
+"""The models: one recurrent cell and a linear readout, parameters in one flat buffer with named views.
 
-    h_t = φ(W_hx x_t + W_hh h_{t-1} + b_h)        o_t = W_qh h_t + b_q
+    RNN (Elman)  h_t = φ(W_hx x_t + W_hh h_{t-1} + b_h)
+    GRU, LSTM    PyTorch's cells (``fastbptt.core.cells.gru``, ``.lstm``)
+    all          o_t = W_qh h_t + b_q
 
-Shapes (D input size, H hidden size, O output size)::
+Shapes (D input size, H hidden size, O output size, G gates: 1, 3, 4)::
 
-    W_hx (H, D)   W_hh (H, H)   b_h (H,)   W_qh (O, H)   b_q (O,)
+    RNN        W_hx (H, D)     W_hh (H, H)     b_h (H,)
+    GRU, LSTM  W_ih (G·H, D)   W_hh (G·H, H)   b_ih (G·H,)   b_hh (G·H,)   gates stacked as PyTorch's
+    all        W_qh (O, H)     b_q (O,)
 
 Parameters and their gradients share the same layout, so an optimizer can
-update ``model.flat`` from a gradient's flat buffer in one pass.
+update ``model.flat`` from a gradient's flat buffer in one pass. The cell's own
+description (layout, buffers, pointwise math) is in ``fastbptt.core.cells``.
 """
 
 from __future__ import annotations
@@ -21,24 +26,23 @@ from .validation import DTYPES, check_dtype, check_seed
 from .validation import positive_int as _positive_int
 from .validation import real as _real
 
-ACTIVATIONS = {"identity": 0, "tanh": 1, "relu": 2}
+from .cells import elman as _elman
+from .cells import gru as _gru
+from .cells import lstm as _lstm
+
+ACTIVATIONS = _elman.ACTIVATIONS
 
 
 def param_layout(input_size, hidden_size, output_size, bias=True):
-    """Names and shapes of the parameters, in the order they lie in the flat buffer.
+    """Names and shapes of the Elman RNN's parameters, in the order they lie in the flat buffer.
+
+    (Every model's own is ``model.layout``.)
 
     Returns
     -------
     list of (str, tuple)
     """
-    D, H, O = input_size, hidden_size, output_size
-    layout = [("W_hx", (H, D)), ("W_hh", (H, H))]
-    if bias:
-        layout.append(("b_h", (H,)))
-    layout.append(("W_qh", (O, H)))
-    if bias:
-        layout.append(("b_q", (O,)))
-    return layout
+    return _elman.param_layout(input_size, hidden_size, output_size, bias)
 
 
 class ViewMap(Mapping):
@@ -80,31 +84,11 @@ def flat_views(flat, layout):
     return ViewMap(views)
 
 
-class RNN:
-    """An Elman RNN with a linear readout, in the notation of Dive into Deep Learning.
+class RNNBase:
+    """What every model shares: one recurrent cell with a linear readout, all parameters in one buffer.
 
-    Parameters
-    ----------
-    input_size : int
-        D, the size of x_t (or the vocabulary size for token inputs).
-    hidden_size : int
-        H, the size of h_t.
-    output_size : int
-        O, the size of o_t (the number of classes for cross-entropy).
-    activation : {"tanh", "relu", "identity"}
-        φ. ``"identity"`` with ``bias=False`` is the textbook's linear model.
-    bias : bool
-        Whether b_h and b_q exist.
-    dtype : float32 or float64
-        The dtype of every parameter, input and gradient; nothing is cast silently.
-    seed : int >= 0, None or numpy.random.Generator
-        Seed of the initialization (``numpy.random.default_rng``).
-    init : {"uniform", "normal"}
-        ``"uniform"`` (default) draws every weight from U(-s, s) with s = 1/sqrt(H),
-        as ``torch.nn.RNN`` does; ``"normal"`` draws from N(0, s²) with s = 0.01,
-        as Dive into Deep Learning's from-scratch RNN does. Biases start at zero.
-    scale : float, optional
-        Overrides s.
+    Not made directly: use ``RNN`` (Elman), ``GRU`` or ``LSTM``, which differ only in
+    their cell (``fastbptt.core.cells``).
 
     Attributes
     ----------
@@ -112,35 +96,53 @@ class RNN:
         All parameters, contiguous. Update it in place (``model.flat -= lr * g``); assigning
         a new array (``model.flat = model.flat - lr * g``) copies its values in.
     params : mapping of str to ndarray
-        Writable views into ``flat``: ``W_hx``, ``W_hh``, ``b_h``, ``W_qh``, ``b_q``
-        (no ``b_*`` when ``bias=False``). The mapping is read-only; ``load_params`` copies
-        new values in.
+        Writable views into ``flat``, by name (``model.layout`` lists them with their
+        shapes). The mapping is read-only; ``load_params`` copies new values in.
+    cell : str
+        ``"rnn"``, ``"gru"`` or ``"lstm"``.
     input_size, hidden_size, output_size, bias, dtype, layout
         Read-only: they are what ``flat`` was built for. ``copy.deepcopy`` and ``pickle``
         give an independent model with its own buffer.
     """
 
-    def __init__(self, input_size, hidden_size, output_size, activation="tanh",
-                 bias=True, dtype=np.float32, seed=0, init="uniform", scale=None):
+    _CELL = None            # the cell's module in fastbptt.core.cells
+    activation = None       # φ, for the Elman cell only
+
+    def __init__(self, input_size, hidden_size, output_size, bias=True, dtype=np.float32, seed=0,
+                 init="uniform", scale=None):
+        if self._CELL is None:
+            raise TypeError("RNNBase is not a model: make a fastbptt.RNN, GRU or LSTM")
+        self._setup(input_size, hidden_size, output_size, bias, dtype)
+        self.reset_parameters(seed=seed, init=init, scale=scale)
+
+    def _setup(self, input_size, hidden_size, output_size, bias, dtype):
         D = _positive_int(input_size, "input_size")
         H = _positive_int(hidden_size, "hidden_size")
         O = _positive_int(output_size, "output_size")
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be a bool, got {bias!r}")
         self._build(D, H, O, bool(bias), check_dtype(dtype), np.zeros(0))
-        self.activation = activation
-        self.reset_parameters(seed=seed, init=init, scale=scale)
+
+    @property
+    def cell(self):
+        """The cell's name: ``"rnn"``, ``"gru"`` or ``"lstm"`` (read-only)."""
+        return self._CELL.NAME
+
+    @property
+    def _act_code(self):
+        """The activation code the kernels take (the Elman cell's φ; unused by the gated cells)."""
+        return 0
 
     def _build(self, D, H, O, bias, dtype, flat):
         """Set the layout, the flat buffer (zeros, or a copy of ``flat`` when it has the size) and the views."""
         self._sizes = (D, H, O, bias)
         self._dtype = dtype
-        self._layout = tuple(param_layout(D, H, O, bias))
+        self._layout = tuple(self._CELL.param_layout(D, H, O, bias))
         n = sum(int(np.prod(shape)) for _, shape in self._layout)
         try:
             self._flat = np.zeros(n, dtype)
         except MemoryError:
-            raise MemoryError(f"an RNN with input_size={D}, hidden_size={H}, output_size={O} has {n:,} "
+            raise MemoryError(f"a {type(self).__name__} with input_size={D}, hidden_size={H}, output_size={O} has {n:,} "
                               f"parameters ({n * dtype.itemsize / 2**30:,.1f} GiB of {dtype.name}), "
                               f"more than this machine can allocate; use smaller sizes") from None
         if flat.size == n:
@@ -158,17 +160,6 @@ class RNN:
     dtype = property(lambda self: self._dtype, doc="The parameters' dtype (read-only).")
     layout = property(lambda self: list(self._layout),
                       doc="(name, shape) of every parameter, in the order they lie in ``flat``.")
-
-    @property
-    def activation(self):
-        """φ: ``"tanh"``, ``"relu"`` or ``"identity"`` (may be set to another of these)."""
-        return self._activation
-
-    @activation.setter
-    def activation(self, value):
-        if not isinstance(value, str) or value not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
-        self._activation = value
 
     @property
     def flat(self):
@@ -211,28 +202,32 @@ class RNN:
 
     def __getstate__(self):
         D, H, O, bias = self._sizes
-        return {"sizes": (D, H, O, bias), "dtype": self._dtype.str, "activation": self._activation,
-                "flat": self._flat}
+        return {"cell": self.cell, "sizes": (D, H, O, bias), "dtype": self._dtype.str,
+                "activation": self.activation, "flat": self._flat}
 
     def __setstate__(self, state):
         """Rebuild from the sizes and the flat buffer, checked as the constructor checks them."""
+        what = f"a pickled {type(self).__name__}"
+        if state.get("cell", "rnn") != self.cell:       # pickles of the Elman-only release have no cell
+            raise ValueError(f"{what} holds a {state.get('cell')!r} cell, not {self.cell!r}")
         D, H, O, bias = state["sizes"]
         D, H, O = (_positive_int(v, n) for v, n in ((D, "input_size"), (H, "hidden_size"),
                                                     (O, "output_size")))
         if not isinstance(bias, (bool, np.bool_)):
-            raise ValueError(f"a pickled RNN has bias={bias!r}")
+            raise ValueError(f"{what} has bias={bias!r}")
         flat = state["flat"]
         if not isinstance(flat, np.ndarray) or isinstance(flat, np.ma.MaskedArray) or flat.ndim != 1:
-            raise ValueError("a pickled RNN's flat buffer must be a plain 1-D ndarray")
+            raise ValueError(f"{what}'s flat buffer must be a plain 1-D ndarray")
         self._build(D, H, O, bool(bias), check_dtype(np.dtype(state["dtype"])), np.zeros(0))
         if self._flat.size != flat.size:
-            raise ValueError(f"a pickled RNN's flat buffer has {flat.size} values, "
+            raise ValueError(f"{what}'s flat buffer has {flat.size} values, "
                              f"its sizes need {self._flat.size}")
         self.flat = flat
-        self.activation = state["activation"]
+        if self._CELL is _elman:
+            self.activation = state["activation"]
 
     def reset_parameters(self, seed=0, init="uniform", scale=None):
-        """Draw the weights again (see the class docstring); biases become zero.
+        """Draw the weights again (see the class docstring).
 
         Nothing changes when an argument is refused, or when the weights drawn would
         not fit the dtype (``scale`` too large).
@@ -247,7 +242,7 @@ class RNN:
         rng = np.random.default_rng(check_seed(seed))
         drawn = {}
         for name, shape in self._layout:
-            if name.startswith("b_"):
+            if name.startswith("b_") and not (init == "uniform" and name in ("b_ih", "b_hh")):
                 drawn[name] = np.zeros(shape)
             elif init == "uniform":
                 drawn[name] = rng.uniform(-scale, scale, size=shape)
@@ -288,24 +283,172 @@ class RNN:
     def from_params(cls, params, activation="tanh", dtype=None):
         """Build a model whose sizes and bias are read off ``params`` (which are copied).
 
-        The dtype is that of ``params['W_hx']`` unless ``dtype`` asks for a conversion.
+        The dtype is that of the input weights unless ``dtype`` asks for a conversion;
+        ``activation`` is the Elman cell's φ (ignored by ``GRU`` and ``LSTM``).
         """
-        if not hasattr(params, "keys") or "W_hx" not in params or "W_qh" not in params:
-            raise ValueError("params must be a mapping with at least 'W_hx' and 'W_qh'")
-        W_hx, W_qh = np.asarray(params["W_hx"]), np.asarray(params["W_qh"])
-        if W_hx.ndim != 2:
-            raise ValueError(f"params['W_hx'] must have shape (H, D), got {W_hx.shape}")
-        if W_qh.ndim != 2:
-            raise ValueError(f"params['W_qh'] must have shape (O, H), got {W_qh.shape}")
-        H, D = W_hx.shape
-        model = cls(D, H, W_qh.shape[0], activation=activation, bias="b_h" in params,
-                    dtype=W_hx.dtype if dtype is None else dtype)
+        if cls._CELL is None:
+            raise TypeError("call from_params on fastbptt.RNN, GRU or LSTM")
+        w_in = cls._CELL.NAMES["W_ih"]
+        if not hasattr(params, "keys") or w_in not in params or "W_qh" not in params \
+                or "W_hh" not in params:
+            raise ValueError(f"params must be a mapping with at least {w_in!r}, 'W_hh' and 'W_qh'")
+        W_in, W_hh, W_qh = (np.asarray(params[k]) for k in (w_in, "W_hh", "W_qh"))
+        for name, value, want in ((w_in, W_in, "(G·H, D)"), ("W_hh", W_hh, "(G·H, H)"),
+                                  ("W_qh", W_qh, "(O, H)")):
+            if value.ndim != 2:
+                raise ValueError(f"params[{name!r}] must have shape {want}, got {value.shape}")
+        D, H = W_in.shape[1], W_hh.shape[1]
+        bias = cls._CELL.NAMES["b_hh"] in params
+        kwargs = {"activation": activation} if cls._CELL is _elman else {}
+        model = cls(D, H, W_qh.shape[0], bias=bias, dtype=W_in.dtype if dtype is None else dtype,
+                    **kwargs)
         if dtype is not None:  # an explicit request to convert
             params = {name: np.asarray(value).astype(model.dtype) for name, value in params.items()}
         model.load_params(params)
         return model
 
     def __repr__(self):
-        return (f"RNN(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-                f"output_size={self.output_size}, activation={self.activation!r}, "
-                f"bias={self.bias}, dtype={self.dtype.name})")
+        act = f", activation={self.activation!r}" if self._CELL is _elman else ""
+        return (f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"output_size={self.output_size}{act}, bias={self.bias}, dtype={self.dtype.name})")
+
+
+class RNN(RNNBase):
+    """An Elman RNN with a linear readout, in the notation of Dive into Deep Learning.
+
+    Parameters
+    ----------
+    input_size : int
+        D, the size of x_t (or the vocabulary size for token inputs).
+    hidden_size : int
+        H, the size of h_t.
+    output_size : int
+        O, the size of o_t (the number of classes for cross-entropy).
+    activation : {"tanh", "relu", "identity"}
+        φ. ``"identity"`` with ``bias=False`` is the textbook's linear model.
+    bias : bool
+        Whether b_h and b_q exist.
+    dtype : float32 or float64
+        The dtype of every parameter, input and gradient; nothing is cast silently.
+    seed : int >= 0, None or numpy.random.Generator
+        Seed of the initialization (``numpy.random.default_rng``).
+    init : {"uniform", "normal"}
+        ``"uniform"`` (default) draws every weight from U(-s, s) with s = 1/sqrt(H),
+        as ``torch.nn.RNN`` does; ``"normal"`` draws from N(0, s²) with s = 0.01,
+        as Dive into Deep Learning's from-scratch RNN does. Biases start at zero.
+    scale : float, optional
+        Overrides s.
+
+    Attributes
+    ----------
+    params : mapping of str to ndarray
+        Writable views into ``flat``: ``W_hx`` (H, D), ``W_hh`` (H, H), ``b_h`` (H,),
+        ``W_qh`` (O, H), ``b_q`` (O,) (no ``b_*`` when ``bias=False``).
+
+    The other attributes are those of every model (``RNNBase``): ``flat``, ``cell``
+    (``"rnn"``), the read-only sizes, ``dtype`` and ``layout``.
+    """
+
+    _CELL = _elman
+
+    def __init__(self, input_size, hidden_size, output_size, activation="tanh",
+                 bias=True, dtype=np.float32, seed=0, init="uniform", scale=None):
+        self._setup(input_size, hidden_size, output_size, bias, dtype)
+        self.activation = activation
+        self.reset_parameters(seed=seed, init=init, scale=scale)
+
+    @property
+    def activation(self):
+        """φ: ``"tanh"``, ``"relu"`` or ``"identity"`` (may be set to another of these)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, value):
+        if not isinstance(value, str) or value not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
+        self._activation = value
+
+    @property
+    def _act_code(self):
+        return ACTIVATIONS[self._activation]
+
+
+_GATED_DOC = """{what}
+
+    Parameters
+    ----------
+    input_size : int
+        D, the size of x_t (or the vocabulary size for token inputs).
+    hidden_size : int
+        H, the size of h_t{state}.
+    output_size : int
+        O, the size of o_t (the number of classes for cross-entropy).
+    bias : bool
+        Whether b_ih, b_hh and b_q exist.
+    dtype : float32 or float64
+        The dtype of every parameter, input and gradient; nothing is cast silently.
+    seed : int >= 0, None or numpy.random.Generator
+        Seed of the initialization (``numpy.random.default_rng``).
+    init : {{"uniform", "normal"}}
+        ``"uniform"`` (default) draws every weight and b_ih, b_hh from U(-s, s) with
+        s = 1/sqrt(H), as ``torch.nn.{torch}`` does; ``"normal"`` draws the weights from
+        N(0, s²) with s = 0.01, as Dive into Deep Learning does, and zero biases. The
+        readout's b_q starts at zero either way.
+    scale : float, optional
+        Overrides s.
+
+    Attributes
+    ----------
+    params : mapping of str to ndarray
+        Writable views into ``flat``: ``W_ih`` ({G}H, D), ``W_hh`` ({G}H, H), ``b_ih``,
+        ``b_hh`` ({G}H,), ``W_qh`` (O, H), ``b_q`` (O,) (no ``b_*`` when ``bias=False``).
+        The gates are stacked in PyTorch's order ({gates}), so
+        ``model.params["W_ih"][...] = torch_{lower}.weight_ih_l0.detach().numpy()`` copies
+        PyTorch's weights one to one. ``model.gate(name, gate)`` is the view of one gate.
+
+    The other attributes are those of every model (``RNNBase``): ``flat``, ``cell``
+    (``"{lower}"``), the read-only sizes, ``dtype`` and ``layout``.
+    """
+
+
+class _Gated(RNNBase):
+    """The GRU and the LSTM: gates stacked along the first axis of W_ih, W_hh, b_ih, b_hh."""
+
+    def gate(self, name, gate):
+        """The view of one gate's block of ``params[name]``: e.g. ``model.gate("W_hh", "z")`` (H, H).
+
+        name : "W_ih", "W_hh", "b_ih" or "b_hh";  gate : one of ``GATES`` (PyTorch's order)
+        """
+        gates = self._CELL.GATE_NAMES
+        if name not in ("W_ih", "W_hh", "b_ih", "b_hh") or name not in self._params:
+            raise KeyError(f"gate() takes one of {[n for n in ('W_ih', 'W_hh', 'b_ih', 'b_hh') if n in self._params]}, "
+                           f"got {name!r}")
+        if gate not in gates:
+            raise KeyError(f"a {type(self).__name__}'s gates are {gates}, got {gate!r}")
+        k, H = gates.index(gate), self.hidden_size
+        return self._params[name][k * H:(k + 1) * H]
+
+
+class GRU(_Gated):
+    __doc__ = _GATED_DOC.format(
+        what="A GRU with a linear readout, as ``torch.nn.GRU`` computes it (gates r, z, n).\n\n"
+             "    r = σ(W_ir x + b_ir + W_hr h + b_hr)     z = σ(W_iz x + b_iz + W_hz h + b_hz)\n"
+             "    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))     h' = (1 − z) ⊙ n + z ⊙ h\n\n"
+             "    (Dive into Deep Learning applies r before the product: W_hh (r ⊙ h).)",
+        state="", torch="GRU", G=3, gates="r, z, n", lower="gru")
+    _CELL = _gru
+    GATES = _gru.GATE_NAMES
+
+
+class LSTM(_Gated):
+    __doc__ = _GATED_DOC.format(
+        what="An LSTM with a linear readout, as ``torch.nn.LSTM`` computes it (gates i, f, g, o).\n\n"
+             "    i, f, g, o = σ(a_i), σ(a_f), tanh(a_g), σ(a_o)   a = W_ih x + b_ih + W_hh h + b_hh\n"
+             "    c' = f ⊙ c + i ⊙ g        h' = o ⊙ tanh(c')\n\n"
+             "    The state is the pair (h, c): ``h0`` and the returned states are pairs.",
+        state=" and of the cell state c_t", torch="LSTM", G=4, gates="i, f, g, o", lower="lstm")
+    _CELL = _lstm
+    GATES = _lstm.GATE_NAMES
+
+
+CELLS = {"rnn": RNN, "gru": GRU, "lstm": LSTM}

@@ -38,6 +38,7 @@ kernels give bitwise the same results, so this changes speed only.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 
@@ -62,6 +63,21 @@ _getters = _setters = ()             # each library's get/set of its thread coun
 _GEMM_ONE = _GEMV_ONE = 0            # below these sizes BLAS runs a product on one thread anyway
 _waiting = 0                         # other threads' products waiting for the caller's count back
 _readers = 0                         # other threads' products running now (with the caller's count)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def caller_stacklevel():
+    """The ``stacklevel`` for ``warnings.warn`` that points at the first caller outside fastbptt.
+
+    Counted, not fixed, so the warning points at the user's line however deep the call
+    (``loss_and_grad`` or ``layer_forward``, through the training tools or not).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _main = threading.main_thread().ident
@@ -123,7 +139,7 @@ def warn_if_uncontrolled():
         _warned_uncontrolled = True
         warnings.warn("parallel=True without threadpoolctl: BLAS chooses its own threads for every "
                       "product and may fight Numba's for the cores; pip install threadpoolctl "
-                      "(or set OPENBLAS_NUM_THREADS=1)", RuntimeWarning, stacklevel=4)
+                      "(or set OPENBLAS_NUM_THREADS=1)", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def enter():
@@ -218,7 +234,7 @@ def _warn_other_thread():
                       f"threads, so every product runs on all of them and threads that compute at "
                       f"once can be many times slower. Limit BLAS to one thread on the main thread "
                       f"before starting the threads (threadpoolctl.threadpool_limits(1), or "
-                      f"OPENBLAS_NUM_THREADS=1).", RuntimeWarning, stacklevel=5)
+                      f"OPENBLAS_NUM_THREADS=1).", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 # ------------------------------------------------------------------------ Numba's threads
@@ -276,7 +292,7 @@ def _warn_forked():
         warnings.warn("parallel=True runs the serial kernels (same results) in this process: it was "
                       "forked after its parent started Numba's OpenMP threads, which do not survive a "
                       "fork. Use multiprocessing's 'spawn' or 'forkserver' start method to run in "
-                      "parallel in the children.", RuntimeWarning, stacklevel=5)
+                      "parallel in the children.", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def parallel_launch():

@@ -1,5 +1,10 @@
 """Preallocated buffers for one model and one (T, B): activations, gradients, scratch.
 
+The buffers are declared, not scattered: ``declare`` lists those every model needs
+(the readout's, the loss's, the scratch of the products) and the cell's own module
+declares its activations and gradients (``fastbptt.core.cells``); ``carve`` makes
+one aligned block with a named view for each, as llm.c's ``ActivationTensors`` does.
+
 Pass the same ``Workspace`` to every call of a training loop and no call allocates
 an array again. Every buffer is made once, here; the kernels only write into them.
 
@@ -12,29 +17,33 @@ import threading
 
 import numpy as np
 
-from .model import RNN, flat_views, param_layout
+from .cells import CELLS
+from .model import RNNBase, flat_views
 from .validation import check_dtype, positive_int
 
 
 def model_signature(model):
-    """What a workspace must agree on with the model it serves."""
-    return (model.input_size, model.hidden_size, model.output_size, model.bias, model.dtype)
+    """What a workspace must agree on with the model it serves: (cell, D, H, O, bias, dtype)."""
+    return (model.cell, model.input_size, model.hidden_size, model.output_size, model.bias, model.dtype)
 
 
-def declare(T, B, D, H, O, dtype, n_params):
-    """Every fixed buffer of a workspace: (name, shape, dtype, initial value), in block order."""
-    return [
-        ("hs", (T + 1, B, H), dtype, 0),        # h_0 .. h_T
-        ("dz", (T, B, H), dtype, 0),            # W_qhᵀ ∂L/∂o_t, then ∂L/∂z_t
+def declare(T, B, D, H, O, dtype, n_params, cell="rnn"):
+    """Every fixed buffer of a workspace: (name, shape, dtype, initial value), in block order.
+
+    The cell's own buffers first (``CELLS[cell].declare``), then those every model needs.
+    """
+    GH = CELLS[cell].GATES * H
+    return CELLS[cell].declare(T, B, H, dtype) + [
         ("out", (T * B, O), dtype, 0),          # o_t, then ∂L/∂o_t
         ("row_loss", (T * B,), dtype, 0),       # ℓ(o_t, y_t) per position
-        ("W_hhT", (H, H), dtype, 0),            # W_hhᵀ, contiguous
-        ("stepT", (H, B), dtype, 0),            # one step's GEMM result, transposed (per-step BLAS)
-        ("zero_h", (H,), dtype, 0),             # b_h of a model without bias
+        ("W_hhT", (H, GH), dtype, 0),           # W_hhᵀ, contiguous
+        ("rec", (B, GH), dtype, 0),             # b_hh + W_hh h_{t-1} of one step (fused)
+        ("recT", (GH, B), dtype, 0),            # W_hh h_{t-1} of one step, transposed (per-step BLAS)
+        ("backT", (H, B), dtype, 0),            # W_hhᵀ drec_{t+1} of one step, transposed (per-step BLAS)
+        ("zero_b", (GH,), dtype, 0),            # the biases of a model without them
         ("ones", (T * B,), dtype, 1),           # sums over positions as GEMVs
         ("carry_full", (T, B), dtype, 1),       # carry weights of full BPTT
         ("carry", (T, B), dtype, 1),            # caller's carry weights, copied
-        ("dh0", (B, H), dtype, 0),              # ∂L/∂h_0
         ("tokens", (T, B), np.intp, 0),         # token ids, when inputs are tokens
         ("targets", (T * B,), np.intp, 0),      # class labels, for cross-entropy
         ("grad_flat", (n_params,), dtype, 0),   # every gradient, laid out like model.flat
@@ -69,7 +78,7 @@ class Workspace:
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     T : int
         Sequence length (number of time steps).
     B : int
@@ -89,8 +98,8 @@ class Workspace:
 
     # set once, when the workspace is made: replacing one by hand could hand a kernel a buffer
     # of another size (an out-of-range write), so assignment is refused; write into them in place
-    _FIXED = frozenset({"T", "B", "signature", "dtype", "grads", "_block", "_declared"}
-                       | {name for name, *_ in declare(1, 1, 1, 1, 1, np.float64, 1)})
+    _FIXED = frozenset({"T", "B", "signature", "cell", "dtype", "grads", "_block", "_declared"}
+                       | {name for cell in CELLS for name, *_ in declare(1, 1, 1, 1, 1, np.float64, 1, cell)})
 
     def __setattr__(self, name, value):
         if name in self._FIXED and name in self.__dict__:
@@ -99,12 +108,12 @@ class Workspace:
         object.__setattr__(self, name, value)
 
     def __init__(self, model, T, B):
-        if not isinstance(model, RNN):
-            raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+        if not isinstance(model, RNNBase):
+            raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
         self.T = positive_int(T, "T")
         self.B = positive_int(B, "B")
         self.signature = model_signature(model)
-        D, H, O, _, dtype = self.signature
+        self.cell, D, H, O, _, dtype = self.signature
         T, B = self.T, self.B
         self.dtype = dtype
         self._make_buffers(model.n_params)
@@ -116,11 +125,11 @@ class Workspace:
 
     def _make_buffers(self, n_params):
         """Every fixed buffer as a named view into one block (see ``declare``), and the gradient views."""
-        D, H, O, bias, dtype = self.signature
-        self._declared = declare(self.T, self.B, D, H, O, dtype, n_params)
+        cell, D, H, O, bias, dtype = self.signature
+        self._declared = declare(self.T, self.B, D, H, O, dtype, n_params, cell)
         self._block, views = carve(self._declared)
         vars(self).update(views)
-        self.grads = flat_views(self.grad_flat, param_layout(D, H, O, bias))
+        self.grads = flat_views(self.grad_flat, CELLS[cell].param_layout(D, H, O, bias))
 
     def __getstate__(self):
         names = [name for name, *_ in self._declared]
@@ -133,16 +142,22 @@ class Workspace:
         """Rebuild the block and copy the saved buffers in, after checking that each has its declared
         shape and dtype (a tampered pickle is refused, never handed to a kernel)."""
         T, B = positive_int(state["T"], "T"), positive_int(state["B"], "B")
-        D, H, O, bias, dtype = state["signature"]
+        signature = tuple(state["signature"])
+        if len(signature) == 5:                       # pickled by the Elman-only release
+            signature = ("rnn",) + signature
+        cell, D, H, O, bias, dtype = signature
+        if not isinstance(cell, str) or cell not in CELLS:
+            raise ValueError(f"a pickled Workspace has cell={cell!r}")
         D, H, O = (positive_int(v, n) for v, n in ((D, "D"), (H, "H"), (O, "O")))
         if not isinstance(bias, bool):
             raise ValueError(f"a pickled Workspace has bias={bias!r}")
         dtype = check_dtype(dtype)
         object.__setattr__(self, "T", T)
         object.__setattr__(self, "B", B)
-        object.__setattr__(self, "signature", (D, H, O, bias, dtype))
+        object.__setattr__(self, "signature", (cell, D, H, O, bias, dtype))
+        object.__setattr__(self, "cell", cell)
         object.__setattr__(self, "dtype", dtype)
-        n_params = sum(int(np.prod(shape)) for _, shape in param_layout(D, H, O, bias))
+        n_params = sum(int(np.prod(shape)) for _, shape in CELLS[cell].param_layout(D, H, O, bias))
         self._make_buffers(n_params)
         saved = state["buffers"]
         if set(saved) != {name for name, *_ in self._declared}:
@@ -179,14 +194,14 @@ class Workspace:
     def x_buffer(self):
         """(T, B, D) buffer for dense inputs kept between ``forward`` and ``backward``."""
         if self._x is None:
-            D, _, _, _, dtype = self.signature
+            _, D, _, _, _, dtype = self.signature
             self._x = np.zeros((self.T, self.B, D), dtype)
         return self._x
 
     def dX_buffer(self):
         """(T, B, D) buffer for ∂L/∂X, made on the first request."""
         if self._dX is None:
-            D, _, _, _, dtype = self.signature
+            _, D, _, _, _, dtype = self.signature
             self._dX = np.zeros((self.T, self.B, D), dtype)
         return self._dX
 
@@ -196,6 +211,6 @@ class Workspace:
         return sum(a.nbytes for a in self.buffers())
 
     def __repr__(self):
-        D, H, O, bias, dtype = self.signature
-        return (f"Workspace(T={self.T}, B={self.B}, D={D}, H={H}, O={O}, bias={bias}, "
+        cell, D, H, O, bias, dtype = self.signature
+        return (f"Workspace(cell={cell!r}, T={self.T}, B={self.B}, D={D}, H={H}, O={O}, bias={bias}, "
                 f"dtype={dtype.name}, {self.nbytes / 2**20:.1f} MiB)")

@@ -6,8 +6,8 @@ itself, so no kernel file is loaded (and compiled by Numba) twice.
 import sys
 
 from ..core import kernels as _kernels
-from ..core.kernels import backward, forward, losses, primitives
+from ..core.kernels import losses, primitives, sweep
 
-for _m in (backward, forward, losses, primitives):
+for _m in (losses, primitives, sweep):
     sys.modules[f"{__name__}.{_m.__name__.rsplit('.', 1)[1]}"] = _m
 sys.modules[__name__] = _kernels

@@ -1,8 +1,9 @@
 """Compiled (@njit) kernels: they only compute, in place, over buffers the caller owns.
 
-- ``forward``: the input projection for token ids and the forward recurrence.
-- ``backward``: the reverse sweep and the input-weight gradient for token ids.
+- ``sweep``: the recurrence and the reverse sweep, written once over any cell
+  (``fastbptt.core.cells``), and the input projection and its gradient for token ids.
 - ``losses``: cross-entropy and squared error with their ∂L/∂o.
+- ``primitives``: tanh, exp and the small matrix products the fused loops inline.
 
-Nothing here validates its arguments: ``fastbptt.api`` does, before calling.
+Nothing here validates its arguments: ``fastbptt.core.api`` does, before calling.
 """
