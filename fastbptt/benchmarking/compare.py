@@ -1,13 +1,19 @@
 """The same training step in fastbptt, the NumPy reference, PyTorch and JAX, for benchmarks.
 
 One step is: forward over T steps, softmax cross-entropy averaged over the T·B
-positions, and the gradient of every parameter, from h_0 = 0, on dense inputs
-X (T, B, D) and integer classes Y (T, B). Every ``make_*_step`` below takes a
-``fastbptt.RNN`` (whose weights the others copy) and the batch, does its set-up
+positions, and the gradient of every parameter, from h_0 = 0 (and c_0 = 0 for the
+LSTM), on dense inputs X (T, B, D) and integer classes Y (T, B). Every
+``make_*_step`` below takes a model -- ``fastbptt.RNN`` (Elman), ``fastbptt.GRU`` or
+``fastbptt.LSTM``, whose weights the others copy -- and the batch, does its set-up
 (copies, tensors, tracing) outside, and returns a callable with no arguments that
 runs one whole step and returns ``(loss, grads)``: a float and a dict keyed like
-``model.params`` (``W_hx``, ``W_hh``, ``b_h``, ``W_qh``, ``b_q``) of arrays or
-array-likes (``numpy.asarray`` them). Gradients never accumulate across calls.
+``model.params`` (``W_hx``, ``W_hh``, ``b_h``, ``W_qh``, ``b_q`` for the Elman cell;
+``W_ih``, ``W_hh``, ``b_ih``, ``b_hh``, ``W_qh``, ``b_q`` for the gated cells) of
+arrays or array-likes (``numpy.asarray`` them). Gradients never accumulate across calls.
+
+The gated cells are PyTorch's: ``torch.nn.GRU`` / ``torch.nn.LSTM`` get the weights
+one to one (same layout, gates stacked in PyTorch's order), and the JAX step writes
+the same equations (the GRU's reset gate applied after the product, r ⊙ (W_hn h + b_hn)).
 
 PyTorch and JAX are optional: they are imported inside the functions that need
 them, so importing this module needs only NumPy and Numba. ``available()`` says
@@ -23,30 +29,44 @@ import os
 
 import numpy as np
 
-from ..core import reference
+from ..core import reference, reference_cells
 from ..core.api import loss_and_grad
-from ..core.model import RNN
+from ..core.model import CELLS
 from ..core.workspace import Workspace
 
 #: All implementations, in the order the benchmarks show them. "fastbptt-parallel" is
 #: fastbptt with ``parallel=True`` (the B sequences spread over Numba's threads).
 IMPLEMENTATIONS = ("fastbptt", "fastbptt-parallel", "reference", "torch", "jax")
 
+#: The cells, in the order the benchmarks show them, and G, the number of gates of each:
+#: its input and recurrent products are G·H wide.
+CELL_NAMES = ("rnn", "gru", "lstm")
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
 #: The flop count of one step, as text (see ``step_flops``).
-FLOP_FORMULA = "2·T·B·(2·D·H + 3·H·H + 3·H·O)"
+FLOP_FORMULA = "2·T·B·(2·G·D·H + 3·G·H·H + 3·H·O), G = 1 rnn, 3 gru, 4 lstm"
 
 
-def step_flops(T, B, D, H, O):
+def step_flops(T, B, D, H, O, cell="rnn"):
     """Floating-point operations of the matrix products of one training step.
 
-    A multiply-add counts 2. Forward: the input projection (D·H per position), the
-    recurrence (H·H) and the readout (H·O), so 2·T·B·(D·H + H·H + H·O). Backward:
-    ∂L/∂W_qh (H·O), ∂L/∂h from the readout (H·O), ∂L/∂h from the recurrence (H·H),
-    ∂L/∂W_hh (H·H) and ∂L/∂W_hx (D·H); ∂L/∂X is not computed by any implementation.
-    In all 2·T·B·(2·D·H + 3·H·H + 3·H·O). Biases, φ and the softmax are not counted.
-    (The common convention "training = 3 × forward" counts one D·H more.)
+    A multiply-add counts 2; G is the cell's number of gates (1 Elman, 3 GRU, 4 LSTM),
+    so its input and recurrent products are G·H wide. Forward: the input projection
+    (D·G·H per position), the recurrence (H·G·H) and the readout (H·O), so
+    2·T·B·(G·D·H + G·H·H + H·O). Backward: ∂L/∂W_qh (H·O), ∂L/∂h from the readout
+    (H·O), ∂L/∂h from the recurrence (G·H·H), ∂L/∂W_hh (G·H·H) and ∂L/∂W_ih (G·D·H);
+    ∂L/∂X is not computed by any implementation. In all
+
+        flops = 2·T·B·(2·G·D·H + 3·G·H·H + 3·H·O)
+
+    Biases, the pointwise gate math (σ, tanh, the products with the gates) and the
+    softmax are not counted. (The common convention "training = 3 × forward" counts
+    one G·D·H more.)
     """
-    return 2 * T * B * (2 * D * H + 3 * H * H + 3 * H * O)
+    if cell not in GATES:
+        raise ValueError(f"unknown cell {cell!r}; choose from {', '.join(CELL_NAMES)}")
+    G = GATES[cell]
+    return 2 * T * B * (2 * G * D * H + 3 * G * H * H + 3 * H * O)
 
 
 def parse_name(name):
@@ -74,10 +94,13 @@ def available(name):
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLEMENTATIONS}")
 
 
-def supports(name, activation):
-    """Whether implementation ``name`` has ``activation`` (``torch.nn.RNN`` has no identity)."""
+def supports(name, activation, cell="rnn"):
+    """Whether implementation ``name`` has the Elman ``activation`` (``torch.nn.RNN`` has no identity).
+
+    The gated cells have no activation to choose: every implementation has them.
+    """
     name, _ = parse_name(name)
-    return not (name == "torch" and activation not in ("tanh", "relu"))
+    return cell != "rnn" or not (name == "torch" and activation not in ("tanh", "relu"))
 
 
 def version(name):
@@ -99,17 +122,25 @@ def default_threads():
         return os.cpu_count() or 1
 
 
-def make_problem(T, B, D, H, O, dtype=np.float32, activation="tanh", bias=True, seed=0):
-    """A model initialized like ``torch.nn.RNN`` (U(-1/√H, 1/√H)), X ~ N(0, 1) and random classes.
+def make_problem(T, B, D, H, O, dtype=np.float32, activation="tanh", bias=True, seed=0, cell="rnn"):
+    """A model initialized like PyTorch's (U(-1/√H, 1/√H)), X ~ N(0, 1) and random classes.
+
+    ``cell`` is ``"rnn"`` (Elman, with ``activation``), ``"gru"`` or ``"lstm"`` (which
+    ignore ``activation``).
 
     Returns
     -------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     X : ndarray (T, B, D) of ``dtype``
     Y : ndarray (T, B) of int64 in [0, O)
     """
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; choose from {', '.join(CELL_NAMES)}")
     rng = np.random.default_rng(seed)
-    model = RNN(D, H, O, activation=activation, bias=bias, dtype=dtype, seed=seed)
+    if cell == "rnn":
+        model = CELLS[cell](D, H, O, activation=activation, bias=bias, dtype=dtype, seed=seed)
+    else:
+        model = CELLS[cell](D, H, O, bias=bias, dtype=dtype, seed=seed)
     X = rng.standard_normal((T, B, D)).astype(model.dtype)
     Y = rng.integers(0, O, size=(T, B)).astype(np.int64)
     return model, X, Y
@@ -143,16 +174,28 @@ def make_fastbptt_step(model, X, Y, parallel=False, **options):
 
 
 def make_reference_step(model, X, Y, dtype=None):
-    """fastbptt.reference.loss_and_grad on copies of the weights, in ``dtype`` (default the model's)."""
+    """The plain NumPy reference on copies of the weights, in ``dtype`` (default the model's).
+
+    ``fastbptt.reference.loss_and_grad`` for the Elman cell,
+    ``fastbptt.reference_cells.loss_and_grad`` for the GRU and the LSTM (which always
+    have biases: a model without them gets zero biases there, whose gradients are dropped).
+    """
     X, Y = _check_dense(model, X, Y)
     dtype = model.dtype if dtype is None else np.dtype(dtype)
     params = {name: np.array(p, dtype=dtype) for name, p in model.params.items()}
     X = X.astype(dtype, copy=False)
-    activation = model.activation
+    cell, activation = model.cell, model.activation
+    if cell != "rnn" and not model.bias:
+        GH = model.params["W_hh"].shape[0]
+        params.update(b_ih=np.zeros(GH, dtype), b_hh=np.zeros(GH, dtype), b_q=np.zeros(model.output_size, dtype))
+    names = list(model.params)
 
     def step():
-        loss, grads, _, _, _ = reference.loss_and_grad(params, X, Y, None, activation, "cross_entropy")
-        return float(loss), grads
+        if cell == "rnn":
+            loss, grads, _, _, _ = reference.loss_and_grad(params, X, Y, None, activation, "cross_entropy")
+        else:
+            loss, grads, _, _, _ = reference_cells.loss_and_grad(params, X, Y, None, cell, "cross_entropy")
+        return float(loss), {name: grads[name] for name in names}
 
     return step
 
@@ -160,41 +203,70 @@ def make_reference_step(model, X, Y, dtype=None):
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def make_torch_step(model, X, Y, threads=None):
-    """``torch.nn.RNN`` (seq-first) + ``nn.Linear`` + ``F.cross_entropy`` on the flattened logits.
+def torch_weights(model):
+    """What ``make_torch_step`` copies into PyTorch: ``{module: {torch name: (fastbptt name, array)}}``.
 
-    The weights are copied from ``model``: ``weight_ih_l0`` = W_hx, ``weight_hh_l0`` = W_hh,
-    ``bias_ih_l0`` = b_h and ``bias_hh_l0`` = 0 (nn.RNN has two biases whose sum is b_h;
-    its gradient, equal to that of ``bias_ih_l0``, is computed and not returned), the
-    readout's weight and bias = W_qh and b_q. Each call sets the gradients to None,
-    then runs forward, loss and ``backward()``, as a training loop with
+    ``module`` is ``"rnn"`` (the ``torch.nn.RNN`` / ``GRU`` / ``LSTM``) or ``"readout"``
+    (the ``nn.Linear``). The gated cells copy one to one (``weight_ih_l0`` = W_ih,
+    ``weight_hh_l0`` = W_hh, ``bias_ih_l0`` = b_ih, ``bias_hh_l0`` = b_hh: the same
+    layout). The Elman cell's single bias b_h goes to ``bias_ih_l0`` and
+    ``bias_hh_l0`` = 0 (nn.RNN has two biases whose sum is b_h; the gradient of
+    ``bias_hh_l0``, equal to that of ``bias_ih_l0``, is computed and not returned:
+    its fastbptt name is None). The arrays are copies.
+    """
+    p = {name: np.array(value) for name, value in model.params.items()}
+    if model.cell == "rnn":
+        rnn = {"weight_ih_l0": ("W_hx", p["W_hx"]), "weight_hh_l0": ("W_hh", p["W_hh"])}
+        if model.bias:
+            rnn.update(bias_ih_l0=("b_h", p["b_h"]), bias_hh_l0=(None, np.zeros_like(p["b_h"])))
+    else:
+        rnn = {"weight_ih_l0": ("W_ih", p["W_ih"]), "weight_hh_l0": ("W_hh", p["W_hh"])}
+        if model.bias:
+            rnn.update(bias_ih_l0=("b_ih", p["b_ih"]), bias_hh_l0=("b_hh", p["b_hh"]))
+    readout = {"weight": ("W_qh", p["W_qh"])}
+    if model.bias:
+        readout["bias"] = ("b_q", p["b_q"])
+    return {"rnn": rnn, "readout": readout}
+
+
+def make_torch_step(model, X, Y, threads=None):
+    """PyTorch's layer (seq-first) + ``nn.Linear`` + ``F.cross_entropy`` on the flattened logits.
+
+    The layer is ``torch.nn.RNN`` for the Elman cell, ``torch.nn.GRU`` or
+    ``torch.nn.LSTM`` for the gated ones, with the weights of ``model`` copied as
+    ``torch_weights`` says. Each call sets the gradients to None, then runs forward
+    (from a zero state), loss and ``backward()``, as a training loop with
     ``zero_grad(set_to_none=True)`` does. ``threads`` (default: every core this process
     may use) goes to ``torch.set_num_threads``, which is global to the process.
     """
     import torch
     import torch.nn.functional as F
 
-    if not supports("torch", model.activation):
+    if not supports("torch", model.activation, model.cell):
         raise ValueError(f"torch.nn.RNN has no activation {model.activation!r} (only tanh and relu)")
     X, Y = _check_dense(model, X, Y)
     T, B, D = X.shape
     torch.set_num_threads(default_threads() if threads is None else int(threads))
     tdtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[model.dtype]
-    rnn = torch.nn.RNN(D, model.hidden_size, num_layers=1, nonlinearity=model.activation,
-                       bias=model.bias, batch_first=False).to(tdtype)
-    readout = torch.nn.Linear(model.hidden_size, model.output_size, bias=model.bias).to(tdtype)
-    p = model.params
+    H = model.hidden_size
+    if model.cell == "rnn":
+        rnn = torch.nn.RNN(D, H, num_layers=1, nonlinearity=model.activation, bias=model.bias,
+                           batch_first=False)
+    else:
+        layer = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[model.cell]
+        rnn = layer(D, H, num_layers=1, bias=model.bias, batch_first=False)
+    rnn = rnn.to(tdtype)
+    readout = torch.nn.Linear(H, model.output_size, bias=model.bias).to(tdtype)
+    named, weights = {}, torch_weights(model)
     with torch.no_grad():
-        rnn.weight_ih_l0.copy_(torch.from_numpy(np.array(p["W_hx"])))
-        rnn.weight_hh_l0.copy_(torch.from_numpy(np.array(p["W_hh"])))
-        readout.weight.copy_(torch.from_numpy(np.array(p["W_qh"])))
-        if model.bias:
-            rnn.bias_ih_l0.copy_(torch.from_numpy(np.array(p["b_h"])))
-            rnn.bias_hh_l0.zero_()
-            readout.bias.copy_(torch.from_numpy(np.array(p["b_q"])))
-    named = {"W_hx": rnn.weight_ih_l0, "W_hh": rnn.weight_hh_l0, "W_qh": readout.weight}
-    if model.bias:
-        named.update(b_h=rnn.bias_ih_l0, b_q=readout.bias)
+        for module, copies in ((rnn, weights["rnn"]), (readout, weights["readout"])):
+            for attr, (name, value) in copies.items():
+                q = getattr(module, attr)
+                if tuple(q.shape) != value.shape:
+                    raise ValueError(f"cannot copy {name} {value.shape} into {attr} {tuple(q.shape)}")
+                q.copy_(torch.from_numpy(value))
+                if name is not None:
+                    named[name] = q
     params = list(rnn.parameters()) + list(readout.parameters())
     x = torch.from_numpy(X)
     y = torch.from_numpy(Y.reshape(T * B))
@@ -203,7 +275,7 @@ def make_torch_step(model, X, Y, threads=None):
     def step():
         for q in params:
             q.grad = None
-        hs, _ = rnn(x)                                   # (T, B, H), h_0 = 0
+        hs, _ = rnn(x)                                   # (T, B, H), zero initial state
         logits = readout(hs).reshape(T * B, O)
         loss = F.cross_entropy(logits, y)
         loss.backward()
@@ -218,13 +290,21 @@ def make_torch_step(model, X, Y, threads=None):
 def make_jax_step(model, X, Y):
     """``jax.jit(jax.value_and_grad(loss))`` with the recurrence in ``jax.lax.scan``.
 
-    The input projection X W_hxᵀ + b_h of all T·B positions is one matrix product
-    before the scan and the readout one after it (as a careful JAX user writes it);
-    the scan carries h_t = φ(xw_t + h_{t-1} W_hhᵀ). The loss is the mean of
-    ``-log_softmax`` at the targets. The function is traced and compiled on the first
-    call of the returned step (call it once before timing). float64 models switch on
-    ``jax_enable_x64``, which is global to the process. Each call blocks until the
-    results are ready.
+    The input projection X W_ihᵀ + b_ih (X W_hxᵀ + b_h for the Elman cell) of all T·B
+    positions is one matrix product before the scan and the readout one after it (as
+    a careful JAX user writes it); the scan carries the state and does one product
+    h_{t-1} W_hhᵀ per step, then the cell's pointwise math in PyTorch's formulation::
+
+        rnn    h = φ(xw + h W_hhᵀ)
+        gru    a = h W_hhᵀ + b_hh;  r, z = σ(xw_r + a_r), σ(xw_z + a_z);
+               n = tanh(xw_n + r ⊙ a_n);  h = (1 − z) ⊙ n + z ⊙ h
+        lstm   a = xw + h W_hhᵀ + b_hh;  i, f, g, o = σ, σ, tanh, σ of its four blocks;
+               c = f ⊙ c + i ⊙ g;  h = o ⊙ tanh(c)
+
+    The loss is the mean of ``-log_softmax`` at the targets. The function is traced and
+    compiled on the first call of the returned step (call it once before timing).
+    float64 models switch on ``jax_enable_x64``, which is global to the process. Each
+    call blocks until the results are ready.
     """
     import jax
     import jax.numpy as jnp
@@ -234,20 +314,52 @@ def make_jax_step(model, X, Y):
         jax.config.update("jax_enable_x64", True)
     T, B, D = X.shape
     H = model.hidden_size
-    phi = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}[model.activation]
-    bias = model.bias
-    dtype = model.dtype
+    bias, dtype, cell = model.bias, model.dtype, model.cell
+    w_in, b_in = ("W_hx", "b_h") if cell == "rnn" else ("W_ih", "b_ih")
+    GH = model.params[w_in].shape[0]
+    sigmoid = jax.nn.sigmoid
+
+    if cell == "rnn":
+        phi = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}[model.activation]
+
+        def make_cell(params):
+            def step(h, xw_t):
+                h = phi(xw_t + h @ params["W_hh"].T)
+                return h, h
+            return step, jnp.zeros((B, H), dtype)
+    elif cell == "gru":
+        def make_cell(params):
+            def step(h, xw_t):
+                a = h @ params["W_hh"].T
+                if bias:
+                    a = a + params["b_hh"]
+                r = sigmoid(xw_t[:, :H] + a[:, :H])
+                z = sigmoid(xw_t[:, H:2 * H] + a[:, H:2 * H])
+                n = jnp.tanh(xw_t[:, 2 * H:] + r * a[:, 2 * H:])
+                h = (1 - z) * n + z * h
+                return h, h
+            return step, jnp.zeros((B, H), dtype)
+    else:
+        def make_cell(params):
+            def step(state, xw_t):
+                h, c = state
+                a = xw_t + h @ params["W_hh"].T
+                if bias:
+                    a = a + params["b_hh"]
+                i, f = sigmoid(a[:, :H]), sigmoid(a[:, H:2 * H])
+                g, o = jnp.tanh(a[:, 2 * H:3 * H]), sigmoid(a[:, 3 * H:])
+                c = f * c + i * g
+                h = o * jnp.tanh(c)
+                return (h, c), h
+            zeros = jnp.zeros((B, H), dtype)
+            return step, (zeros, zeros)
 
     def loss_fn(params, x, y):
-        xw = (x.reshape(T * B, D) @ params["W_hx"].T).reshape(T, B, H)
+        xw = (x.reshape(T * B, D) @ params[w_in].T).reshape(T, B, GH)
         if bias:
-            xw = xw + params["b_h"]
-
-        def cell(h, xw_t):
-            h = phi(xw_t + h @ params["W_hh"].T)
-            return h, h
-
-        _, hs = jax.lax.scan(cell, jnp.zeros((B, H), dtype), xw)
+            xw = xw + params[b_in]
+        step, state0 = make_cell(params)
+        _, hs = jax.lax.scan(step, state0, xw)
         logits = hs.reshape(T * B, H) @ params["W_qh"].T
         if bias:
             logits = logits + params["b_q"]
