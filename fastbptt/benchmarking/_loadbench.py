@@ -209,7 +209,7 @@ def format_table(rows, cores, competitors):
             idle_text = loaded_text = ""
             ratio_text = "error"
         cells = [r["T"], r["B"], r["D"], r["H"], r["O"], {"float32": "f32", "float64": "f64"}[r["dtype"]],
-                 r["activation"], r["impl"], _num(r.get("idle_ms")), _num(r.get("loaded_ms")), ratio_text,
+                 r["activation"] or r.get("cell"), r["impl"], _num(r.get("idle_ms")), _num(r.get("loaded_ms")), ratio_text,
                  idle_text, loaded_text]
         lines.append(" ".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, cols)))
     return "\n".join(lines)
@@ -263,7 +263,7 @@ def run_config(config, impl, pairs, min_time, competitors, monitor, threshold=DE
 
     dtype = np.dtype(config.dtype)
     model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
-                                       dtype=dtype, activation=config.activation)
+                                       dtype=dtype, activation=config.activation, cell=config.cell)
     result = dict(asdict(config), impl=impl)
     try:
         step = compare.make_step(impl, model, X, Y)
@@ -301,8 +301,7 @@ def main(args, configs, impls, command):
           f"busy-loop process{'es' if competitors != 1 else ''} on {cores} cores; {args.repeats} pairs of "
           f"phases of >= {args.min_time:g} s, interleaved; medians", flush=True)
 
-    benchmark.warm_up(impls, sorted({c.dtype for c in configs}), sorted({c.activation for c in configs}),
-                      enabled=not args.no_progress)
+    benchmark.warm_up_for(impls, configs, enabled=not args.no_progress)
     progress = Progress(len(configs) * len(impls) * 2 * args.repeats, enabled=not args.no_progress, unit="phase")
     rows = []
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """``python -m fastbptt bench``: one training step of fastbptt, the NumPy reference, PyTorch and JAX, side by side.
 
-For every configuration (T, B, D, H, O, dtype, activation) each implementation
+For every configuration (T, B, D, H, O, dtype, activation, cell) each implementation
 builds its step from the same weights and batch (see ``fastbptt.compare``), is
 checked once against a float64 run of the reference, is warmed up (compiled or
 traced) outside the timing, and is then timed best-of-N. Every number in the table
@@ -31,7 +31,11 @@ DTYPE_SHORT = {"float32": "f32", "float64": "f64"}
 
 @dataclass(frozen=True)
 class Config:
-    """One benchmark problem: dense inputs of size D, O classes, h_0 = 0, biases on."""
+    """One benchmark problem: dense inputs of size D, O classes, h_0 = 0, biases on.
+
+    ``cell`` is ``"rnn"`` (Elman, with ``activation``), ``"gru"`` or ``"lstm"`` (whose
+    ``activation`` is None: they have none to choose).
+    """
 
     T: int
     B: int
@@ -39,16 +43,17 @@ class Config:
     H: int
     O: int
     dtype: str = "float32"
-    activation: str = "tanh"
+    activation: str | None = "tanh"
+    cell: str = "rnn"
 
     @property
     def flops(self):
-        return compare.step_flops(self.T, self.B, self.D, self.H, self.O)
+        return compare.step_flops(self.T, self.B, self.D, self.H, self.O, self.cell)
 
     @property
     def label(self):
         return (f"T={self.T} B={self.B} D={self.D} H={self.H} O={self.O} "
-                f"{self.dtype} {self.activation}")
+                f"{self.dtype} {self.activation if self.cell == 'rnn' else self.cell}")
 
 
 #: Eight training shapes (T, B, D, H, O), float32, tanh, from a one-unit sequence model to H = 1760:
@@ -60,26 +65,49 @@ SIZES = [(35, 32, 28, 512, 28), (35, 1, 28, 256, 28), (100, 1, 1, 32, 1),
 #: The load benchmark's shapes: a small fused step, the per-step-BLAS d2l step, one long sequence.
 LOAD_SIZES = [(35, 32, 28, 64, 28), (35, 32, 28, 512, 28), (1000, 1, 28, 64, 28)]
 
+#: Shapes to compare the cells on: a latency-bound long sequence (200, 4, 16, 96, 16), the d2l
+#: character model at H = 64 and 256, a mid-sized batch and a single sequence.
+CELL_SIZES = [(200, 4, 16, 96, 16), (35, 32, 28, 256, 28), (35, 32, 28, 64, 28),
+              (100, 8, 28, 128, 28), (50, 1, 28, 256, 28)]
+
 #: Grids (T values, H values, B values, D = O) of the named sets that are grids.
 GRIDS = {"default": ([10, 100, 1000], [16, 64, 256], [1, 16], 28),
          "quick": ([5, 20], [8, 16], [1, 4], 6)}
 
 #: Fixed lists of shapes of the other named sets.
-FIXED = {"sizes": SIZES, "load": LOAD_SIZES}
+FIXED = {"sizes": SIZES, "load": LOAD_SIZES, "cells": CELL_SIZES}
 
 SETS = {"default": "T in 10,100,1000 x H in 16,64,256 x B in 1,16, D = O = 28 (about a minute)",
         "sizes": "eight training shapes from T=100,B=1,H=32 to T=50,B=64,H=1760 (a few minutes)",
         "quick": "T in 5,20 x H in 8,16 x B in 1,4, D = O = 6 (seconds; a smoke test)",
-        "load": "T=35,B=32,D=O=28 with H=64 and 512; T=1000,B=1,H=64 (the default with --load)"}
+        "load": "T=35,B=32,D=O=28 with H=64 and 512; T=1000,B=1,H=64 (the default with --load)",
+        "cells": "five shapes from T=200,B=4,D=O=16,H=96 to T=35,B=32,D=O=28,H=256 (the default "
+                 "with a gated --cell; about a minute per cell)"}
 
 #: Older names of the sets, still accepted.
 SET_ALIASES = {"issue": "sizes"}
 
 
 def grid(Ts, Hs, Bs, D, dtypes=("float32",), activations=("tanh",)):
-    """Every (T, H, B, dtype, activation) combination with D = O, as Configs."""
+    """Every (T, H, B, dtype, activation) combination with D = O, as Configs (Elman cell)."""
     return [Config(T, B, D, H, D, dt, act)
             for dt, act, B, H, T in itertools.product(dtypes, activations, Bs, Hs, Ts)]
+
+
+def with_cells(configs, cells):
+    """Each Elman config of ``configs`` followed by the same shape in each gated cell of ``cells``.
+
+    The gated cells have no activation: each shape gets them once (after the config with
+    the first activation). Without "rnn" in ``cells`` the Elman configs are left out.
+    """
+    first = configs[0].activation if configs else None
+    out = []
+    for c in configs:
+        if "rnn" in cells:
+            out.append(c)
+        if c.activation == first:
+            out += [Config(c.T, c.B, c.D, c.H, c.O, c.dtype, None, cell) for cell in cells if cell != "rnn"]
+    return out
 
 
 # ----------------------------------------------------------------------------- timing
@@ -116,7 +144,7 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     """
     dtype = np.dtype(config.dtype)
     model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
-                                       dtype=dtype, activation=config.activation)
+                                       dtype=dtype, activation=config.activation, cell=config.cell)
     if on_step:
         on_step("float64 oracle")
     expected = compare.oracle(model, X, Y)
@@ -125,7 +153,7 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     for name in impls:
         if on_step:
             on_step(name)
-        if not compare.supports(name, config.activation):
+        if not compare.supports(name, config.activation, config.cell):
             result["impls"][name] = {"skipped": f"{name} has no activation {config.activation}"}
             continue
         time.sleep(pause)
@@ -156,20 +184,53 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     return result
 
 
+def _forced(name):
+    """The method a fastbptt variant forces ("fused", "blas"), or None (the default or "auto")."""
+    method = compare.parse_name(name)[1].get("method")
+    return None if method in (None, "auto") else method
+
+
 def fastest_fastbptt(result):
-    """(name, entry) of the fastest timed fastbptt variant of a result, or (None, None)."""
+    """(name, entry) of the fastbptt variant the row's ratios are about, or (None, None).
+
+    That is the fastest timed variant that lets ``method="auto"`` choose (``fastbptt``,
+    ``fastbptt:auto``, and their ``-parallel`` twins): what a user gets without forcing
+    a method. Only when every timed variant forces one is it the fastest of those.
+    """
     timed = [(e["ms"], name, e) for name, e in result["impls"].items()
              if name.startswith("fastbptt") and "ms" in e]
-    if not timed:
+    chosen = [t for t in timed if _forced(t[1]) is None] or timed
+    if not chosen:
         return None, None
-    _, name, entry = min(timed)
+    _, name, entry = min(chosen)
     return name, entry
 
 
+def compare_methods(result):
+    """Which forced method was faster: ``{"fastest": name, "ratio": slower / faster}`` or None.
+
+    Needs at least two serial fastbptt variants that force different methods (from
+    ``--method fused,blas``); ``auto`` is what ``fastbptt.core.api.choose_method`` picks here.
+    """
+    timed = {_forced(name): e["ms"] for name, e in result["impls"].items()
+             if name.startswith("fastbptt:") and _forced(name) and "ms" in e}
+    if len(timed) < 2:
+        return None
+    order = sorted(timed, key=timed.get)
+    out = {"fastest": order[0], "ratio": timed[order[1]] / timed[order[0]], "ms": timed}
+    try:
+        from ..core.api import choose_method
+        out["auto"] = choose_method(result["B"], result["H"], compare.GATES[result.get("cell", "rnn")])
+    except (ImportError, TypeError):       # a fastbptt whose choose_method takes no gates
+        out["auto"] = None
+    return out
+
+
 def summarize(result, peak_gflops):
-    """Add ``fastbptt`` (the fastest variant), its GFLOP/s, fraction of peak and speedups."""
+    """Add ``fastbptt`` (see ``fastest_fastbptt``), its GFLOP/s, fraction of peak, speedups, methods."""
     name, fast = fastest_fastbptt(result)
     result["fastbptt_variant"] = name
+    result["methods"] = compare_methods(result)
     if fast is None:
         return result
     result["fastbptt_gflops"] = fast["gflops"]
@@ -227,19 +288,23 @@ def load_summary(results, threshold, peak_loads=()):
 def format_table(results, impls):
     """The printed table: one line per configuration."""
     others = [n for n in impls if not n.startswith("fastbptt")]
-    cols = [("T", 5), ("B", 3), ("D", 5), ("H", 5), ("O", 5), ("dtype", 5), ("act", 8)]
+    cols = [("T", 5), ("B", 3), ("D", 5), ("H", 5), ("O", 5), ("dtype", 5), ("cell", 4), ("act", 8)]
     cols += [(f"{n} ms", max(9, len(n) + 3)) for n in impls]
     cols += [("GFLOP/s", 8), ("%peak", 6)]
     cols += [(f"×{n}", max(6, len(n) + 1)) for n in others]
     if "fastbptt" in impls and "fastbptt-parallel" in impls:
         cols.append(("×par", 5))
+    methods = any(r.get("methods") for r in results)
+    if methods:
+        cols += [("faster", 11), ("auto", 5)]
     cols.append(("max err", 8))
     measured = any("load" in r for r in results)
     if measured:
         cols.append(("busy", 5))
     lines = [" ".join(f"{name:>{w}}" for name, w in cols)]
     for r in results:
-        cells = [r["T"], r["B"], r["D"], r["H"], r["O"], DTYPE_SHORT[r["dtype"]], r["activation"]]
+        cells = [r["T"], r["B"], r["D"], r["H"], r["O"], DTYPE_SHORT[r["dtype"]], r.get("cell", "rnn"),
+                 r["activation"] or "-"]
         cells += [_ms(r["impls"].get(n)) for n in impls]
         g = r.get("fastbptt_gflops")
         cells.append("-" if g is None else f"{g:.2f}" if g < 10 else f"{g:.1f}")
@@ -251,6 +316,9 @@ def format_table(results, impls):
         if "fastbptt" in impls and "fastbptt-parallel" in impls:
             ps = r.get("parallel_speedup")
             cells.append("-" if ps is None else f"{ps:.2f}")
+        if methods:
+            m = r.get("methods")
+            cells += ["-", "-"] if not m else [f"{m['fastest']} {m['ratio']:.2f}x", m["auto"] or "?"]
         errs = [e["max_grad_error"] for e in r["impls"].values() if "max_grad_error" in e]
         cells.append(f"{max(errs):.1e}" if errs else "-")
         if measured:
@@ -328,11 +396,15 @@ def write_plot(results, impls, path):
         return color, "--"
 
     markers = "os^vDP*Xph<>"
-    for ax, x, fixed in ((fig.add_subplot(1, 2, 1), "T", ("H", "B", "D", "O", "dtype", "activation")),
-                         (fig.add_subplot(1, 2, 2), "H", ("T", "B", "D", "O", "dtype", "activation"))):
+    def value(r, k):         # the gated cells' activation is None: "-", so that keys sort
+        v = r.get(k, "rnn") if k == "cell" else r[k]
+        return "-" if v is None else v
+
+    for ax, x, fixed in ((fig.add_subplot(1, 2, 1), "T", ("H", "B", "D", "O", "dtype", "cell", "activation")),
+                         (fig.add_subplot(1, 2, 2), "H", ("T", "B", "D", "O", "dtype", "cell", "activation"))):
         groups = {}
         for r in results:
-            groups.setdefault(tuple(r[k] for k in fixed), []).append(r)
+            groups.setdefault(tuple(value(r, k) for k in fixed), []).append(r)
         lines = sorted(k for k, rows in groups.items() if len({r[x] for r in rows}) > 1)
         vary = [k for i, k in enumerate(fixed) if len({g[i] for g in lines}) > 1]
         handles = []
@@ -405,6 +477,18 @@ def _choices(allowed, what):
     return parse
 
 
+def _cells(text):
+    """Parse --cell: comma-separated cells, or "all"; returned in ``compare.CELL_NAMES`` order."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if "all" in values:
+        values = list(compare.CELL_NAMES)
+    bad = [v for v in values if v not in compare.CELL_NAMES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"unknown cell {bad or text!r}; choose from "
+                                         f"{', '.join(compare.CELL_NAMES)} or all")
+    return [c for c in compare.CELL_NAMES if c in values]
+
+
 def _set_name(text):
     name = SET_ALIASES.get(text, text)
     if name not in SETS:
@@ -438,24 +522,32 @@ def check_outputs(args, parser):
                          f"use one of .{', .'.join(sorted(formats))}")
 
 
-def warm_up(impls, dtypes, activations, enabled=True):
+def warm_up(impls, dtypes, activations, enabled=True, cells=("rnn",)):
     """Compile (or load from the cache) every fastbptt kernel the run needs, saying so when it is slow.
 
-    Each fastbptt variant is called once on a tiny problem with each method, so that the
-    first timed configuration does not also time a compilation, and a first run is not
-    several silent seconds.
+    Each fastbptt variant is called once on a tiny problem with each method, for each
+    cell (the Elman cell with each activation), so that the first timed configuration
+    does not also time a compilation, and a first run is not several silent seconds.
     """
     from ..core import api
 
     variants = sorted({compare.parse_name(n)[0] for n in impls if n.startswith("fastbptt")})
     if not variants:
         return
+    kinds = [("rnn", act) for act in activations if "rnn" in cells] + [(c, None) for c in cells if c != "rnn"]
     with compiling(enabled=enabled):
-        for base, dt, act in itertools.product(variants, dtypes, activations):
-            model, X, Y = compare.make_problem(3, 2, 3, 4, 3, dtype=np.dtype(dt), activation=act)
+        for base, dt, (cell, act) in itertools.product(variants, dtypes, kinds):
+            model, X, Y = compare.make_problem(3, 2, 3, 4, 3, dtype=np.dtype(dt), activation=act, cell=cell)
             for method in [m for m in getattr(api, "METHODS", ("auto",)) if m != "auto"] or [None]:
                 options = {} if method is None else {"method": method}
                 compare.make_step(base, model, X, Y, **options)()
+
+
+def warm_up_for(impls, configs, enabled=True):
+    """``warm_up`` for the dtypes, cells and Elman activations of ``configs``."""
+    warm_up(impls, sorted({c.dtype for c in configs}),
+            sorted({c.activation for c in configs if c.cell == "rnn"}), enabled=enabled,
+            cells=[c for c in compare.CELL_NAMES if any(k.cell == c for k in configs)])
 
 
 def build_parser():
@@ -469,6 +561,8 @@ positions, and the gradient of every parameter, from h_0 = 0, on dense inputs of
 with a linear readout of size O and biases -- in fastbptt, the plain NumPy reference
 (fastbptt.reference), PyTorch (torch.nn.RNN + nn.Linear + F.cross_entropy) and JAX
 (jit(value_and_grad(loss)) over lax.scan), all from the same weights and batch.
+--cell gru,lstm (or all) times the GRU and the LSTM too: PyTorch's nn.GRU / nn.LSTM
+with the weights copied one to one, and JAX's scan over the same equations.
 
 Each implementation is first checked against the reference run in float64 (loss and
 every gradient; the table's "max err" is the largest gradient error relative to that
@@ -479,11 +573,15 @@ skipped otherwise (pip install jax; for PyTorch's CPU build, pip install torch
 --index-url https://download.pytorch.org/whl/cpu).
 
 Columns: ms per step for each implementation; GFLOP/s and %peak of the fastest fastbptt
-variant, where a step counts {compare.FLOP_FORMULA} flops (the matrix products of
-forward and backward; see fastbptt.compare.step_flops) and the peak is NumPy's GEMM of
-two n x n matrices, measured before and after the run (the higher of the two; sgemm,
-n = 2048, by default; dgemm for float64 rows); x<name> is how many times faster fastbptt
-is than <name>. "xpar" (with --parallel) is serial time / parallel time. "busy" (Linux)
+variant that lets method="auto" choose (with --method fused,blas alone: the fastest of
+those), where a step counts {compare.FLOP_FORMULA} flops
+(the matrix products of forward and backward; see fastbptt.compare.step_flops) and the
+peak is NumPy's GEMM of two n x n matrices on the BLAS threads the benchmark uses,
+measured before and after the run (the higher of the two; sgemm, n = 2048, by default;
+dgemm for float64 rows); x<name> is how many times faster that fastbptt variant is than
+<name>. With two forced methods (--method auto,fused,blas), "faster" names the faster
+of them and by how much, and "auto" the one method="auto" picks for the shape.
+"xpar" (with --parallel) is serial time / parallel time. "busy" (Linux)
 is the share of all cores' time that OTHER processes used while the row was timed (from
 /proc/stat, this process's own CPU time taken out); rows over --busy-threshold are
 marked "*" and probably too slow.
@@ -516,6 +614,9 @@ configuration sets (--configs):
     sel.add_argument("--H", type=positive_ints, metavar="H1,H2,...", help="hidden sizes of the grid")
     sel.add_argument("--B", type=positive_ints, metavar="B1,B2,...", help="batch sizes of the grid")
     sel.add_argument("--D", type=_positive_int, metavar="D", help="input size = output size O of the grid")
+    sel.add_argument("--cell", type=_cells, default=None, metavar="rnn,gru,lstm|all",
+                     help="the cells to time each shape in: rnn (Elman), gru, lstm, or all (default rnn; "
+                          "with a gated cell and no set, grid or --config, the cells set)")
     sel.add_argument("--dtype", type=_choices(["float32", "float64"], "dtype"), default=None,
                      metavar="float32,float64", help="dtypes to run each configuration in (default float32)")
     sel.add_argument("--activation", type=_choices(["tanh", "relu", "identity"], "activation"),
@@ -566,9 +667,13 @@ configuration sets (--configs):
 
 
 def select_configs(args, parser):
-    """The Configs the arguments ask for."""
+    """The Configs the arguments ask for: each shape in each cell of ``--cell`` (default rnn)."""
     dtypes = args.dtype or ["float32"]
     acts = args.activation or ["tanh"]
+    cells = getattr(args, "cell", None) or ["rnn"]
+    if args.activation and "rnn" not in cells:
+        parser.error("--activation chooses the rnn cell's activation; the gru and lstm cells have none "
+                     "(add rnn to --cell, or leave --activation out)")
     grid_flags = [f for f in ("T", "H", "B", "D") if getattr(args, f) is not None]
     if args.configs:
         name = args.configs
@@ -576,6 +681,8 @@ def select_configs(args, parser):
         name = "quick"
     elif getattr(args, "load", False) and not grid_flags:
         name = "load"
+    elif cells != ["rnn"] and not grid_flags:
+        name = "cells"
     else:
         name = "default"
     if args.config:
@@ -584,12 +691,13 @@ def select_configs(args, parser):
         shapes = args.config
     elif name in GRIDS:
         Ts, Hs, Bs, D = GRIDS[name]
-        return grid(args.T or Ts, args.H or Hs, args.B or Bs, args.D or D, dtypes, acts)
+        return with_cells(grid(args.T or Ts, args.H or Hs, args.B or Bs, args.D or D, dtypes, acts), cells)
     else:
         if grid_flags:
             parser.error(f"--{', --'.join(grid_flags)} shape a grid; the set {name!r} is a fixed list")
         shapes = FIXED[name]
-    return [Config(*shape, dt, act) for dt, act in itertools.product(dtypes, acts) for shape in shapes]
+    return with_cells([Config(*shape, dt, act) for dt, act in itertools.product(dtypes, acts)
+                       for shape in shapes], cells)
 
 
 def select_impls(args, parser, default=("fastbptt", "reference", "torch", "jax")):
@@ -684,8 +792,7 @@ def main(argv=None):
           f"flops = {compare.FLOP_FORMULA}; best of {args.repeats} "
           f"(reference: {args.reference_repeats}) rounds of >= {args.min_time:g} s", flush=True)
 
-    warm_up(impls, sorted({c.dtype for c in configs}), sorted({c.activation for c in configs}),
-            enabled=not args.no_progress)
+    warm_up_for(impls, configs, enabled=not args.no_progress)
     progress = Progress(len(configs) * (len(impls) + 1), enabled=not args.no_progress)
     results = []
     started = time.perf_counter()
@@ -715,7 +822,7 @@ def main(argv=None):
     print()
     print(format_table(results, impls))
     print(f"\n{len(configs)} configurations in {elapsed:.0f} s; ms = best time per step; "
-          "×name = name's time / fastbptt's (fastest variant); max err = largest relative gradient "
+          "×name = name's time / fastbptt's (the fastest variant that lets method=auto choose); max err = largest relative gradient "
           "error of any implementation against the float64 reference")
     for line in load_summary(results, args.busy_threshold, peak_loads):
         print(line)
@@ -723,7 +830,7 @@ def main(argv=None):
     for r, n, e in failed:
         what = e.get("error") or (f"max gradient error {e['max_grad_error']:.2e} ({e['worst']}), "
                                   f"loss error {e['loss_error']:.2e} > tolerance {e['tolerance']:.0e}")
-        config = Config(*(r[k] for k in ("T", "B", "D", "H", "O", "dtype", "activation")))
+        config = Config(*(r[k] for k in ("T", "B", "D", "H", "O", "dtype", "activation", "cell")))
         print(f"FAILED {n} at {config.label}: {what}", file=sys.stderr)
 
     if args.json:
