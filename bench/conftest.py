@@ -40,5 +40,5 @@ def problem(config):
     """
     dtype = np.dtype(config.dtype)
     model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
-                                       dtype=dtype, activation=config.activation)
+                                       dtype=dtype, activation=config.activation, cell=config.cell)
     return model, X, Y, compare.oracle(model, X, Y)

@@ -3,7 +3,8 @@
 A step is forward over T steps, softmax cross-entropy averaged over the T·B positions,
 and the gradient of every parameter, from h_0 = 0, on dense inputs of size D with a
 linear readout of size O and biases (``fastbptt.compare`` builds each implementation
-from the same weights and batch). Every case
+from the same weights and batch), for each cell: the Elman RNN (``rnn``), the GRU and
+the LSTM (``torch.nn.GRU``/``nn.LSTM`` and a ``lax.scan`` of the same equations). Every case
 
 1. builds its step and calls it once untimed: that compiles (Numba, XLA) and its result
    is checked against the reference run in float64 (loss and every gradient);
@@ -13,8 +14,10 @@ from the same weights and batch). Every case
    best and the median time, and their fraction of the session's measured GEMM peak.
 
 Cases of one configuration share a benchmark group, so pytest-benchmark prints them side
-by side. PyTorch and JAX cases are skipped when the package is missing. Select with -k,
-e.g. ``-k "sizes and not reference"``, ``-k H64``, ``-m "not large"`` (skips H = 1760);
+by side. PyTorch and JAX cases are skipped when the package is missing. Case ids end
+in the Elman activation (``tanh``, ``relu``, ``identity``) or the cell (``gru``, ``lstm``).
+Select with -k, e.g. ``-k "sizes and not reference"``, ``-k H64``, ``-k "cells and lstm"``,
+``-k "not gru and not lstm"`` (the Elman cell alone), ``-m "not large"`` (skips H = 1760);
 ``--fastbptt-methods fused,blas`` adds fastbptt with each ``method=`` of loss_and_grad.
 """
 
@@ -24,24 +27,34 @@ import pytest
 from conftest import problem
 
 from fastbptt import compare
-from fastbptt.benchmark import SIZES, Config
+from fastbptt.benchmark import CELL_SIZES, SIZES, Config
 
 LARGE_FLOPS = 5e10        # slower than about half a second a step: few rounds
 
 
 def _configs():
-    """(Config, tag) pairs: the eight training shapes first, then sweeps of T, H and B, dtypes, activations."""
-    out = [(Config(*shape), "sizes") for shape in SIZES]
+    """(Config, tag) pairs: the eight training shapes, sweeps of T, H and B, float64, the cells' shapes.
+
+    Each shape in each cell (the Elman cell first, then the GRU and the LSTM); the relu and
+    identity rows are the Elman cell's alone.
+    """
+    def cells(tag, *shape, **kw):
+        return [(Config(*shape, **kw), tag)] + [(Config(*shape, **kw, activation=None, cell=c), tag)
+                                                for c in ("gru", "lstm")]
+
+    out = [c for shape in SIZES for c in cells("sizes", *shape)]
     for T in (10, 100):                                       # T sweep (T = 1000 is one of the sizes)
-        out.append((Config(T, 1, 28, 64, 28), "sweepT"))
+        out += cells("sweepT", T, 1, 28, 64, 28)
     for H in (16, 64, 256, 1024):                             # H sweep
-        out.append((Config(100, 8, 28, H, 28), "sweepH"))
+        out += cells("sweepH", 100, 8, 28, H, 28)
     for B in (1, 32):                                         # B sweep (B = 8 is in the H sweep)
-        out.append((Config(100, B, 28, 128, 28), "sweepB"))
+        out += cells("sweepB", 100, B, 28, 128, 28)
     for shape in ((35, 1, 28, 256, 28), (1000, 1, 28, 64, 28), (200, 8, 64, 128, 64)):
-        out.append((Config(*shape, dtype="float64"), "float64"))
+        out += cells("float64", *shape, dtype="float64")
         out.append((Config(*shape, activation="relu"), "relu"))
     out.append((Config(200, 8, 64, 128, 64, activation="identity"), "identity"))
+    for shape in CELL_SIZES:                                  # the shapes of bench --cell all
+        out += cells("cells", *shape)
     return out
 
 
@@ -50,7 +63,7 @@ def _cases(methods=()):
     cases = []
     for config, tag in _configs():
         cid = (f"{tag}-T{config.T}-B{config.B}-D{config.D}-H{config.H}-O{config.O}-"
-               f"{config.dtype}-{config.activation}")
+               f"{config.dtype}-{config.activation if config.cell == 'rnn' else config.cell}")
         large = config.H >= 1760
         marks = [pytest.mark.large] if large else []
         impls = list(compare.IMPLEMENTATIONS)
@@ -73,7 +86,7 @@ def pytest_generate_tests(metafunc):
 def test_step(benchmark, peak_gflops, config, impl):
     if impl in ("torch", "jax"):
         pytest.importorskip(impl)
-    if not compare.supports(impl, config.activation):
+    if not compare.supports(impl, config.activation, config.cell):
         pytest.skip(f"{impl} has no activation {config.activation!r}")
     model, X, Y, expected = problem(config)
     step = compare.make_step(impl, model, X, Y)
@@ -83,11 +96,10 @@ def test_step(benchmark, peak_gflops, config, impl):
                            f"{checked['loss_error']:.2e}, tolerance {checked['tolerance']:.0e}")
 
     flops = config.flops
-    benchmark.group = (f"T={config.T} B={config.B} D={config.D} H={config.H} O={config.O} "
-                       f"{config.dtype} {config.activation}")
+    benchmark.group = config.label
     benchmark.extra_info.update(
         impl=impl, T=config.T, B=config.B, D=config.D, H=config.H, O=config.O, dtype=config.dtype,
-        activation=config.activation, flops=flops, flop_formula=compare.FLOP_FORMULA,
+        activation=config.activation, cell=config.cell, flops=flops, flop_formula=compare.FLOP_FORMULA,
         max_grad_error=checked["max_grad_error"], loss_error=checked["loss_error"],
         version=compare.version(impl))
     time.sleep(0.1)          # let the thread pools of the case before go idle
