@@ -91,7 +91,7 @@ def step(n, cell, rec, ones, ws_out, row_loss, targets, carry, tokens, W_ih, b_i
     for _ in range(n):   # every compiled kernel of a training step, called as the API calls them
         sweep.gather_input(cell.gx, tokens, W_ih, b_ih)
         sweep.recurrence(cell, rec, ones)
-        sweep.forward_step(cell, 0, rec)
+        sweep.forward_step(cell, 0, rec, rec[0])
         losses.cross_entropy(ws_out, row_loss, targets)
         sweep.reverse_sweep(cell, carry)
         sweep.backward_step(cell, 0, cell.dh[0], ones, True)

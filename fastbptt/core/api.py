@@ -198,6 +198,26 @@ def _state_grad0(ws):
     return (ws.dh0, ws.dc0) if ws.cell == "lstm" else ws.dh0
 
 
+def _compiled(ws, kernel, *args):
+    """The compiled entry point of ``kernel`` for ``args``, resolved once per workspace.
+
+    Numba's dispatcher types every argument on every call, and a cell's NamedTuple of a dozen
+    arrays takes microseconds to type; the per-step BLAS loops call a kernel 2T times. The
+    arguments a workspace's calls pass are always of the same types (its own buffers, the
+    model's C-contiguous views of the dtype its signature fixes), so the entry point found
+    on its first call serves every later one. Not pickled: rebuilt in each process.
+    """
+    entry = ws._entries.get(kernel)
+    if entry is None:
+        if not hasattr(kernel, "overloads"):     # not a Numba dispatcher (a test's stand-in)
+            return kernel
+        sig = tuple(kernel.typeof_pyval(a) for a in args)
+        cres = kernel.overloads.get(sig)
+        entry = cres.entry_point if cres is not None else kernel.compile(sig)
+        ws._entries[kernel] = entry
+    return entry
+
+
 def _layer_weights(model, ws):
     """(W_ih, b_ih, W_hh, b_hh) of the recurrent layer, zeros for the biases a model lacks."""
     p, names = model._kernel_views, model._CELL.NAMES
@@ -208,9 +228,19 @@ def _layer_weights(model, ws):
 
 
 def _cell_views(model, ws):
-    """The cell's NamedTuple over the workspace, as the sweep kernels take it."""
+    """The cell's NamedTuple over the workspace, as the sweep kernels take it.
+
+    Made once per (workspace, model, activation) and kept in the workspace: a call builds
+    it three times otherwise, which shows in the smallest steps.
+    """
+    act, views = model._act_code, model._kernel_views
+    kept = ws._cell_views
+    if kept is not None and kept[0] is views and kept[1] == act:
+        return kept[2]
     _, _, W_hh, b_hh = _layer_weights(model, ws)
-    return model._CELL.kernel_views(ws, W_hh, ws.W_hhT, b_hh, model._act_code)
+    cell = model._CELL.kernel_views(ws, W_hh, ws.W_hhT, b_hh, act)
+    ws._cell_views = (views, act, cell)
+    return cell
 
 
 def _layer_forward(model, ws, kind, X, parallel, method):
@@ -233,14 +263,17 @@ def _layer_forward(model, ws, kind, X, parallel, method):
     if method == "fused":
         if parallel:
             with _launch(parallel):
-                _sweep.recurrence_parallel(cell, ws.rec, ws.ones[:B], numba.get_num_threads())
+                _compiled(ws, _sweep.recurrence_parallel, cell, ws.rec, ws.ones[:B], 1)(
+                    cell, ws.rec, ws.ones[:B], numba.get_num_threads())
         else:
-            _sweep.recurrence(cell, ws.rec, ws.ones[:B])
+            _compiled(ws, _sweep.recurrence, cell, ws.rec, ws.ones[:B])(cell, ws.rec, ws.ones[:B])
     else:
-        hs = ws.hs
+        hs, rec = ws.hs, ws.recT.T
+        row = ws.rec[0]                                               # the fused method's scratch
+        step = _compiled(ws, _sweep.forward_step, cell, 0, rec, row)
         for t in range(T):   # transposed products (G·H x H times H x B) are faster in OpenBLAS
             dot(W_hh, hs[t].T, ws.recT)                               # (W_hh h_{t-1})ᵀ
-            _sweep.forward_step(cell, t, ws.recT.T)
+            step(cell, t, rec, row)
 
 
 def _forward(model, ws, kind, X, parallel, method):
@@ -290,19 +323,21 @@ def _layer_backward(model, ws, kind, X, parallel, method, want_dX, carry=None, d
     if method == "fused":
         if parallel:
             with _launch(parallel):
-                _sweep.reverse_sweep_parallel(cell, weights, numba.get_num_threads())
+                _compiled(ws, _sweep.reverse_sweep_parallel, cell, weights, 1)(
+                    cell, weights, numba.get_num_threads())
         else:
-            _sweep.reverse_sweep(cell, weights)
+            _compiled(ws, _sweep.reverse_sweep, cell, weights)(cell, weights)
     else:
-        drec = cell.drec
+        drec, back = cell.drec, ws.backT.T
+        step = _compiled(ws, _sweep.backward_step, cell, 0, back, ws.ones[:B], True)
         for t in range(T - 1, -1, -1):
             if t < T - 1:
                 dot(ws.W_hhT, drec[t + 1].T, ws.backT)                 # (W_hhᵀ drec_{t+1})ᵀ
-                _sweep.backward_step(cell, t, ws.backT.T, weights[t + 1], True)
+                step(cell, t, back, weights[t + 1], True)
             else:
-                _sweep.backward_step(cell, t, ws.backT.T, ws.ones[:B], False)
+                step(cell, t, back, ws.ones[:B], False)
         dot(drec[0], W_hh, ws.dh0)
-        _sweep.backward_state0(cell, weights[0])
+        _compiled(ws, _sweep.backward_state0, cell, weights[0])(cell, weights[0])
     GH = cell.drec.shape[2]
     drec = cell.drec.reshape(T * B, GH)
     dgx = cell.dgx.reshape(T * B, GH)

@@ -122,6 +122,8 @@ class Workspace:
         self._dX = None                               # ∂L/∂X, made on first request
         self.forward_kind = None                      # "dense"/"tokens" after forward(), None otherwise
         self._busy = threading.Lock()                 # held by the call using it (one thread at a time)
+        self._entries = {}                            # compiled entry points by kernel (api._compiled)
+        self._cell_views = None                       # (model views, act, the cell's NamedTuple) (api)
 
     def _make_buffers(self, n_params):
         """Every fixed buffer as a named view into one block (see ``declare``), and the gradient views."""
@@ -182,6 +184,8 @@ class Workspace:
         self._x, self._dX, self.forward_kind = extra["x"], extra["dX"], kind
         self.last_carry = self.carry_full if state["last_carry_is_full"] else self.carry
         self._busy = threading.Lock()
+        self._entries = {}
+        self._cell_views = None
 
     def buffers(self):
         """The arrays that hold the workspace's memory: the block, and the input and ∂L/∂X buffers once made."""

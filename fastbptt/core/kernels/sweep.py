@@ -78,17 +78,19 @@ def recurrence_parallel(cell, rec, ones, n_blocks):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def forward_step(cell, t, rec):
+def forward_step(cell, t, rec, row):
     """One step of the per-step BLAS recurrence, for the whole batch.
 
-    rec (B, G·H) in: W_hh h_{t-1} from the caller's GEMM (any layout); b_hh is added here
+    rec (B, G·H) W_hh h_{t-1} from the caller's GEMM (any layout; only read)
+    row (G·H,)   scratch: b_hh + rec[b], contiguous for the cell's step (rec is
+                 usually a transposed view, whose rows are strided)
     """
     b_hh = cell.b_hh
     for b in range(rec.shape[0]):
         r = rec[b]
         for k in range(b_hh.shape[0]):
-            r[k] += b_hh[k]
-        step_forward(cell, t, b, r)
+            row[k] = b_hh[k] + r[k]
+        step_forward(cell, t, b, row)
 
 
 # ----------------------------------------------------------------------------- backward
