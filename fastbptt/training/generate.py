@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import api
-from ..core.model import RNN
+from ..core.model import RNNBase
 from ..core.validation import number
 from ..core.workspace import Workspace
 from .data import Vocab, as_generator
@@ -14,13 +14,13 @@ from .data import Vocab, as_generator
 def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     """Continue ``prefix`` by ``n`` tokens.
 
-    The state starts at zero and is warmed up on the prefix; then each step feeds the
-    last token and picks the next one: the most likely (greedy, d2l's ``predict_ch8``),
-    or a draw from softmax(o / τ) with a temperature τ.
+    The state starts at zero (the LSTM's h and c both) and is warmed up on the prefix;
+    then each step feeds the last token and picks the next one: the most likely (greedy,
+    d2l's ``predict_ch8``), or a draw from softmax(o / τ) with a temperature τ.
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
         Trained on token ids of ``vocab`` (input and output sizes ``len(vocab)``).
     vocab : fastbptt.data.Vocab
     prefix : str or list of str
@@ -40,8 +40,8 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     str
         The prefix followed by the ``n`` generated tokens.
     """
-    if not isinstance(model, RNN):
-        raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    if not isinstance(model, RNNBase):
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
     if not isinstance(vocab, Vocab):
         raise TypeError(f"vocab must be a fastbptt.data.Vocab, got {type(vocab).__name__}")
     if model.input_size != len(vocab) or model.output_size != len(vocab):
@@ -69,7 +69,7 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     ws = Workspace(model, 1, 1)
     x = np.zeros((1, 1), dtype=np.int64)
     ids = list(vocab[tokens])
-    h = None
+    h = None                                                 # the state: h, or the LSTM's (h, c)
     for k in ids[:-1]:                                       # warm up on the prefix
         x[0, 0] = k
         _, h = api.forward(model, x, h, workspace=ws)

@@ -29,7 +29,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ..core.model import RNN, ViewMap
+from ..core.model import RNN, RNNBase, ViewMap
 from ..core.validation import number
 
 _number = number     # the old name, kept for callers (it lives in core.validation)
@@ -298,8 +298,8 @@ class Optimizer:
         return tuple(cls._state_names)
 
     def __init__(self, model, **hyper):
-        if not isinstance(model, RNN):
-            raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+        if not isinstance(model, RNNBase):
+            raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
         self._model = model
         self._hyper = hyper
         self._t = 0                                   # steps taken
@@ -431,7 +431,7 @@ class SGD(Optimizer):
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     lr : float > 0
     momentum : float in [0, 1)
         μ; the velocity follows ``torch.optim.SGD`` (v ← μv + g, p ← p - lr·v).
@@ -473,7 +473,7 @@ class Adagrad(Optimizer):
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     lr : float > 0
         min-char-rnn uses 0.1.
     eps : float > 0
@@ -500,7 +500,7 @@ class Adam(Optimizer):
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     lr : float > 0
     betas : (float, float), each in [0, 1)
     eps : float > 0
@@ -600,7 +600,7 @@ def optimizer_from_state_dict(model, sd):
     try:
         opt = cls(model, **hyper)
     except TypeError as exc:
-        if not isinstance(model, RNN):
+        if not isinstance(model, RNNBase):
             raise
         raise ValueError(f"hyperparameters {hyper!r} do not fit {cls.__name__}: {exc}") from None
     opt.load_state_dict(sd)

@@ -4,7 +4,8 @@ A long sequence is cut into chunks of T steps. Each chunk starts from the state
 the previous one ended in (``h0=h_T``) but no gradient flows back across the cut:
 that is what ``state.detach_()`` does in Dive into Deep Learning, and what passing
 ``h_T`` on as ``h0`` does here, since ``loss_and_grad`` only differentiates with
-respect to the parameters.
+respect to the parameters. The same holds for every cell: the LSTM's state is the
+pair (h_T, c_T), passed on whole as the next chunk's ``h0``.
 
 Within a chunk, ``random_truncation`` draws the estimator of Tallec & Ollivier
 (2017) that d2l's BPTT section describes: the gradient step t sends back through
@@ -22,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core import api
-from ..core.model import RNN
+from ..core.model import RNNBase
 from ..core.validation import check_dtype, number, positive_int
 from ..core.workspace import Workspace
 from .data import SeqDataLoader, as_generator
@@ -81,8 +82,8 @@ def _carry_weight(pi, dtype):
 
 def _check_step_args(model, optimizer, workspace, caller):
     """What must hold before any work: the step's gradient is read from ``workspace``."""
-    if not isinstance(model, RNN):
-        raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    if not isinstance(model, RNNBase):
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a fastbptt.optim.Optimizer, got {type(optimizer).__name__}")
     if optimizer.model is not model:
@@ -106,7 +107,7 @@ class StepResult(NamedTuple):
 
     loss: float
     grad_norm: float
-    h_T: np.ndarray
+    h_T: np.ndarray       # the LSTM's: the pair (h_T, c_T)
 
 
 def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_value=None, carry=None,
@@ -115,12 +116,12 @@ def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_va
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     X, Y : ndarray (T, B) token ids and targets, or as ``loss_and_grad`` takes them
     optimizer : fastbptt.optim.Optimizer
         Bound to ``model``.
     workspace : fastbptt.Workspace
-    h0 : ndarray (B, H), optional
+    h0 : ndarray (B, H), or for the LSTM a pair (h0, c0) of them, optional
         The state the chunk starts from (the previous chunk's ``h_T``); zeros if None.
         No gradient flows into it.
     clip : float, optional
@@ -137,7 +138,8 @@ def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_va
     StepResult
         ``(loss, grad_norm, h_T)``: the chunk's mean loss, the gradient's L2 norm before
         clipping, and the final state (computed with the parameters before the update; a
-        view into the workspace, to pass as the next chunk's ``h0``).
+        view into the workspace, to pass as the next chunk's ``h0``; for the LSTM the
+        pair (h_T, c_T) of such views).
     """
     _check_step_args(model, optimizer, workspace, "train_step")
     value, _, h_T = api.loss_and_grad(model, X, Y, h0, loss, workspace=workspace, parallel=parallel,
@@ -171,11 +173,12 @@ def train_epoch(model, batches, optimizer, *, workspace, carry_state=None, clip=
     """One epoch over ``batches``, d2l's ``train_epoch_ch8`` with the steps of ``train_step``.
 
     The state starts at zero; with ``carry_state`` each batch then starts from the previous
-    batch's h_T (sequential partitioning), else from zero (random sampling).
+    batch's h_T (the LSTM's (h_T, c_T)) (sequential partitioning), else from zero (random
+    sampling).
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     batches : iterable of (X, Y), each (T, B), such as a ``fastbptt.data.SeqDataLoader``
     optimizer : fastbptt.optim.Optimizer
     workspace : fastbptt.Workspace
