@@ -7,6 +7,12 @@ such as a random generator's state, in ``extra``). Files hold only arrays and
 JSON strings, and ``load`` checks a file's zip directory and array headers before it
 reads (or allocates) anything, so a damaged or hostile file is refused with a
 ``CheckpointError`` (a ``ValueError``) that names the bad member.
+
+Every cell is saved the same way. The model's configuration (``model.config``, JSON)
+names its cell: ``{"cell": "rnn", "input_size", "hidden_size", "output_size",
+"activation", "bias", "dtype"}`` for the Elman RNN, the same without ``activation``
+for the GRU and the LSTM. Files written before there were other cells hold no
+``cell``: they are Elman checkpoints, and still load.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .._paths import check_output_path
-from ..core.model import ACTIVATIONS, RNN, param_layout
+from ..core.cells import CELLS as CELL_MODULES
+from ..core.model import ACTIVATIONS, CELLS, RNNBase
 from .data import check_text_file
 from .optim import Optimizer, optimizer_from_state_dict
 from .optim import check_config as check_optimizer
@@ -31,22 +38,34 @@ FORMAT = "fastbptt-checkpoint-1"
 class Checkpoint(NamedTuple):
     """What ``load`` returns."""
 
-    model: RNN
+    model: RNNBase          # a fastbptt.RNN, GRU or LSTM, as the file says
     optimizer: Optimizer | None
     extra: dict
 
 
 def model_config(model):
-    """The constructor arguments that fix a model's layout."""
-    return {"input_size": model.input_size, "hidden_size": model.hidden_size,
-            "output_size": model.output_size, "activation": model.activation,
-            "bias": model.bias, "dtype": model.dtype.name}
+    """The cell and the constructor arguments that fix a model's layout (what the file records)."""
+    config = {"cell": model.cell, "input_size": model.input_size, "hidden_size": model.hidden_size,
+              "output_size": model.output_size}
+    if model.cell == "rnn":
+        config["activation"] = model.activation
+    config.update(bias=model.bias, dtype=model.dtype.name)
+    return config
 
 
 def _describe(config):
-    return (f"RNN(input_size={config['input_size']}, hidden_size={config['hidden_size']}, "
-            f"output_size={config['output_size']}, activation={config['activation']!r}, "
+    act = f", activation={config['activation']!r}" if "activation" in config else ""
+    return (f"{CELLS[config.get('cell', 'rnn')].__name__}(input_size={config['input_size']}, "
+            f"hidden_size={config['hidden_size']}, output_size={config['output_size']}{act}, "
             f"bias={config['bias']}, dtype={config['dtype']})")
+
+
+def _build(config):
+    """A new model of the (checked) configuration; its parameters are overwritten by the caller."""
+    cls = CELLS[config["cell"]]
+    kwargs = {"activation": config["activation"]} if config["cell"] == "rnn" else {}
+    return cls(config["input_size"], config["hidden_size"], config["output_size"], bias=config["bias"],
+               dtype=config["dtype"], **kwargs)
 
 
 def save(path, model, optimizer=None, extra=None):
@@ -56,14 +75,14 @@ def save(path, model, optimizer=None, extra=None):
     ----------
     path : str or os.PathLike
         Written exactly as named (no ``.npz`` is appended).
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
     optimizer : fastbptt.optim.Optimizer, optional
         Must be bound to ``model``.
     extra : dict, optional
         JSON-serializable metadata (epoch, a generator's ``bit_generator.state``, ...).
     """
-    if not isinstance(model, RNN):
-        raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    if not isinstance(model, RNNBase):
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
     arrays = {"format": np.array(FORMAT),
               "model.config": np.array(json.dumps(model_config(model))),
               "model.flat": model.flat}
@@ -206,23 +225,34 @@ def _read_json(path, zf, members, key):
 
 
 def _check_model_config(path, config):
-    """The saved constructor arguments, each of the right type; the parameter count they give."""
-    keys = {"input_size", "hidden_size", "output_size", "activation", "bias", "dtype"}
-    if not isinstance(config, dict) or set(config) != keys:
-        raise _fail(path, f"model.config must hold exactly {sorted(keys)}, got {config!r}")
+    """The saved cell and constructor arguments, each of the right type, as a new dict (with
+    ``cell``, "rnn" for the files of the Elman-only release); and the parameter count they give."""
+    if not isinstance(config, dict):
+        raise _fail(path, f"model.config must be a JSON object, got {config!r}")
+    config = dict(config)
+    cell = config.setdefault("cell", "rnn")          # written before there were other cells
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise _fail(path, f"model.config cell {cell!r} is not one of {sorted(CELLS)}")
+    keys = {"cell", "input_size", "hidden_size", "output_size", "bias", "dtype"}
+    if cell == "rnn":
+        keys.add("activation")
+    if set(config) != keys:
+        raise _fail(path, f"model.config of a {cell!r} cell must hold exactly {sorted(keys)}, "
+                          f"got {config!r}")
     for key in ("input_size", "hidden_size", "output_size"):
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise _fail(path, f"model.config {key} must be a positive int, got {v!r}")
-    if config["activation"] not in ACTIVATIONS:
+    if cell == "rnn" and config["activation"] not in ACTIVATIONS:
         raise _fail(path, f"model.config activation {config['activation']!r} is not one of "
                           f"{sorted(ACTIVATIONS)}")
     if not isinstance(config["bias"], bool):
         raise _fail(path, f"model.config bias must be true or false, got {config['bias']!r}")
     if config["dtype"] not in ("float32", "float64"):
         raise _fail(path, f"model.config dtype must be 'float32' or 'float64', got {config['dtype']!r}")
-    layout = param_layout(config["input_size"], config["hidden_size"], config["output_size"], config["bias"])
-    return sum(int(np.prod(shape, dtype=object)) for _, shape in layout)
+    layout = CELL_MODULES[cell].param_layout(config["input_size"], config["hidden_size"],
+                                             config["output_size"], config["bias"])
+    return config, sum(int(np.prod(shape, dtype=object)) for _, shape in layout)
 
 
 def load(path, model=None):
@@ -236,10 +266,11 @@ def load(path, model=None):
     Parameters
     ----------
     path : str or os.PathLike
-    model : fastbptt.RNN, optional
-        Load the parameters into this model, which must have the saved layout (sizes,
-        activation, bias, dtype); else a ``ValueError`` says how they differ. None
-        builds a new model. The model is changed only once the whole file has been read.
+    model : fastbptt.RNN, GRU or LSTM, optional
+        Load the parameters into this model, which must have the saved cell and layout
+        (sizes, activation, bias, dtype); else a ``ValueError`` says how they differ. None
+        builds a new model of the saved cell (``fastbptt.CELLS``). The model is changed
+        only once the whole file has been read.
 
     Returns
     -------
@@ -258,28 +289,57 @@ def load(path, model=None):
     ValueError
         ``model`` has another layout than the saved one.
     """
-    if model is not None and not isinstance(model, RNN):
-        raise TypeError(f"model must be a fastbptt.RNN or None, got {type(model).__name__}")
-    path = check_text_file(path, "checkpoint")
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path!r} is not a fastbptt checkpoint: not a .npz (zip) archive ({exc}); "
-                              f"pass a file written by fastbptt.checkpoint.save or "
-                              f"'python -m fastbptt train --save'") from None
+    if model is not None and not isinstance(model, RNNBase):
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, or None, got {type(model).__name__}")
+    path, zf = _open_zip(path)
     with zf:
         return _load(path, zf, model)
 
 
-def _load(path, zf, model):
-    members = _open_members(path, zf)
+def read_config(path):
+    """The cell and constructor arguments of the model a checkpoint holds, without loading it.
+
+    Only the file's zip directory, format and ``model.config`` are read, checked as
+    ``load`` checks them (a ``CheckpointError`` otherwise).
+
+    Returns
+    -------
+    dict
+        ``cell`` ("rnn" also for the files of the Elman-only release, which do not name
+        it), ``input_size``, ``hidden_size``, ``output_size``, ``bias``, ``dtype`` and,
+        for the Elman cell, ``activation``.
+    """
+    path, zf = _open_zip(path)
+    with zf:
+        return _read_model_config(path, zf, _open_members(path, zf))[0]
+
+
+def _open_zip(path):
+    path = check_text_file(path, "checkpoint")
+    try:
+        return path, zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path!r} is not a fastbptt checkpoint: not a .npz (zip) archive ({exc}); "
+                              f"pass a file written by fastbptt.checkpoint.save or "
+                              f"'python -m fastbptt train --save'") from None
+
+
+def _read_model_config(path, zf, members):
+    """The format, then the checked model configuration and its parameter count."""
     if _read_text(path, zf, members, "format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a fastbptt checkpoint (format {FORMAT!r})")
-    config = _read_json(path, zf, members, "model.config")
-    n = _check_model_config(path, config)
+    return _check_model_config(path, _read_json(path, zf, members, "model.config"))
+
+
+def _load(path, zf, model):
+    members = _open_members(path, zf)
+    config, n = _read_model_config(path, zf, members)
     if model is not None and model_config(model) != config:
+        cell = config["cell"]
+        hint = "" if model.cell == cell else \
+            f" (a checkpoint of the {cell!r} cell loads into a fastbptt.{CELLS[cell].__name__})"
         raise ValueError(f"checkpoint {path!r} holds {_describe(config)}, but the model is "
-                         f"{_describe(model_config(model))}")
+                         f"{_describe(model_config(model))}{hint}")
     dtype = np.dtype(config["dtype"])
     headers = {"model.flat": _header(path, zf, members["model.flat"], dtype, (n,))}
     try:
@@ -312,8 +372,7 @@ def _load(path, zf, model):
         for fp, _, _ in headers.values():
             fp.close()
     if model is None:
-        model = RNN(config["input_size"], config["hidden_size"], config["output_size"],
-                    activation=config["activation"], bias=config["bias"], dtype=config["dtype"])
+        model = _build(config)
     optimizer = None
     if opt_config is not None:
         sd = dict(opt_config, state={k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
