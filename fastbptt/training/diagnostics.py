@@ -1,4 +1,4 @@
-"""Gradient flow through time: ‖∂L/∂h_t‖ for every step, and the spectral radius of W_hh.
+"""Gradient flow through time: ‖∂L/∂h_t‖ (and the LSTM's ‖∂L/∂c_t‖) for every step, and ρ(W_hh).
 
 The lesson of the BPTT chapter of Dive into Deep Learning: unrolled, ::
 
@@ -8,13 +8,21 @@ so the gradient reaching early steps shrinks like ρ^{T-t} when the spectral rad
 ρ of W_hh is below 1 (vanishing) and grows like it above 1 (exploding); with tanh
 the factors φ'(z) ≤ 1 shrink it further.
 
-After ``loss_and_grad`` (or ``backward``) the workspace holds ∂L/∂o_t (``ws.out``) and
-∂L/∂z_t (``ws.dz``); ``hidden_grads`` rebuilds from them, with two matrix products,
+The gated cells (GRU, LSTM) are what the book turns to next because their state
+carries the gradient back through a gate (the GRU's z ⊙ ∂L/∂h_t, the LSTM's
+f ⊙ ∂L/∂c_t) and not only through W_hh. For the LSTM, ``cell_grad_norms`` shows it:
+‖∂L/∂c_t‖ stays up where ‖∂L/∂h_t‖ of an Elman cell vanishes.
 
-    ∂L/∂h_t = c_{t+1} W_hhᵀ ∂L/∂z_{t+1} + W_qhᵀ ∂L/∂o_t
+Where the numbers come from, after ``loss_and_grad`` (or ``backward``):
 
-(c the carry weights, all ones for full BPTT). It allocates its result: call it on
-request, not in the inner loop.
+- Elman cell: the workspace holds ∂L/∂o_t (``ws.out``) and ∂L/∂z_t (``ws.dz``);
+  ``hidden_grads`` rebuilds from them, with two matrix products,
+  ∂L/∂h_t = c_{t+1} W_hhᵀ ∂L/∂z_{t+1} + W_qhᵀ ∂L/∂o_t (c the carry weights, all ones
+  for full BPTT).
+- GRU, LSTM: the reverse sweep keeps the full ∂L/∂h_t (``ws.dh``) and, for the LSTM,
+  ∂L/∂c_t (``ws.dcs``), computed with the carry weights of that call; they are copied.
+
+Each function allocates its result: call it on request, not in the inner loop.
 """
 
 from __future__ import annotations
@@ -22,13 +30,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import api, validation
-from ..core.model import RNN
+from ..core.model import RNN, RNNBase
 from ..core.workspace import Workspace, model_signature
 
 
 def _check(model, workspace):
-    if not isinstance(model, RNN):
-        raise TypeError(f"model must be a fastbptt.RNN, got {type(model).__name__}")
+    if not isinstance(model, RNNBase):
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace must be the fastbptt.Workspace of the last loss_and_grad, "
                         f"got {type(workspace).__name__}")
@@ -39,25 +47,52 @@ def _check(model, workspace):
                          "backward first")
 
 
+def _as_tb(carry, T, B):
+    """Carry weights (T,) or (T, B) as a (T, B) view."""
+    return carry if carry.ndim == 2 else np.broadcast_to(carry[:, None], (T, B))
+
+
+def _check_recorded_carry(model, workspace, carry):
+    """For the gated cells, whose ∂L/∂h_t the sweep computed with the call's own carry weights:
+    refuse other weights than those (a ValueError), rather than mix two truncations."""
+    T, B = workspace.T, workspace.B
+    carry = validation.check_carry(carry, T, B, model.dtype)
+    if carry is None:
+        return
+    used = workspace.last_carry
+    if not np.array_equal(_as_tb(carry.astype(model.dtype), T, B), used):
+        raise ValueError(f"carry differs from the carry weights the last call used: a {model.cell.upper()}'s "
+                         f"∂L/∂h_t is computed by the reverse sweep itself, with that call's weights "
+                         f"(workspace.last_carry); pass carry=None, or call loss_and_grad again "
+                         f"with the weights you want")
+
+
 def hidden_grads(model, workspace, carry=None):
     """∂L/∂h_t for t = 1 .. T, from the gradients the last ``loss_and_grad`` left in ``workspace``.
 
     Parameters
     ----------
-    model : fastbptt.RNN
+    model : fastbptt.RNN, GRU or LSTM
         With the parameters of that call (call this before the optimizer step).
     workspace : fastbptt.Workspace
-        The one that call used.
+        The one that call used (``loss_and_grad`` or ``backward``; for a GRU or an LSTM
+        also ``layer_backward``).
     carry : ndarray (T,) or (T, B), optional
         The carry weights of that call; None takes the ones the workspace recorded
-        (``workspace.last_carry``), so it need not be passed again.
+        (``workspace.last_carry``), so it need not be passed again. Elman cell: the
+        weights the rebuild uses. GRU, LSTM: the sweep already used the call's own
+        weights, so any other weights are refused with a ``ValueError``.
 
     Returns
     -------
     ndarray (T, B, H)
-        A new array; row t-1 is ∂L/∂h_t. (∂L/∂h_0 is ``workspace.dh0``.)
+        A new array of the model's dtype; row t-1 is ∂L/∂h_t. (∂L/∂h_0 is
+        ``workspace.dh0``.)
     """
     _check(model, workspace)
+    if model.cell != "rnn":
+        _check_recorded_carry(model, workspace, carry)
+        return workspace.dh.copy()
     T, B, H = workspace.T, workspace.B, model.hidden_size
     carry = validation.check_carry(carry, T, B, model.dtype)
     if carry is None:
@@ -67,10 +102,17 @@ def hidden_grads(model, workspace, carry=None):
     if T > 1:
         back = (workspace.dz[1:].reshape((T - 1) * B, H) @ p["W_hh"]).reshape(T - 1, B, H)
         if carry is not None:
-            c = carry if carry.ndim == 2 else np.broadcast_to(carry[:, None], (T, B))
-            back *= c[1:, :, None].astype(back.dtype, copy=False)
+            back *= _as_tb(carry, T, B)[1:, :, None].astype(back.dtype, copy=False)
         dh[:-1] += back                                                 # c_{t+1} W_hhᵀ ∂L/∂z_{t+1}
     return dh
+
+
+def _norms(g, per_sequence):
+    """‖g_t‖ over (B, H) per step, or over H per step and sequence, in float64."""
+    g = g.astype(np.float64)
+    if per_sequence:
+        return np.sqrt(np.einsum("tbh,tbh->tb", g, g))
+    return np.sqrt(np.einsum("tbh,tbh->t", g, g))
 
 
 def hidden_grad_norms(model, workspace, carry=None, per_sequence=False):
@@ -86,10 +128,50 @@ def hidden_grad_norms(model, workspace, carry=None, per_sequence=False):
     -------
     ndarray (T,) or (T, B)
     """
-    dh = hidden_grads(model, workspace, carry).astype(np.float64)
-    if per_sequence:
-        return np.sqrt(np.einsum("tbh,tbh->tb", dh, dh))
-    return np.sqrt(np.einsum("tbh,tbh->t", dh, dh))
+    return _norms(hidden_grads(model, workspace, carry), per_sequence)
+
+
+def cell_grads(model, workspace):
+    """The LSTM's ∂L/∂c_t for t = 1 .. T, from the last ``loss_and_grad`` (or ``backward``,
+    ``layer_backward``) on ``workspace``.
+
+    The cell state sends its gradient back through the forget gate alone,
+    ∂L/∂c_{t-1} ⊇ f_t ⊙ ∂L/∂c_t, not through W_hh: which is why it does not vanish as an
+    Elman cell's ∂L/∂h_t does. Computed by the reverse sweep with that call's carry
+    weights, and copied here.
+
+    Parameters
+    ----------
+    model : fastbptt.LSTM
+    workspace : fastbptt.Workspace
+
+    Returns
+    -------
+    ndarray (T, B, H)
+        A new array of the model's dtype; row t-1 is ∂L/∂c_t. (∂L/∂c_0 is
+        ``workspace.dc0``.)
+    """
+    _check(model, workspace)
+    if model.cell != "lstm":
+        raise ValueError(f"cell_grads needs an LSTM: a {type(model).__name__}'s state is h alone, "
+                         f"whose gradients hidden_grads gives")
+    return workspace.dcs.copy()
+
+
+def cell_grad_norms(model, workspace, per_sequence=False):
+    """‖∂L/∂c_t‖ for t = 1 .. T of an LSTM (see ``cell_grads``), in float64.
+
+    Parameters
+    ----------
+    per_sequence : bool
+        False: one norm per step over the whole batch, shape (T,). True: one per step
+        and sequence, shape (T, B).
+
+    Returns
+    -------
+    ndarray (T,) or (T, B)
+    """
+    return _norms(cell_grads(model, workspace), per_sequence)
 
 
 def gradient_flow(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None, carry=None,
@@ -108,12 +190,19 @@ def gradient_flow(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
 
 
 def spectral_radius(W_hh):
-    """ρ(W_hh) = max |λ| over the eigenvalues of W_hh (of a model, or a square matrix).
+    """ρ(W_hh) = max |λ| over the eigenvalues of W_hh (of an Elman model, or a square matrix).
+
+    A GRU's or LSTM's W_hh (G·H, H) stacks one block per gate: pass one of them,
+    such as ``model.gate("W_hh", "f")``.
 
     Returns
     -------
     float
     """
+    if isinstance(W_hh, RNNBase) and not isinstance(W_hh, RNN):
+        raise ValueError(f"a {type(W_hh).__name__}'s W_hh stacks one (H, H) block per gate "
+                         f"{W_hh.GATES}: pass one of them, such as model.gate('W_hh', "
+                         f"{W_hh.GATES[1]!r})")
     if isinstance(W_hh, RNN):
         W_hh = W_hh.params["W_hh"]
     W = np.asarray(W_hh)
