@@ -1,5 +1,9 @@
 """``python -m fastbptt train``: a character-level RNN language model, d2l's recipe by default.
 
+``--cell rnn|gru|lstm`` picks the recurrent cell (the Elman RNN by default); every other
+flag means the same for each, and the checkpoint records the cell, so ``--resume``
+refuses a checkpoint of another one.
+
 Defaults follow Dive into Deep Learning's from-scratch RNN on The Time Machine: the first
 10,000 characters, T = 35 steps, B = 32 sequences, H = 512 hidden units, weights from
 N(0, 0.01²), zero biases, plain SGD with lr = 1, gradients clipped to norm θ = 1,
@@ -27,7 +31,7 @@ import numpy as np
 from .._paths import check_output_path
 from .._progress import compiling
 from ..core import api
-from ..core.model import RNN
+from ..core.model import CELLS
 from ..core.workspace import Workspace
 from . import data, optim
 from . import saving as checkpoint
@@ -89,6 +93,8 @@ def build_parser():
                    help="train on the first N characters (0: all)")
     p.add_argument("--steps", "-T", metavar="T", type=int, default=35, help="time steps per chunk")
     p.add_argument("--batch", "-B", metavar="B", type=int, default=32, help="sequences per batch")
+    p.add_argument("--cell", choices=tuple(CELLS), default="rnn",
+                   help="the recurrent cell: Elman RNN, GRU or LSTM (PyTorch's gates)")
     p.add_argument("--hidden", metavar="H", type=int, default=512, help="hidden units")
     p.add_argument("--lr", type=float, default=1.0, help="learning rate")
     p.add_argument("--clip", metavar="THETA", type=float, default=1.0,
@@ -212,7 +218,7 @@ def _warm_up(model, ws, opt, loader, parallel):
 
 def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, clip_value=None, epochs=500,
           sampling="sequential", optimizer="sgd", random_truncation=None, seed=0, dtype="float32",
-          parallel=False, resume=None, quiet=True, log=print):
+          parallel=False, resume=None, quiet=True, log=print, cell="rnn"):
     """Train a character-level model with d2l's recipe; the engine of the command line.
 
     Parameters
@@ -221,7 +227,7 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
         Token ids of ``vocab``.
     vocab : fastbptt.data.Vocab
     steps, batch, hidden, lr, clip, clip_value, epochs, sampling, optimizer, random_truncation,
-    seed, dtype, parallel
+    seed, dtype, parallel, cell
         As the command's flags.
     resume : str, optional
         A checkpoint to continue from (it must hold this model and vocabulary).
@@ -236,8 +242,11 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
         ``perplexity`` (last epoch), ``tokens_per_s`` (all epochs of this run), ``epochs``
         (in total), ``model``, ``optimizer``, ``rng``, ``history`` (perplexity per epoch).
     """
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
     rng = np.random.default_rng(seed)
-    model = RNN(len(vocab), hidden, len(vocab), init="normal", seed=seed, dtype=dtype)
+    # d2l's from-scratch recipe for every cell: weights from N(0, 0.01²), zero biases
+    model = CELLS[cell](len(vocab), hidden, len(vocab), init="normal", seed=seed, dtype=dtype)
     opt = optim.make_optimizer(optimizer, model, lr)
     start = 0
     if resume is not None:
@@ -288,6 +297,10 @@ def _diverged(epoch, why):
 
 def _resume(path, model, opt, rng, vocab, optimizer, lr, epochs):
     """Load a ``--save`` checkpoint into ``model``, ``opt`` and ``rng``; return the epochs it has done."""
+    saved_cell = checkpoint.read_config(path)["cell"]
+    if saved_cell != model.cell:
+        raise ValueError(f"checkpoint {path!r} holds a {saved_cell!r} model, not the {model.cell!r} "
+                         f"cell asked for; resume it with --cell {saved_cell}")
     try:
         saved = checkpoint.load(path, model)
     except checkpoint.CheckpointError:
@@ -355,7 +368,7 @@ def main(argv=None):
                        clip=args.clip, clip_value=args.clip_value, epochs=args.epochs,
                        sampling=args.sampling, optimizer=args.optimizer,
                        random_truncation=args.random_truncation, seed=args.seed, dtype=args.dtype,
-                       parallel=args.parallel, resume=args.resume, quiet=args.quiet)
+                       parallel=args.parallel, resume=args.resume, quiet=args.quiet, cell=args.cell)
     except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -366,7 +379,8 @@ def main(argv=None):
     # the results first: a failure while sampling must not lose them
     model = result["model"]
     print(f"perplexity {format_perplexity(result['perplexity'])}, {result['tokens_per_s']:,.0f} tokens/s "
-          f"({args.sampling}, {result['epochs']} epochs, T={args.steps}, B={args.batch}, H={args.hidden})")
+          f"({args.cell}, {args.sampling}, {result['epochs']} epochs, T={args.steps}, B={args.batch}, "
+          f"H={args.hidden})")
     failed = False
     if args.save:
         try:
