@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbptt [profile|bench|train] ...``.
+"""Command line: ``python -m fastbptt [profile|bench|train|warmup] ...``.
 
 With no subcommand it runs ``profile``: fastbptt against the NumPy reference over a
 small grid of T and H. ``python -m fastbptt SUBCOMMAND --help`` tells each one's flags.
@@ -10,7 +10,8 @@ import sys
 SUBCOMMANDS = {
     "profile": ("fastbptt.benchmarking.profile", "time one training step against the NumPy reference"),
     "bench": ("fastbptt.benchmarking.benchmark", "the benchmark grid, side by side with PyTorch and JAX"),
-    "train": ("fastbptt.training.charrnn", "train a character-level RNN language model"),
+    "train": ("fastbptt.training.charrnn", "train a character-level RNN, GRU or LSTM language model"),
+    "warmup": ("fastbptt.training.warmup", "compile every kernel into Numba's on-disk cache ahead of time"),
 }
 
 
