@@ -3,7 +3,8 @@
 Submodules: ``data`` (d2l's character corpus and minibatches), ``optim`` (clipping and
 optimizers over the flat buffer), ``tbptt`` (truncated BPTT steps and epochs),
 ``diagnostics`` (gradient flow through time), ``saving`` (checkpoints: save and resume),
-``generate`` (text generation), ``charrnn`` (``python -m fastbptt train``).
+``generate`` (text generation), ``charrnn`` (``python -m fastbptt train``), ``warmup``
+(``python -m fastbptt warmup``: every kernel into Numba's cache ahead of time).
 
 ``fastbptt.training`` was the module that is now ``tbptt``: its names stay here, so
 ``fastbptt.training.train_epoch`` keeps working.
