@@ -63,7 +63,7 @@ def kernel_views(ws, W_hh, W_hhT, b_hh, act):
     return ElmanCell(W_hhT, W_hh, b_hh, ws.hs, ws.hs[1:], ws.dz, ws.dz, ws.dz, ws.dh0, act)
 
 
-@overload(base.step_forward, inline="always")
+@overload(base.step_forward)
 def _step_forward(cell, t, b, rec):
     if not base.is_cell(cell, ElmanCell):
         return None
@@ -85,7 +85,7 @@ def _step_forward(cell, t, b, rec):
     return elman_forward
 
 
-@overload(base.step_backward, inline="always")
+@overload(base.step_backward)
 def _step_backward(cell, t, b, c):
     if not base.is_cell(cell, ElmanCell):
         return None
@@ -105,7 +105,7 @@ def _step_backward(cell, t, b, c):
     return elman_backward
 
 
-@overload(base.state0_backward, inline="always")
+@overload(base.state0_backward)
 def _state0_backward(cell, b, c):
     if not base.is_cell(cell, ElmanCell):
         return None

@@ -77,7 +77,7 @@ def kernel_views(ws, W_hh, W_hhT, b_hh, act):
     return GRUCell(W_hhT, W_hh, b_hh, ws.hs, ws.gx, ws.hn, ws.dh, ws.dgx, ws.drec, ws.ds, ws.dh0)
 
 
-@overload(base.step_forward, inline="always")
+@overload(base.step_forward)
 def _step_forward(cell, t, b, rec):
     if not base.is_cell(cell, GRUCell):
         return None
@@ -100,7 +100,7 @@ def _step_forward(cell, t, b, rec):
     return gru_forward
 
 
-@overload(base.step_backward, inline="always")
+@overload(base.step_backward)
 def _step_backward(cell, t, b, c):
     if not base.is_cell(cell, GRUCell):
         return None
@@ -134,7 +134,7 @@ def _step_backward(cell, t, b, c):
     return gru_backward
 
 
-@overload(base.state0_backward, inline="always")
+@overload(base.state0_backward)
 def _state0_backward(cell, b, c):
     if not base.is_cell(cell, GRUCell):
         return None

@@ -83,7 +83,7 @@ def kernel_views(ws, W_hh, W_hhT, b_hh, act):
                     ws.ds, ws.dh0, ws.dc0)
 
 
-@overload(base.step_forward, inline="always")
+@overload(base.step_forward)
 def _step_forward(cell, t, b, rec):
     if not base.is_cell(cell, LSTMCell):
         return None
@@ -112,7 +112,7 @@ def _step_forward(cell, t, b, rec):
     return lstm_forward
 
 
-@overload(base.step_backward, inline="always")
+@overload(base.step_backward)
 def _step_backward(cell, t, b, c):
     if not base.is_cell(cell, LSTMCell):
         return None
@@ -144,7 +144,7 @@ def _step_backward(cell, t, b, c):
     return lstm_backward
 
 
-@overload(base.state0_backward, inline="always")
+@overload(base.state0_backward)
 def _state0_backward(cell, b, c):
     if not base.is_cell(cell, LSTMCell):
         return None
