@@ -157,8 +157,10 @@ def matmat_acc(out, M, V, c, b0, b1):
     V   (B, K)
     c   (B,)
     Eight rows of M go into each pass over ``out[b]``, so it is loaded and stored K/8
-    times rather than K times. Each row b gets the same operations in the same order
-    whatever [b0, b1) is, so the result does not depend on how rows are grouped.
+    times rather than K times, and two rows b share each pass, so each element of M
+    loaded serves both. Each row b gets the same operations in the same order whatever
+    [b0, b1) is, and whether it is paired or alone, so the result does not depend on how
+    rows are grouped (the parallel kernels' blocks give the serial kernel's bits).
     """
     if b1 - b0 == 1:                  # one row: the same operations, with less bookkeeping
         matvec_acc(out[b0], M, V[b0], c[b0])
@@ -168,7 +170,27 @@ def matmat_acc(out, M, V, c, b0, b1):
     while j + 8 <= K:
         m0, m1, m2, m3 = M[j], M[j + 1], M[j + 2], M[j + 3]
         m4, m5, m6, m7 = M[j + 4], M[j + 5], M[j + 6], M[j + 7]
-        for b in range(b0, b1):
+        b = b0
+        while b + 2 <= b1:
+            v = V[b]
+            cb = c[b]
+            v0, v1, v2, v3 = cb * v[j], cb * v[j + 1], cb * v[j + 2], cb * v[j + 3]
+            v4, v5, v6, v7 = cb * v[j + 4], cb * v[j + 5], cb * v[j + 6], cb * v[j + 7]
+            w = V[b + 1]
+            cw = c[b + 1]
+            w0, w1, w2, w3 = cw * w[j], cw * w[j + 1], cw * w[j + 2], cw * w[j + 3]
+            w4, w5, w6, w7 = cw * w[j + 4], cw * w[j + 5], cw * w[j + 6], cw * w[j + 7]
+            o = out[b]
+            p = out[b + 1]
+            for i in range(N):
+                a0, a1, a2, a3 = m0[i], m1[i], m2[i], m3[i]
+                a4, a5, a6, a7 = m4[i], m5[i], m6[i], m7[i]
+                o[i] += (((a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3))
+                         + ((a4 * v4 + a5 * v5) + (a6 * v6 + a7 * v7)))
+                p[i] += (((a0 * w0 + a1 * w1) + (a2 * w2 + a3 * w3))
+                         + ((a4 * w4 + a5 * w5) + (a6 * w6 + a7 * w7)))
+            b += 2
+        if b < b1:                    # an odd row left: the same operations alone
             v = V[b]
             cb = c[b]
             v0, v1, v2, v3 = cb * v[j], cb * v[j + 1], cb * v[j + 2], cb * v[j + 3]
