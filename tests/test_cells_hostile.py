@@ -78,12 +78,9 @@ def problem(cell, T=5, B=3, D=4, H=6, O=7, dtype=np.float64, seed=0):
     return model, X, Y, rng
 
 
-# ============================================================================ bugs (xfail until fixed)
+# ============================================================================ bugs the red team found (fixed)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: api._start copies c0 into ws.cs[0] before reading h0, and "
-                                       "h0 is never made private: an h0 that is a view of ws.cs[0] is "
-                                       "overwritten by c0 before it is read (fix: _private both members)")
 def test_lstm_h0_whose_h_aliases_cs0_equals_a_copy():
     model, X, Y, rng = problem("lstm")
     ws = fastbptt.Workspace(model, 5, 3)
@@ -95,9 +92,6 @@ def test_lstm_h0_whose_h_aliases_cs0_equals_a_copy():
     assert same(want, got)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: forward/layer_forward copy X into ws.x_buffer() "
-                                       "(_keep_inputs) before _start reads h0, and h0 is not made "
-                                       "private: an h0 viewing the input buffer reads the new X")
 @per_cell
 @pytest.mark.parametrize("entry", ["forward", "layer_forward"])
 def test_h0_viewing_the_input_buffer_equals_a_copy(cell, entry):
@@ -128,11 +122,6 @@ def _old_release_state(model, ws):
             "last_carry_is_full": True}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Workspace.__setstate__ accepts the previous release's "
-                                       "5-tuple signature but then requires this release's buffer names, "
-                                       "so every old pickle is refused ('does not hold the buffers it "
-                                       "declares'); fix: drop stepT/zero_h, leave rec/recT/backT/zero_b "
-                                       "at their declared values")
 def test_previous_release_workspace_pickle_loads_and_continues():
     model, _, _, rng = problem("rnn")
     tokens = rng.integers(0, 4, (5, 3))
@@ -145,8 +134,6 @@ def test_previous_release_workspace_pickle_loads_and_continues():
     assert same(want, snap(fastbptt.backward(model, dO, workspace=old, return_dh0=True)))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a GRU/LSTM has no activation, but model.activation = "
-                                       "'relu' (or any value) is silently accepted and ignored")
 @gated
 @pytest.mark.parametrize("value", ["relu", "bogus"])
 def test_gated_model_refuses_an_activation(cell, value):
@@ -155,9 +142,6 @@ def test_gated_model_refuses_an_activation(cell, value):
         model.activation = value
 
 
-@pytest.mark.xfail(strict=True, reason="bug: api._compiled reuses the entry point typed on the first "
-                                       "call, bypassing Numba's type checks: a workspace buffer set "
-                                       "read-only afterwards is written by the kernels anyway")
 @pytest.mark.parametrize("cell,buf", [("gru", "hn"), ("gru", "drec"), ("lstm", "tc"), ("lstm", "dcs"),
                                       ("lstm", "dc0")])
 def test_read_only_workspace_buffer_is_refused_not_written(cell, buf):
@@ -172,8 +156,6 @@ def test_read_only_workspace_buffer_is_refused_not_written(cell, buf):
     assert np.array_equal(a, before)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: from_params reads H off W_hh.shape[1] and never checks "
-                                       "W_hh.shape[0] == G·H, so a bad W_hh is blamed on W_ih")
 @gated
 def test_from_params_names_a_bad_W_hh(cell):
     model = build(cell, D=3, H=4)

@@ -142,6 +142,10 @@ def _check_workspace(workspace, model, T, B):
     if workspace.signature != model_signature(model):
         raise ValueError(f"workspace was made for a model with (cell, D, H, O, bias, dtype) = "
                          f"{workspace.signature}, but this model has {model_signature(model)}")
+    frozen = workspace.read_only_buffer()
+    if frozen is not None:
+        raise ValueError(f"workspace.{frozen} is read-only (its flags.writeable was set to False); "
+                         f"every buffer of a workspace is written by each call: set it back to True")
     if (workspace.T, workspace.B) != (T, B):
         raise ValueError(f"workspace was made for T={workspace.T}, B={workspace.B} but the inputs have "
                          f"T={T}, B={B}; make one with fastbptt.Workspace(model, T={T}, B={B})")
@@ -154,10 +158,15 @@ def _check_state(state, name, model, B, check_finite):
         return None
     shape = (B, model.hidden_size)
     if model.cell != "lstm":
+        if isinstance(state, (tuple, list)) and len(state) == 2 \
+                and all(isinstance(a, np.ndarray) and a.ndim == 2 for a in state):
+            raise ValueError(f"{name} of a {type(model).__name__} is one array of shape {shape}, not a "
+                             f"pair of arrays (only the LSTM's state is a pair (h, c))")
         return _check_float(state, name, model.dtype, shape, check_finite)
     if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape {shape}, "
-                        f"got {type(state).__name__}")
+        what = f"a {type(state).__name__} of length {len(state)}" if isinstance(state, (tuple, list)) \
+            else type(state).__name__
+        raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape {shape}, got {what}")
     return tuple(_check_float(a, f"{name}[{k}]", model.dtype, shape, check_finite)
                  for k, a in enumerate(state))
 
@@ -179,11 +188,17 @@ def _check_targets(Y, loss, model, T, B, check_finite):
 
 
 def _start(ws, h0):
-    """hs[0] = h_0 (and the LSTM's cs[0] = c_0): the call's first writes into the workspace, so h0
-    may be a view of it (h_T)."""
+    """hs[0] = h_0 (and the LSTM's cs[0] = c_0): the call's first writes into the workspace, so the
+    state may be a view of it (h_T, the pair (h_T, c_T)) without a copy.
+
+    Every entry point calls it before any other write (the inputs kept by ``forward`` come
+    after); only an LSTM h0 that overlaps cs[0], written just before it, is copied.
+    """
     if ws.cell == "lstm":
-        h0, c0 = (None, None) if h0 is None else (h0[0], _private(h0[1], ws))
-        ws.cs[0] = 0 if c0 is None else c0     # c0 copied first if it overlaps: hs[0] is written next
+        h0, c0 = (None, None) if h0 is None else h0
+        if h0 is not None and np.may_share_memory(h0, ws.cs[0]):
+            h0 = h0.copy()
+        ws.cs[0] = 0 if c0 is None else c0
     ws.hs[0] = 0 if h0 is None else h0
 
 
@@ -410,7 +425,7 @@ def _check_forward_workspace(workspace, model):
     ws = _check_workspace(workspace, model, workspace.T, workspace.B)
     if ws.forward_kind is None:
         raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
-                         "workspace=workspace) first (once per backward)")
+                         "workspace=workspace) (or layer_forward) first, once per backward")
     if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again
         _check_ids(ws.tokens, "workspace.tokens", (ws.T, ws.B), model.input_size, "token ids")
     elif ws.forward_kind != "dense" or ws._x is None:
@@ -521,8 +536,9 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     with _claim(ws):
-        X = _keep_inputs(ws, kind, _private(X, ws))
-        _start(ws, h0)
+        X = _private(X, ws)
+        _start(ws, h0)                                    # first: h0 may be a view of the kept inputs
+        X = _keep_inputs(ws, kind, X)
         _forward(model, ws, kind, X, parallel, method)
         ws.forward_kind = kind
     return ws.out.reshape(T, B, model.output_size), _state_T(ws)
@@ -595,8 +611,9 @@ def layer_forward(model, X, h0=None, *, workspace=None, parallel=False, check_fi
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     with _claim(ws):
-        X = _keep_inputs(ws, kind, _private(X, ws))
-        _start(ws, h0)
+        X = _private(X, ws)
+        _start(ws, h0)                                    # first: h0 may be a view of the kept inputs
+        X = _keep_inputs(ws, kind, X)
         _layer_forward(model, ws, kind, X, parallel, method)
         ws.forward_kind = kind
     return ws.hs[1:], _state_T(ws)

@@ -298,6 +298,9 @@ class RNNBase:
             if value.ndim != 2:
                 raise ValueError(f"params[{name!r}] must have shape {want}, got {value.shape}")
         D, H = W_in.shape[1], W_hh.shape[1]
+        if W_hh.shape[0] != cls._CELL.GATES * H:
+            raise ValueError(f"params['W_hh'] must have shape (G·H, H) = ({cls._CELL.GATES} H, H) for a "
+                             f"{cls.__name__}, got {W_hh.shape}")
         bias = cls._CELL.NAMES["b_hh"] in params
         kwargs = {"activation": activation} if cls._CELL is _elman else {}
         model = cls(D, H, W_qh.shape[0], bias=bias, dtype=W_in.dtype if dtype is None else dtype,
@@ -413,6 +416,16 @@ _GATED_DOC = """{what}
 
 class _Gated(RNNBase):
     """The GRU and the LSTM: gates stacked along the first axis of W_ih, W_hh, b_ih, b_hh."""
+
+    @property
+    def activation(self):
+        """None: a gated cell's nonlinearities are fixed (σ and tanh)."""
+        return None
+
+    @activation.setter
+    def activation(self, value):
+        raise AttributeError(f"a {type(self).__name__} has no activation to set (its gates use σ and "
+                             f"tanh); the activation belongs to fastbptt.RNN")
 
     def gate(self, name, gate):
         """The view of one gate's block of ``params[name]``: e.g. ``model.gate("W_hh", "z")`` (H, H).

@@ -50,6 +50,9 @@ def declare(T, B, D, H, O, dtype, n_params, cell="rnn"):
     ]
 
 
+# buffers that hold nothing between calls (a pickle without them gets their initial values)
+_SCRATCH = frozenset({"rec", "recT", "backT", "zero_b"})
+
 _ALIGN = 64   # bytes: each buffer starts on a cache line
 
 
@@ -98,7 +101,7 @@ class Workspace:
 
     # set once, when the workspace is made: replacing one by hand could hand a kernel a buffer
     # of another size (an out-of-range write), so assignment is refused; write into them in place
-    _FIXED = frozenset({"T", "B", "signature", "cell", "dtype", "grads", "_block", "_declared"}
+    _FIXED = frozenset({"T", "B", "signature", "cell", "dtype", "grads", "_block", "_declared", "_views"}
                        | {name for cell in CELLS for name, *_ in declare(1, 1, 1, 1, 1, np.float64, 1, cell)})
 
     def __setattr__(self, name, value):
@@ -131,6 +134,7 @@ class Workspace:
         self._declared = declare(self.T, self.B, D, H, O, dtype, n_params, cell)
         self._block, views = carve(self._declared)
         vars(self).update(views)
+        self._views = tuple(views.items())                    # (name, view), for read_only_buffer
         self.grads = flat_views(self.grad_flat, CELLS[cell].param_layout(D, H, O, bias))
 
     def __getstate__(self):
@@ -161,9 +165,18 @@ class Workspace:
         object.__setattr__(self, "dtype", dtype)
         n_params = sum(int(np.prod(shape)) for _, shape in CELLS[cell].param_layout(D, H, O, bias))
         self._make_buffers(n_params)
-        saved = state["buffers"]
+        saved = dict(state["buffers"])
+        if len(tuple(state["signature"])) == 5:   # the previous release: its two scratch buffers renamed
+            for name in ("stepT", "zero_h"):
+                saved.pop(name, None)
+            for name, shape, dt, value in self._declared:
+                if name not in saved and name in _SCRATCH:
+                    saved[name] = np.full(shape, value, dt)
         if set(saved) != {name for name, *_ in self._declared}:
-            raise ValueError("a pickled Workspace does not hold the buffers it declares")
+            missing = sorted({name for name, *_ in self._declared} - set(saved))
+            extra = sorted(set(saved) - {name for name, *_ in self._declared})
+            raise ValueError(f"a pickled Workspace does not hold the buffers its cell declares "
+                             f"(missing {missing}, unexpected {extra})")
         for name, shape, dt, _ in self._declared:
             value = np.asarray(saved[name])
             if value.shape != shape or value.dtype != np.dtype(dt):
@@ -186,6 +199,17 @@ class Workspace:
         self._busy = threading.Lock()
         self._entries = {}
         self._cell_views = None
+
+    def read_only_buffer(self):
+        """The name of the first fixed buffer whose ``flags.writeable`` was set to False, or None.
+
+        Every call writes into the buffers, and the kernels, once typed for writable arrays,
+        would write into a read-only one regardless: the API refuses it first.
+        """
+        for name, view in self._views:
+            if not view.flags.writeable:
+                return name
+        return None
 
     def buffers(self):
         """The arrays that hold the workspace's memory: the block, and the input and ∂L/∂X buffers once made."""
