@@ -497,3 +497,23 @@ def test_threads_with_their_own_workspaces_and_cells_equal_serial_runs():
         for t in threads:
             t.join()
         assert not failures, (parallel, failures)
+
+
+def test_elman_hidden_grads_after_layer_backward_are_refused_not_stale():
+    """(found by the training engineer) after layer_backward, an Elman workspace's ws.out holds a stale
+    ∂L/∂o, and hidden_grads rebuilt ∂L/∂h_t from it: now a ValueError; after backward it works again."""
+    from fastbptt import diagnostics
+    rng = np.random.default_rng(0)
+    m = fastbptt.RNN(4, 5, 4, dtype=np.float64)
+    X = rng.integers(0, 4, (6, 2))
+    dO = rng.normal(size=(6, 2, 4))
+    ws = fastbptt.Workspace(m, 6, 2)
+    with pytest.raises(ValueError, match="no backward pass"):
+        diagnostics.hidden_grads(m, ws)
+    fastbptt.layer_forward(m, X, workspace=ws)
+    fastbptt.layer_backward(m, dO @ m.params["W_qh"], workspace=ws)
+    with pytest.raises(ValueError, match="layer_backward"):
+        diagnostics.hidden_grads(m, ws)
+    fastbptt.forward(m, X, workspace=ws)
+    fastbptt.backward(m, dO, workspace=ws)
+    assert diagnostics.hidden_grads(m, ws).shape == (6, 2, 5)

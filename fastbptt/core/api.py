@@ -380,6 +380,7 @@ def _backward(model, ws, kind, X, parallel, method, want_dX, carry=None):
     """From ∂L/∂o in ws.out, fill ws.grads, ∂L/∂(state_0) and (if wanted) ws.dX_buffer()."""
     _readout_backward(model, ws)
     _layer_backward(model, ws, kind, X, parallel, method, want_dX, carry)
+    ws.last_backward = "readout"                    # ws.out holds the ∂L/∂o it started from
 
 
 def _loss(loss, ws, Y, parallel):
@@ -666,4 +667,5 @@ def layer_backward(model, dH, dstate_T=None, *, workspace, parallel=False, check
             if name in ws.grads:
                 ws.grads[name][...] = 0
         _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, carry, dstate_T)
+        ws.last_backward = "layer"
     return ws.grads, (ws.dX_buffer() if return_dX else None), _state_grad0(ws)

@@ -124,6 +124,7 @@ class Workspace:
         self._x = None                                # dense inputs kept by forward(), made on first use
         self._dX = None                               # ∂L/∂X, made on first request
         self.forward_kind = None                      # "dense"/"tokens" after forward(), None otherwise
+        self.last_backward = None                     # "readout" (loss_and_grad, backward) or "layer"
         self._busy = threading.Lock()                 # held by the call using it (one thread at a time)
         self._entries = {}                            # compiled entry points by kernel (api._compiled)
         self._cell_views = None                       # (model views, act, the cell's NamedTuple) (api)
@@ -142,6 +143,7 @@ class Workspace:
         return {"T": self.T, "B": self.B, "signature": self.signature, "dtype": self.dtype,
                 "buffers": {name: getattr(self, name) for name in names},
                 "x": self._x, "dX": self._dX, "forward_kind": self.forward_kind,
+                "last_backward": self.last_backward,
                 "last_carry_is_full": self.last_carry is self.carry_full}
 
     def __setstate__(self, state):
@@ -195,6 +197,10 @@ class Workspace:
         if kind not in (None, "dense", "tokens") or (kind == "dense" and extra["x"] is None):
             raise ValueError(f"a pickled Workspace has forward_kind={kind!r}")
         self._x, self._dX, self.forward_kind = extra["x"], extra["dX"], kind
+        last = state.get("last_backward", "readout" if kind is None else None)
+        if last not in (None, "readout", "layer"):
+            raise ValueError(f"a pickled Workspace has last_backward={last!r}")
+        self.last_backward = last
         self.last_carry = self.carry_full if state["last_carry_is_full"] else self.carry
         self._busy = threading.Lock()
         self._entries = {}

@@ -93,6 +93,11 @@ def hidden_grads(model, workspace, carry=None):
     if model.cell != "rnn":
         _check_recorded_carry(model, workspace, carry)
         return workspace.dh.copy()
+    if workspace.last_backward != "readout":
+        raise ValueError("an Elman RNN's ∂L/∂h_t is rebuilt from the ∂L/∂o that loss_and_grad or backward "
+                         "left in the workspace, and its last call was "
+                         + ("layer_backward, whose ∂L/∂H it does not keep" if workspace.last_backward
+                            else "no backward pass") + ": call loss_and_grad or backward first")
     T, B, H = workspace.T, workspace.B, model.hidden_size
     carry = validation.check_carry(carry, T, B, model.dtype)
     if carry is None:
