@@ -220,8 +220,8 @@ def compare_methods(result):
     out = {"fastest": order[0], "ratio": timed[order[1]] / timed[order[0]], "ms": timed}
     try:
         from ..core.api import choose_method
-        out["auto"] = choose_method(result["B"], result["H"], compare.GATES[result.get("cell", "rnn")])
-    except (ImportError, TypeError):       # a fastbptt whose choose_method takes no gates
+        out["auto"] = choose_method(result["B"], result["H"])
+    except (ImportError, TypeError):       # a fastbptt without choose_method(B, H)
         out["auto"] = None
     return out
 
