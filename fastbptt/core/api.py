@@ -23,7 +23,6 @@ import numpy as np
 from . import threads as _threads_mod
 from .kernels import losses as _losses
 from .kernels import sweep as _sweep
-from .model import RNNBase
 from .threads import dot
 # the shared checks live in validation; the underscore names are the old ones, kept for callers and tests
 from .validation import LOSSES
@@ -34,8 +33,13 @@ from .validation import check_flags as _check_flags
 from .validation import check_float as _check_float
 from .validation import check_ids as _check_ids
 from .validation import check_inputs as _check_inputs
+from .validation import check_forward_workspace as _check_forward_workspace
+from .validation import check_h0 as _check_h0
 from .validation import check_loss as _check_loss
-from .workspace import Workspace, model_signature
+from .validation import check_model
+from .validation import check_state as _check_state
+from .validation import check_targets as _check_targets
+from .validation import check_workspace as _check_workspace
 
 METHODS = ("auto", "fused", "blas")
 
@@ -69,20 +73,6 @@ def _private(a, ws):
     if a is not None and ws.overlaps(a):
         return a.copy()
     return a
-
-
-def check_model(model, check_finite):
-    """A fastbptt model (RNN, GRU or LSTM) with a writable buffer (and, with ``check_finite``,
-    finite parameters)."""
-    if not isinstance(model, RNNBase) or model._CELL is None:
-        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
-    if not model.flat.flags.writeable:
-        raise ValueError("model.flat is read-only (its flags.writeable was set to False); "
-                         "set model.flat.flags.writeable = True")
-    if check_finite and not _all_finite(model.flat):
-        bad = [name for name, p in model.params.items() if not _all_finite(p)]
-        raise ValueError(f"model parameters {bad} contain NaN or Inf "
-                         f"(pass check_finite=False to let them propagate)")
 
 
 _check_model = check_model     # the old name
@@ -131,56 +121,6 @@ class _claim:
         _threads_mod.leave()
         self.ws._busy.release()
         return False
-
-
-def _check_workspace(workspace, model, T, B):
-    if workspace is None:
-        return Workspace(model, T, B)
-    if not isinstance(workspace, Workspace):
-        raise TypeError(f"workspace must be a fastbptt.Workspace, got {type(workspace).__name__}")
-    if workspace.signature != model_signature(model):
-        raise ValueError(f"workspace was made for a model with (cell, D, H, O, bias, dtype) = "
-                         f"{workspace.signature}, but this model has {model_signature(model)}")
-    frozen = workspace.read_only_buffer()
-    if frozen is not None:
-        raise ValueError(f"workspace.{frozen} is read-only (its flags.writeable was set to False); "
-                         f"every buffer of a workspace is written by each call: set it back to True")
-    if (workspace.T, workspace.B) != (T, B):
-        raise ValueError(f"workspace was made for T={workspace.T}, B={workspace.B} but the inputs have "
-                         f"T={T}, B={B}; make one with fastbptt.Workspace(model, T={T}, B={B})")
-    return workspace
-
-
-def _check_state(state, name, model, B, check_finite):
-    """A state of ``model`` for B sequences: an array (B, H), or for the LSTM a pair of them (h, c)."""
-    if state is None:
-        return None
-    shape = (B, model.hidden_size)
-    if model.cell != "lstm":
-        if isinstance(state, (tuple, list)) and len(state) == 2 \
-                and all(isinstance(a, np.ndarray) and a.ndim == 2 for a in state):
-            raise ValueError(f"{name} of a {type(model).__name__} is one array of shape {shape}, not a "
-                             f"pair of arrays (only the LSTM's state is a pair (h, c))")
-        return _check_float(state, name, model.dtype, shape, check_finite)
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        what = f"a {type(state).__name__} of length {len(state)}" if isinstance(state, (tuple, list)) \
-            else type(state).__name__
-        raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape {shape}, got {what}")
-    return tuple(_check_float(a, f"{name}[{k}]", model.dtype, shape, check_finite)
-                 for k, a in enumerate(state))
-
-
-def _check_h0(h0, model, B, check_finite):
-    return _check_state(h0, "h0", model, B, check_finite)
-
-
-def _check_targets(Y, loss, model, T, B, check_finite):
-    loss = _check_loss(loss)
-    if loss == "cross_entropy":
-        return _check_ids(Y, "Y", (T, B), model.output_size, "class labels")
-    if loss == "mse":
-        return _check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite)
-    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
 # ----------------------------------------------------------------------------- passes
@@ -415,23 +355,6 @@ def _keep_inputs(ws, kind, X):
         return X
     np.copyto(ws.x_buffer(), X)
     return ws.x_buffer()
-
-
-def _check_forward_workspace(workspace, model):
-    """The workspace of a preceding forward pass of ``model``, its kept inputs checked again."""
-    if not isinstance(workspace, Workspace):
-        raise TypeError(f"workspace must be the fastbptt.Workspace that forward() used, "
-                        f"got {type(workspace).__name__}")
-    ws = _check_workspace(workspace, model, workspace.T, workspace.B)
-    if ws.forward_kind is None:
-        raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
-                         "workspace=workspace) (or layer_forward) first, once per backward")
-    if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again
-        _check_ids(ws.tokens, "workspace.tokens", (ws.T, ws.B), model.input_size, "token ids")
-    elif ws.forward_kind != "dense" or ws._x is None:
-        raise ValueError(f"workspace.forward_kind is {ws.forward_kind!r} without the inputs of a "
-                         f"forward pass: call fastbptt.forward(model, X, workspace=workspace) first")
-    return ws
 
 
 # ----------------------------------------------------------------------------- public

@@ -173,3 +173,93 @@ def check_inputs(model, X, check_finite):
     else:
         X = check_float(X, "X", model.dtype, (T, B, D), check_finite)
     return kind, X, T, B
+
+
+# ----------------------------------------------------------------------------- models, states, workspaces
+
+
+def check_model(model, check_finite):
+    """A fastbptt model (RNN, GRU or LSTM) with a writable buffer (and, with ``check_finite``,
+    finite parameters)."""
+    from .model import RNNBase      # here: model imports this module
+    if not isinstance(model, RNNBase) or model._CELL is None:
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
+    if not model.flat.flags.writeable:
+        raise ValueError("model.flat is read-only (its flags.writeable was set to False); "
+                         "set model.flat.flags.writeable = True")
+    if check_finite and not all_finite(model.flat):
+        bad = [name for name, p in model.params.items() if not all_finite(p)]
+        raise ValueError(f"model parameters {bad} contain NaN or Inf "
+                         f"(pass check_finite=False to let them propagate)")
+
+
+
+
+def check_workspace(workspace, model, T, B):
+    """The workspace for ``model`` and (T, B): a new one when None, else checked to fit and be writable."""
+    from .workspace import Workspace, model_signature      # here: workspace imports this module
+    if workspace is None:
+        return Workspace(model, T, B)
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be a fastbptt.Workspace, got {type(workspace).__name__}")
+    if workspace.signature != model_signature(model):
+        raise ValueError(f"workspace was made for a model with (cell, D, H, O, bias, dtype) = "
+                         f"{workspace.signature}, but this model has {model_signature(model)}")
+    frozen = workspace.read_only_buffer()
+    if frozen is not None:
+        raise ValueError(f"workspace.{frozen} is read-only (its flags.writeable was set to False); "
+                         f"every buffer of a workspace is written by each call: set it back to True")
+    if (workspace.T, workspace.B) != (T, B):
+        raise ValueError(f"workspace was made for T={workspace.T}, B={workspace.B} but the inputs have "
+                         f"T={T}, B={B}; make one with fastbptt.Workspace(model, T={T}, B={B})")
+    return workspace
+
+
+def check_state(state, name, model, B, check_finite):
+    """A state of ``model`` for B sequences: an array (B, H), or for the LSTM a pair of them (h, c)."""
+    if state is None:
+        return None
+    shape = (B, model.hidden_size)
+    if model.cell != "lstm":
+        if isinstance(state, (tuple, list)) and len(state) == 2 \
+                and all(isinstance(a, np.ndarray) and a.ndim == 2 for a in state):
+            raise ValueError(f"{name} of a {type(model).__name__} is one array of shape {shape}, not a "
+                             f"pair of arrays (only the LSTM's state is a pair (h, c))")
+        return check_float(state, name, model.dtype, shape, check_finite)
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        what = f"a {type(state).__name__} of length {len(state)}" if isinstance(state, (tuple, list)) \
+            else type(state).__name__
+        raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape {shape}, got {what}")
+    return tuple(check_float(a, f"{name}[{k}]", model.dtype, shape, check_finite)
+                 for k, a in enumerate(state))
+
+
+def check_h0(h0, model, B, check_finite):
+    return check_state(h0, "h0", model, B, check_finite)
+
+
+def check_targets(Y, loss, model, T, B, check_finite):
+    loss = check_loss(loss)
+    if loss == "cross_entropy":
+        return check_ids(Y, "Y", (T, B), model.output_size, "class labels")
+    if loss == "mse":
+        return check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite)
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def check_forward_workspace(workspace, model):
+    """The workspace of a preceding forward pass of ``model``, its kept inputs checked again."""
+    from .workspace import Workspace
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be the fastbptt.Workspace that forward() used, "
+                        f"got {type(workspace).__name__}")
+    ws = check_workspace(workspace, model, workspace.T, workspace.B)
+    if ws.forward_kind is None:
+        raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
+                         "workspace=workspace) (or layer_forward) first, once per backward")
+    if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again
+        check_ids(ws.tokens, "workspace.tokens", (ws.T, ws.B), model.input_size, "token ids")
+    elif ws.forward_kind != "dense" or ws._x is None:
+        raise ValueError(f"workspace.forward_kind is {ws.forward_kind!r} without the inputs of a "
+                         f"forward pass: call fastbptt.forward(model, X, workspace=workspace) first")
+    return ws
