@@ -434,10 +434,10 @@ class _Gated(RNNBase):
         """
         gates = self._CELL.GATE_NAMES
         if name not in ("W_ih", "W_hh", "b_ih", "b_hh") or name not in self._params:
-            raise KeyError(f"gate() takes one of {[n for n in ('W_ih', 'W_hh', 'b_ih', 'b_hh') if n in self._params]}, "
+            raise ValueError(f"gate() takes one of {[n for n in ('W_ih', 'W_hh', 'b_ih', 'b_hh') if n in self._params]}, "
                            f"got {name!r}")
         if gate not in gates:
-            raise KeyError(f"a {type(self).__name__}'s gates are {gates}, got {gate!r}")
+            raise ValueError(f"a {type(self).__name__}'s gates are {gates}, got {gate!r}")
         k, H = gates.index(gate), self.hidden_size
         return self._params[name][k * H:(k + 1) * H]
 
