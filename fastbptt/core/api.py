@@ -357,6 +357,25 @@ def _keep_inputs(ws, kind, X):
     return ws.x_buffer()
 
 
+def _forward_keeping_inputs(run, model, X, h0, workspace, parallel, check_finite, method):
+    """``forward`` and ``layer_forward``: check everything, then ``run`` (``_forward`` or
+    ``_layer_forward``) with the inputs kept in the workspace for the backward pass."""
+    check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
+    check_model(model, check_finite)
+    kind, X, T, B = _check_inputs(model, X, check_finite)
+    h0 = _check_h0(h0, model, B, check_finite)
+    method = _check_method(method, B, model)
+    ws = _check_workspace(workspace, model, T, B)
+    parallel = _threads(parallel, method)
+    with _claim(ws):
+        X = _private(X, ws)
+        _start(ws, h0)                                    # first: h0 may be a view of the kept inputs
+        X = _keep_inputs(ws, kind, X)
+        run(model, ws, kind, X, parallel, method)
+        ws.forward_kind = kind
+    return ws
+
+
 # ----------------------------------------------------------------------------- public
 
 
@@ -451,20 +470,8 @@ def forward(model, X, h0=None, *, workspace=None, parallel=False, check_finite=T
         The outputs o_1 .. o_T (a view into the workspace, overwritten by ``backward``).
     h_T : ndarray (B, H), or for the LSTM the pair (h_T, c_T)
     """
-    check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
-    check_model(model, check_finite)
-    kind, X, T, B = _check_inputs(model, X, check_finite)
-    h0 = _check_h0(h0, model, B, check_finite)
-    method = _check_method(method, B, model)
-    ws = _check_workspace(workspace, model, T, B)
-    parallel = _threads(parallel, method)
-    with _claim(ws):
-        X = _private(X, ws)
-        _start(ws, h0)                                    # first: h0 may be a view of the kept inputs
-        X = _keep_inputs(ws, kind, X)
-        _forward(model, ws, kind, X, parallel, method)
-        ws.forward_kind = kind
-    return ws.out.reshape(T, B, model.output_size), _state_T(ws)
+    ws = _forward_keeping_inputs(_forward, model, X, h0, workspace, parallel, check_finite, method)
+    return ws.out.reshape(ws.T, ws.B, model.output_size), _state_T(ws)
 
 
 def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_dX=False,
@@ -526,19 +533,8 @@ def layer_forward(model, X, h0=None, *, workspace=None, parallel=False, check_fi
         h_1 .. h_T (a view into the workspace, valid until its next call).
     state_T : ndarray (B, H), or for the LSTM the pair (h_T, c_T)
     """
-    check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
-    _check_model(model, check_finite)
-    kind, X, T, B = _check_inputs(model, X, check_finite)
-    h0 = _check_h0(h0, model, B, check_finite)
-    method = _check_method(method, B, model)
-    ws = _check_workspace(workspace, model, T, B)
-    parallel = _threads(parallel, method)
-    with _claim(ws):
-        X = _private(X, ws)
-        _start(ws, h0)                                    # first: h0 may be a view of the kept inputs
-        X = _keep_inputs(ws, kind, X)
-        _layer_forward(model, ws, kind, X, parallel, method)
-        ws.forward_kind = kind
+    ws = _forward_keeping_inputs(_layer_forward, model, X, h0, workspace, parallel, check_finite,
+                                 method)
     return ws.hs[1:], _state_T(ws)
 
 

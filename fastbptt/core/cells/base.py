@@ -60,6 +60,18 @@ def state0_backward(cell, b, c):
     raise NotImplementedError("only callable from compiled code, with a cell's NamedTuple")
 
 
+def gated_param_layout(G, D, H, O, bias):
+    """The parameters of a gated cell with G gates and the readout, in PyTorch's layout and order:
+    W_ih (G·H, D), W_hh (G·H, H), b_ih, b_hh (G·H,), W_qh (O, H), b_q (O,) (no b_* without bias)."""
+    layout = [("W_ih", (G * H, D)), ("W_hh", (G * H, H))]
+    if bias:
+        layout += [("b_ih", (G * H,)), ("b_hh", (G * H,))]
+    layout.append(("W_qh", (O, H)))
+    if bias:
+        layout.append(("b_q", (O,)))
+    return layout
+
+
 def is_cell(cell, cls):
     """Whether the Numba type ``cell`` is the NamedTuple class ``cls`` (for the overloads)."""
     return isinstance(cell, types.BaseNamedTuple) and cell.instance_class is cls

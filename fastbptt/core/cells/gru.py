@@ -34,13 +34,7 @@ GATE_NAMES = ("r", "z", "n")
 
 def param_layout(D, H, O, bias=True):
     """Names and shapes of the parameters, in the order they lie in the flat buffer (PyTorch's layout)."""
-    layout = [("W_ih", (3 * H, D)), ("W_hh", (3 * H, H))]
-    if bias:
-        layout += [("b_ih", (3 * H,)), ("b_hh", (3 * H,))]
-    layout.append(("W_qh", (O, H)))
-    if bias:
-        layout.append(("b_q", (O,)))
-    return layout
+    return base.gated_param_layout(GATES, D, H, O, bias)
 
 
 def declare(T, B, H, dtype):

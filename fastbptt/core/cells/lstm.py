@@ -34,13 +34,7 @@ GATE_NAMES = ("i", "f", "g", "o")
 
 def param_layout(D, H, O, bias=True):
     """Names and shapes of the parameters, in the order they lie in the flat buffer (PyTorch's layout)."""
-    layout = [("W_ih", (4 * H, D)), ("W_hh", (4 * H, H))]
-    if bias:
-        layout += [("b_ih", (4 * H,)), ("b_hh", (4 * H,))]
-    layout.append(("W_qh", (O, H)))
-    if bias:
-        layout.append(("b_q", (O,)))
-    return layout
+    return base.gated_param_layout(GATES, D, H, O, bias)
 
 
 def declare(T, B, H, dtype):
