@@ -18,7 +18,6 @@ from . import base
 
 NAME = "rnn"
 GATES = 1
-STATES = ("h",)
 ACTIVATIONS = {"identity": 0, "tanh": 1, "relu": 2}
 # the generic names (PyTorch's) of the parameters, as this cell calls them
 NAMES = {"W_ih": "W_hx", "W_hh": "W_hh", "b_ih": None, "b_hh": "b_h"}

@@ -27,7 +27,6 @@ from .base import sigmoid
 
 NAME = "gru"
 GATES = 3
-STATES = ("h",)
 NAMES = {"W_ih": "W_ih", "W_hh": "W_hh", "b_ih": "b_ih", "b_hh": "b_hh"}
 GATE_NAMES = ("r", "z", "n")
 

@@ -27,7 +27,6 @@ from .base import sigmoid
 
 NAME = "lstm"
 GATES = 4
-STATES = ("h", "c")
 NAMES = {"W_ih": "W_ih", "W_hh": "W_hh", "b_ih": "b_ih", "b_hh": "b_hh"}
 GATE_NAMES = ("i", "f", "g", "o")
 
