@@ -20,6 +20,14 @@ Y the tokens that follow X, ready for ``fastbptt.loss_and_grad``:
 ``SeqDataLoader`` draws a new offset (and order) every time it is iterated, that is,
 every epoch. With ``rng=None`` ``sequential_batches`` is a plain deterministic
 iterator over a user's own token array (offset 0).
+
+Sequences of different lengths (sentences, sessions, recordings):
+
+- ``pad_sequences``: a list of sequences into one time-major array (T, B) (or (T, B, D)
+  for dense features) plus ``lengths`` (B,), for ``loss_and_grad(..., lengths=lengths)``.
+- ``bucket_indices`` and ``bucket_batches``: batches of sequences of similar length,
+  so that little time is spent on padding, each with the original indices of its
+  sequences.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
+import typing
 import hashlib
 import importlib
 import io
@@ -36,7 +45,7 @@ import stat
 
 import numpy as np
 
-from ..core.validation import positive_int
+from ..core.validation import as_array, positive_int
 
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 """SHA-1 of d2l's ``timemachine.txt``, the text its language-model chapters use."""
@@ -509,3 +518,317 @@ class SeqDataLoader:
     def __repr__(self):
         return (f"SeqDataLoader({self.corpus.size} tokens, T={self.T}, B={self.B}, "
                 f"sampling={self.sampling!r})")
+
+
+# ----------------------------------------------------------------------------- variable lengths
+
+
+def _as_sequences(sequences, name):
+    """Each sequence as a 1-D or 2-D ndarray (not copied), checked; and whether they hold ids.
+
+    Returns
+    -------
+    arrays : list of ndarray
+        Each (len,) or (len, D), len >= 1, all of the same ndim (and D).
+    integer : bool
+        True when every sequence holds integers (token ids), False when any holds floats.
+    """
+    if isinstance(sequences, (str, bytes)):
+        raise TypeError(f"{name} is a string; tokenize it first (e.g. vocab[list(text)]) and pass a "
+                        f"list of token-id sequences")
+    if isinstance(sequences, np.ndarray) and sequences.ndim != 1:
+        raise TypeError(f"{name} is already an array of shape {sequences.shape}; pass a list of "
+                        f"sequences (for sequences that all have T steps, X is that array, time first, "
+                        f"and lengths is np.full(B, T))")
+    try:
+        sequences = list(sequences)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of sequences, got {type(sequences).__name__}") from None
+    if not sequences:
+        raise ValueError(f"{name} is empty; pass at least one sequence")
+    arrays = []
+    for i, seq in enumerate(sequences):
+        arrays.append(_as_sequence(seq, f"{name}[{i}]"))
+        if arrays[-1].ndim != arrays[0].ndim or arrays[-1].shape[1:] != arrays[0].shape[1:]:
+            want = "1-D token ids" if arrays[0].ndim == 1 else f"{arrays[0].shape[1]} features a step"
+            raise ValueError(f"{name}[{i}] has shape {arrays[-1].shape}, but {name}[0] has shape "
+                             f"{arrays[0].shape}: every sequence must hold {want}")
+    return arrays, all(a.dtype.kind in "iu" for a in arrays)
+
+
+def _as_sequence(seq, name):
+    if isinstance(seq, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose hidden values would be used: pass "
+                        f"{name}.compressed() (ids) or the steps you mean to keep")
+    if isinstance(seq, (str, bytes)):
+        raise TypeError(f"{name} is a string; tokenize it first (e.g. vocab[list(text)])")
+    try:
+        a = np.asarray(seq)
+    except Exception as exc:  # ragged nested lists and the like
+        raise TypeError(f"{name} must be a sequence of token ids or of feature vectors: {exc}") from None
+    if a.ndim not in (1, 2):
+        raise ValueError(f"{name} must be 1-D (token ids) or 2-D (steps, features), got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name} is empty; every sequence needs at least one step "
+                         f"(drop empty sequences before padding)")
+    if a.ndim == 2 and a.shape[1] == 0:
+        raise ValueError(f"{name} has shape {a.shape}: steps with no features")
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold integer token ids or float features, got dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds ids beyond the int64 range (largest {a.max()})")
+    return a
+
+
+def _output_dtype(dtype, integer, arrays):
+    """The dtype of X: int64 for ids and the common float dtype for features, unless ``dtype`` says."""
+    if dtype is None:
+        return np.dtype(np.int64) if integer else np.result_type(*[a.dtype for a in arrays
+                                                                     if a.dtype.kind == "f"])
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy integer or float dtype, got {dtype!r}") from None
+    if dt.kind not in "iuf" or dt == np.float16:
+        raise TypeError(f"dtype must be an integer dtype (token ids) or float32/float64, got {dt}")
+    if dt.kind in "iu" and not integer:
+        raise TypeError(f"dtype is {dt} but the sequences hold floats; nothing is rounded silently: "
+                        f"pass dtype=None (or a float dtype) or round them yourself")
+    return dt
+
+
+def _check_pad(pad, dt, name):
+    """The padding value, as a scalar of ``dt``: an int within range for ids, any real (NaN too) for floats."""
+    if isinstance(pad, (bool, np.bool_)) or not isinstance(pad, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {pad!r}")
+    if dt.kind in "iu":
+        if not isinstance(pad, (int, np.integer)):
+            raise TypeError(f"{name} must be an int for integer token ids, got {pad!r}")
+        info = np.iinfo(dt)
+        if not info.min <= pad <= info.max:
+            raise ValueError(f"{name} = {pad} does not fit dtype {dt}")
+    return dt.type(pad)
+
+
+def _check_lengths_fit(lengths, T, truncate, name):
+    """T as an int (the longest length when None); refuse sequences longer than T unless truncating."""
+    longest = int(lengths.max())
+    if T is None:
+        return longest
+    T = positive_int(T, "T")
+    if longest > T and not truncate:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"{name}[{i}] has {longest} steps, more than T={T}; pass a larger T, "
+                         f"T=None (the longest length), or truncate=True to keep the first T steps")
+    return T
+
+
+def pad_sequences(sequences, T=None, *, pad=0, truncate=False, dtype=None):
+    """Pad sequences of different lengths into one time-major array, with their lengths.
+
+    Sequence b fills ``X[:lengths[b], b]``; the steps after it hold ``pad`` (padding is
+    at the end, as ``loss_and_grad(..., lengths=lengths)`` expects: sequence b uses steps
+    0 .. lengths[b]-1 and never reads the rest, so ``pad`` may be any value).
+
+    Parameters
+    ----------
+    sequences : list of array-like
+        B sequences, each (len_b,) integer token ids or (len_b, D) float features
+        (lists, tuples or arrays; all of one kind and D). Each needs len_b >= 1.
+        They are copied, never changed.
+    T : int, optional
+        Steps of the result. None: the longest length. A larger T pads further (one shape
+        for every batch, e.g. to reuse one ``Workspace``). A T shorter than a sequence is
+        refused, unless ``truncate``.
+    pad : int or float
+        The value of the padding steps (default 0); an int in the dtype's range for ids.
+    truncate : bool
+        Keep only the first T steps of longer sequences (their lengths become T) instead
+        of refusing them. Truncation drops data, so it is never silent.
+    dtype : dtype, optional
+        Of X. None: int64 for token ids, the sequences' common float dtype for features.
+        Ids may be given a float dtype (one-hot rows as features); floats never become ints.
+
+    Returns
+    -------
+    X : ndarray (T, B) or (T, B, D)
+        C-contiguous, a new array.
+    lengths : ndarray (B,) int64
+        Steps of each sequence in X, in [1, T].
+
+    Examples
+    --------
+    >>> X, lengths = pad_sequences([[3, 1, 4], [1], [5, 9]])
+    >>> X.T
+    array([[3, 1, 4],
+           [1, 0, 0],
+           [5, 9, 0]])
+    >>> lengths
+    array([3, 1, 2])
+    """
+    arrays, integer = _as_sequences(sequences, "sequences")
+    dt = _output_dtype(dtype, integer, arrays)
+    pad = _check_pad(pad, dt, "pad")
+    if not isinstance(truncate, (bool, np.bool_)):
+        raise TypeError(f"truncate must be True or False, got {truncate!r}")
+    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+    T = _check_lengths_fit(lengths, T, truncate, "sequences")
+    return _pad(arrays, T, pad, dt), np.minimum(lengths, T)
+
+
+def _pad(arrays, T, pad, dt):
+    X = np.full((T, len(arrays)) + arrays[0].shape[1:], pad, dtype=dt)
+    for b, a in enumerate(arrays):
+        n = min(a.shape[0], T)
+        X[:n, b] = a[:n]
+    return X
+
+
+def bucket_indices(lengths, batch_size, *, rng=None, window=None, drop_last=False):
+    """Group sequences of similar length into batches; return each batch's indices.
+
+    The sequences (in a random order when ``rng`` is given) are cut into windows of
+    ``window`` batches, sorted by decreasing length within each window (the longest
+    first, ties in that order), and cut into batches of ``batch_size``; the batches are
+    then shuffled when ``rng`` is given. Sorting over the whole data set
+    (``window=None``) wastes the least time on padding; a small window mixes more
+    (different batches every epoch).
+
+    Parameters
+    ----------
+    lengths : array-like (N,) of int
+        Length of every sequence, each >= 1.
+    batch_size : int
+    rng : numpy.random.Generator or int, optional
+        Shuffles the sequences and then the batches (an int seeds a new generator; pass
+        one Generator to draw a new order every epoch). None: no shuffling, the batches
+        in order of decreasing length.
+    window : int, optional
+        Batches per sorting window; None sorts all at once.
+    drop_last : bool
+        Make every batch full: leave out N mod ``batch_size`` sequences, the last ones of
+        the (shuffled) order before sorting, so random ones when ``rng`` is given.
+
+    Returns
+    -------
+    list of ndarray (b,) int64
+        Indices into the data set of each batch's sequences, longest first; every
+        index appears once (but those ``drop_last`` leaves out). Only the last batch
+        before shuffling may be smaller than ``batch_size``.
+    """
+    lengths = as_array(lengths, "lengths")
+    if lengths.ndim != 1 or lengths.size == 0:
+        raise ValueError(f"lengths must be a non-empty 1-D array of sequence lengths, got shape "
+                         f"{lengths.shape}")
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+    if lengths.min() < 1:
+        i = int(np.argmin(lengths))
+        raise ValueError(f"lengths must be >= 1, got {lengths[i]} at index {i}")
+    batch_size = positive_int(batch_size, "batch_size")
+    window = None if window is None else positive_int(window, "window")
+    if not isinstance(drop_last, (bool, np.bool_)):
+        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
+    rng = as_generator(rng)
+    if drop_last and lengths.size < batch_size:
+        raise ValueError(f"{lengths.size} sequences make no batch of batch_size={batch_size} with "
+                         f"drop_last=True; pass a smaller batch_size or drop_last=False")
+    return _buckets(lengths.astype(np.int64), batch_size, rng, window, drop_last)
+
+
+def _buckets(lengths, batch_size, rng, window, drop_last):
+    n = lengths.size
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    if drop_last:   # before sorting, so that the sequences left out are random ones, not the shortest
+        n -= n % batch_size
+        order = order[:n]
+    span = n if window is None else window * batch_size
+    for start in range(0, n, span):
+        part = order[start:start + span]
+        # stable: equal lengths keep the (shuffled) order
+        order[start:start + span] = part[np.argsort(-lengths[part], kind="stable")]
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if rng is not None:
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+    return [np.array(b, dtype=np.int64) for b in batches]
+
+
+class PaddedBatch(typing.NamedTuple):
+    """One batch of ``bucket_batches``.
+
+    Attributes
+    ----------
+    X : ndarray (T, B) or (T, B, D)
+        The batch's sequences, padded (T is this batch's longest length unless a T was given).
+    Y : ndarray (T, B) or (T, B, ...) or None
+        The targets, padded the same way (None without ``targets``).
+    lengths : ndarray (B,) int64
+    indices : ndarray (B,) int64
+        Column b holds sequence ``indices[b]`` of the data set: ``out[indices] = ...``
+        puts per-sequence results back in the data set's order.
+    """
+    X: np.ndarray
+    Y: typing.Optional[np.ndarray]
+    lengths: np.ndarray
+    indices: np.ndarray
+
+
+def bucket_batches(sequences, batch_size, *, targets=None, rng=None, window=None, drop_last=False,
+                   T=None, pad=0, target_pad=0, dtype=None, target_dtype=None):
+    """Padded batches of sequences of similar length (``bucket_indices`` then ``pad_sequences``).
+
+    Everything is checked (and every sequence converted) when it is called; the
+    batches are padded as they are iterated.
+
+    Parameters
+    ----------
+    sequences : list of array-like
+        As for ``pad_sequences``.
+    batch_size : int
+    targets : list of array-like, optional
+        One per sequence, with the same number of steps (labels of a tagger: ids; or
+        (len, O) float targets), padded with ``target_pad``.
+    rng, window, drop_last
+        As for ``bucket_indices``.
+    T : int, optional
+        Pad every batch to T steps (one shape for all); None: each batch to its longest
+        sequence. Sequences longer than T are refused.
+    pad, target_pad : int or float
+        Padding values of X and Y.
+    dtype, target_dtype : dtype, optional
+        Of X and Y, as for ``pad_sequences``.
+
+    Returns
+    -------
+    iterator of PaddedBatch
+        ``(X, Y, lengths, indices)`` per batch.
+    """
+    arrays, integer = _as_sequences(sequences, "sequences")
+    dt = _output_dtype(dtype, integer, arrays)
+    pad = _check_pad(pad, dt, "pad")
+    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+    if T is not None:
+        T = _check_lengths_fit(lengths, T, False, "sequences")
+    tgt = None
+    if targets is not None:
+        tgt, tgt_integer = _as_sequences(targets, "targets")
+        if len(tgt) != len(arrays):
+            raise ValueError(f"targets has {len(tgt)} sequences but sequences has {len(arrays)}; "
+                             f"pass one target sequence per input sequence")
+        for i, (a, y) in enumerate(zip(arrays, tgt)):
+            if y.shape[0] != a.shape[0]:
+                raise ValueError(f"targets[{i}] has {y.shape[0]} steps but sequences[{i}] has "
+                                 f"{a.shape[0]}; each target needs one entry per step")
+        tdt = _output_dtype(target_dtype, tgt_integer, tgt)
+        target_pad = _check_pad(target_pad, tdt, "target_pad")
+    batches = bucket_indices(lengths, batch_size, rng=rng, window=window, drop_last=drop_last)
+    return _padded_batches(arrays, tgt, lengths, batches, T, (pad, dt),
+                           None if tgt is None else (target_pad, tdt))
+
+
+def _padded_batches(arrays, tgt, lengths, batches, T, x_pad, y_pad):
+    for idx in batches:
+        T_b = int(lengths[idx].max()) if T is None else T
+        X = _pad([arrays[i] for i in idx], T_b, *x_pad)
+        Y = None if tgt is None else _pad([tgt[i] for i in idx], T_b, *y_pad)
+        yield PaddedBatch(X, Y, lengths[idx].copy(), idx)
