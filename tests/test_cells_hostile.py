@@ -117,7 +117,7 @@ def _old_release_state(model, ws):
     buffers = {name: getattr(ws, name).copy() for name in names}
     buffers["stepT"] = np.zeros((H, B), model.dtype)
     buffers["zero_h"] = np.zeros(H, model.dtype)
-    return {"T": T, "B": B, "signature": ws.signature[1:], "dtype": ws.dtype, "buffers": buffers,
+    return {"T": T, "B": B, "signature": ws.signature[1:6], "dtype": ws.dtype, "buffers": buffers,
             "x": None if ws._x is None else ws._x.copy(), "dX": None, "forward_kind": ws.forward_kind,
             "last_carry_is_full": True}
 

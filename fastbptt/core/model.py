@@ -17,6 +17,8 @@ description (layout, buffers, pointwise math) is in ``fastbptt.core.cells``.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -43,6 +45,47 @@ def param_layout(input_size, hidden_size, output_size, bias=True):
     list of (str, tuple)
     """
     return _elman.param_layout(input_size, hidden_size, output_size, bias)
+
+
+def layer_suffix(layer, direction, num_layers=1, num_directions=1):
+    """PyTorch's suffix of a recurrent parameter: "" for a one-layer, one-direction model, else
+    "_l{layer}" and "_reverse" for the reverse direction."""
+    if num_layers == 1 and num_directions == 1:
+        return ""
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def stack_layout(cell, D, H, O, bias, num_layers=1, num_directions=1):
+    """The parameters of a stack of ``num_layers`` layers of ``num_directions`` directions of
+    ``cell`` (a module of ``fastbptt.core.cells``) under the readout, in the flat buffer's order.
+
+    Layer by layer, direction by direction, as PyTorch's ``_flat_weights``: the cell's W_ih,
+    W_hh, b_ih, b_hh with PyTorch's suffix; layer k > 0 reads dirs·H inputs. Then W_qh
+    (O, dirs·H) and b_q. One layer in one direction is the cell's own layout.
+    """
+    if num_layers == 1 and num_directions == 1:
+        return list(cell.param_layout(D, H, O, bias))
+    layout = []
+    for k in range(num_layers):
+        Dk = D if k == 0 else num_directions * H
+        for d in range(num_directions):
+            sfx = layer_suffix(k, d, num_layers, num_directions)
+            layout += [(name + sfx, shape) for name, shape in cell.param_layout(Dk, H, O, bias)
+                       if name not in ("W_qh", "b_q")]
+    layout.append(("W_qh", (O, num_directions * H)))
+    if bias:
+        layout.append(("b_q", (O,)))
+    return layout
+
+
+_SUFFIX = re.compile(r"_l[0-9]+(_reverse)?$")
+
+
+def dropout_generator(seed):
+    """The generator of a model's dropout masks: a stream of its own, from the same ``seed``."""
+    if isinstance(seed, np.random.Generator):
+        return seed.spawn(1)[0]
+    return np.random.default_rng(None if seed is None else [seed, 0xD50])
 
 
 class ViewMap(Mapping):
@@ -109,19 +152,29 @@ class RNNBase:
     activation = None       # φ, for the Elman cell only
 
     def __init__(self, input_size, hidden_size, output_size, bias=True, dtype=np.float32, seed=0,
-                 init="uniform", scale=None):
+                 init="uniform", scale=None, *, num_layers=1, bidirectional=False, dropout=0.0):
         if self._CELL is None:
             raise TypeError("RNNBase is not a model: make a fastbptt.RNN, GRU or LSTM")
-        self._setup(input_size, hidden_size, output_size, bias, dtype)
+        self._setup(input_size, hidden_size, output_size, bias, dtype, num_layers, bidirectional,
+                    dropout, seed)
         self.reset_parameters(seed=seed, init=init, scale=scale)
 
-    def _setup(self, input_size, hidden_size, output_size, bias, dtype):
+    def _setup(self, input_size, hidden_size, output_size, bias, dtype, num_layers=1,
+               bidirectional=False, dropout=0.0, seed=0):
         D = _positive_int(input_size, "input_size")
         H = _positive_int(hidden_size, "hidden_size")
         O = _positive_int(output_size, "output_size")
+        L = _positive_int(num_layers, "num_layers")
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be a bool, got {bias!r}")
+        if not isinstance(bidirectional, (bool, np.bool_)):
+            raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
+        check_seed(seed)
+        self._stack = (L, 2 if bidirectional else 1)
         self._build(D, H, O, bool(bias), check_dtype(dtype), np.zeros(0))
+        self.dropout = dropout
+        self.training = True
+        self.generator = dropout_generator(seed)
 
     @property
     def cell(self):
@@ -137,7 +190,7 @@ class RNNBase:
         """Set the layout, the flat buffer (zeros, or a copy of ``flat`` when it has the size) and the views."""
         self._sizes = (D, H, O, bias)
         self._dtype = dtype
-        self._layout = tuple(self._CELL.param_layout(D, H, O, bias))
+        self._layout = tuple(stack_layout(self._CELL, D, H, O, bias, *self._stack))
         n = sum(int(np.prod(shape)) for _, shape in self._layout)
         try:
             self._flat = np.zeros(n, dtype)
@@ -151,6 +204,17 @@ class RNNBase:
         # so that nothing done to a public view (reshaping it in place, say) reaches a kernel
         self._params = flat_views(self._flat, self._layout)
         self._kernel_views = flat_views(self._flat, self._layout)
+        # what the API hands the kernels, by (layer, direction): (W_ih, b_ih, W_hh, b_hh), None for a
+        # bias the model lacks (the Elman cell has no b_ih)
+        L, dirs = self._stack
+        self._roles = {}
+        for k in range(L):
+            for d in range(dirs):
+                sfx = layer_suffix(k, d, L, dirs)
+                names = self._CELL.NAMES
+                get = lambda role: (None if names[role] is None or (role.startswith("b_") and not bias)  # noqa: E731
+                                    else self._kernel_views[names[role] + sfx])
+                self._roles[k, d] = (get("W_ih"), get("b_ih"), get("W_hh"), get("b_hh"))
 
     # -- sizes and layout are read-only: they are what the flat buffer was built for
     input_size = property(lambda self: self._sizes[0], doc="D, the size of x_t (read-only).")
@@ -160,6 +224,88 @@ class RNNBase:
     dtype = property(lambda self: self._dtype, doc="The parameters' dtype (read-only).")
     layout = property(lambda self: list(self._layout),
                       doc="(name, shape) of every parameter, in the order they lie in ``flat``.")
+
+    num_layers = property(lambda self: self._stack[0], doc="L, the number of stacked layers (read-only).")
+    num_directions = property(lambda self: self._stack[1],
+                              doc="2 for a bidirectional model, else 1 (read-only).")
+    bidirectional = property(lambda self: self._stack[1] == 2,
+                             doc="Whether every layer also runs in reverse (read-only).")
+
+    @property
+    def n_states(self):
+        """L·dirs: how many (B, H) states a model carries (h0 is (L·dirs, B, H) when > 1)."""
+        return self._stack[0] * self._stack[1]
+
+    @property
+    def dropout(self):
+        """p, the probability of zeroing each element of a layer's output but the last's, while
+        ``training`` (inverted dropout, as ``torch.nn.RNN``'s ``dropout``). Settable."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, value):
+        p = _real(value, "dropout")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+        if p > 0 and self._stack[0] == 1:
+            warnings.warn("dropout applies between stacked layers (to every layer's output but the "
+                          f"last), so with num_layers=1 dropout={p:g} changes nothing", UserWarning,
+                          stacklevel=2)
+        self._dropout = p
+
+    @property
+    def training(self):
+        """Whether dropout applies (True after construction and ``train()``, False after ``eval()``)."""
+        return self._training
+
+    @training.setter
+    def training(self, value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"training must be a bool, got {value!r}")
+        self._training = bool(value)
+
+    def train(self, mode=True):
+        """Set ``training`` (dropout on when True) and return the model, as PyTorch's ``Module.train``."""
+        self.training = mode
+        return self
+
+    def eval(self):
+        """``train(False)``: dropout off, for evaluation and generation. Returns the model."""
+        return self.train(False)
+
+    @property
+    def generator(self):
+        """The ``numpy.random.Generator`` that draws the dropout masks (seeded from ``seed``)."""
+        return self._generator
+
+    @generator.setter
+    def generator(self, value):
+        if not isinstance(value, np.random.Generator):
+            raise TypeError(f"generator must be a numpy.random.Generator, got {type(value).__name__}")
+        self._generator = value
+
+    def _dropout_active(self):
+        return self._training and self._dropout > 0 and self._stack[0] > 1
+
+    def layer_names(self, layer=0, direction=0):
+        """The names of layer ``layer``'s parameters in ``direction`` (0 forward, 1 reverse), by role:
+        {"W_ih": ..., "W_hh": ..., "b_ih": ... or None, "b_hh": ... or None}.
+
+        E.g. ``{"W_ih": "W_ih_l1_reverse", ...}``; the Elman cell's are W_hx, W_hh, b_h (no b_ih).
+        """
+        L, dirs = self._stack
+        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) \
+                or not -L <= layer < L:
+            raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
+        if direction not in range(dirs) or isinstance(direction, (bool, np.bool_)):
+            raise ValueError(f"direction must be 0{' or 1' if dirs == 2 else ''} for this model, "
+                             f"got {direction!r}")
+        sfx = layer_suffix(int(layer) % L, int(direction), L, dirs)
+        names = {}
+        for role, name in self._CELL.NAMES.items():
+            names[role] = None if name is None or (role.startswith("b_") and not self.bias) \
+                else name + sfx
+        return names
 
     @property
     def flat(self):
@@ -203,7 +349,10 @@ class RNNBase:
     def __getstate__(self):
         D, H, O, bias = self._sizes
         return {"cell": self.cell, "sizes": (D, H, O, bias), "dtype": self._dtype.str,
-                "activation": self.activation, "flat": self._flat}
+                "activation": self.activation, "flat": self._flat,
+                "num_layers": self._stack[0], "bidirectional": self._stack[1] == 2,
+                "dropout": self._dropout, "training": self._training,
+                "generator": self._generator.bit_generator.state}
 
     def __setstate__(self, state):
         """Rebuild from the sizes and the flat buffer, checked as the constructor checks them."""
@@ -218,7 +367,20 @@ class RNNBase:
         flat = state["flat"]
         if not isinstance(flat, np.ndarray) or isinstance(flat, np.ma.MaskedArray) or flat.ndim != 1:
             raise ValueError(f"{what}'s flat buffer must be a plain 1-D ndarray")
+        L = _positive_int(state.get("num_layers", 1), "num_layers")
+        bidirectional = state.get("bidirectional", False)
+        if not isinstance(bidirectional, (bool, np.bool_)):
+            raise ValueError(f"{what} has bidirectional={bidirectional!r}")
+        self._stack = (L, 2 if bidirectional else 1)
         self._build(D, H, O, bool(bias), check_dtype(np.dtype(state["dtype"])), np.zeros(0))
+        self.dropout = state.get("dropout", 0.0)
+        self.training = state.get("training", True)
+        self._generator = dropout_generator(0)
+        if "generator" in state:
+            try:
+                self._generator.bit_generator.state = state["generator"]
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"{what}'s dropout generator state is damaged: {e}") from None
         if self._flat.size != flat.size:
             raise ValueError(f"{what}'s flat buffer has {flat.size} values, "
                              f"its sizes need {self._flat.size}")
@@ -242,7 +404,8 @@ class RNNBase:
         rng = np.random.default_rng(check_seed(seed))
         drawn = {}
         for name, shape in self._layout:
-            if name.startswith("b_") and not (init == "uniform" and name in ("b_ih", "b_hh")):
+            role = _SUFFIX.sub("", name)       # b_ih_l1_reverse -> b_ih
+            if role.startswith("b_") and not (init == "uniform" and role in ("b_ih", "b_hh")):
                 drawn[name] = np.zeros(shape)
             elif init == "uniform":
                 drawn[name] = rng.uniform(-scale, scale, size=shape)
@@ -289,22 +452,31 @@ class RNNBase:
         if cls._CELL is None:
             raise TypeError("call from_params on fastbptt.RNN, GRU or LSTM")
         w_in = cls._CELL.NAMES["W_ih"]
-        if not hasattr(params, "keys") or w_in not in params or "W_qh" not in params \
-                or "W_hh" not in params:
+        if not hasattr(params, "keys"):
             raise ValueError(f"params must be a mapping with at least {w_in!r}, 'W_hh' and 'W_qh'")
-        W_in, W_hh, W_qh = (np.asarray(params[k]) for k in (w_in, "W_hh", "W_qh"))
-        for name, value, want in ((w_in, W_in, "(G·H, D)"), ("W_hh", W_hh, "(G·H, H)"),
-                                  ("W_qh", W_qh, "(O, H)")):
+        # a stack's names carry PyTorch's suffixes: count its layers and directions
+        stacked = "W_hh" not in params and "W_hh_l0" in params
+        L = 1
+        while stacked and f"W_hh_l{L}" in params:
+            L += 1
+        dirs = 2 if stacked and "W_hh_l0_reverse" in params else 1
+        sfx = "_l0" if stacked else ""
+        w_in, w_hh = w_in + sfx, "W_hh" + sfx
+        if w_in not in params or "W_qh" not in params or w_hh not in params:
+            raise ValueError(f"params must be a mapping with at least {w_in!r}, {w_hh!r} and 'W_qh'")
+        W_in, W_hh, W_qh = (np.asarray(params[k]) for k in (w_in, w_hh, "W_qh"))
+        for name, value, want in ((w_in, W_in, "(G·H, D)"), (w_hh, W_hh, "(G·H, H)"),
+                                  ("W_qh", W_qh, "(O, dirs·H)")):
             if value.ndim != 2:
                 raise ValueError(f"params[{name!r}] must have shape {want}, got {value.shape}")
         D, H = W_in.shape[1], W_hh.shape[1]
         if W_hh.shape[0] != cls._CELL.GATES * H:
-            raise ValueError(f"params['W_hh'] must have shape (G·H, H) = ({cls._CELL.GATES} H, H) for a "
+            raise ValueError(f"params[{w_hh!r}] must have shape (G·H, H) = ({cls._CELL.GATES} H, H) for a "
                              f"{cls.__name__}, got {W_hh.shape}")
-        bias = cls._CELL.NAMES["b_hh"] in params
+        bias = cls._CELL.NAMES["b_hh"] + sfx in params
         kwargs = {"activation": activation} if cls._CELL is _elman else {}
         model = cls(D, H, W_qh.shape[0], bias=bias, dtype=W_in.dtype if dtype is None else dtype,
-                    **kwargs)
+                    num_layers=L, bidirectional=dirs == 2, **kwargs)
         if dtype is not None:  # an explicit request to convert
             params = {name: np.asarray(value).astype(model.dtype) for name, value in params.items()}
         model.load_params(params)
@@ -312,8 +484,11 @@ class RNNBase:
 
     def __repr__(self):
         act = f", activation={self.activation!r}" if self._CELL is _elman else ""
+        L, dirs = self._stack
+        stack = (f", num_layers={L}" if L > 1 else "") + (", bidirectional=True" if dirs == 2 else "") \
+            + (f", dropout={self._dropout:g}" if self._dropout else "")
         return (f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-                f"output_size={self.output_size}{act}, bias={self.bias}, dtype={self.dtype.name})")
+                f"output_size={self.output_size}{act}, bias={self.bias}, dtype={self.dtype.name}{stack})")
 
 
 class RNN(RNNBase):
@@ -355,8 +530,10 @@ class RNN(RNNBase):
     _CELL = _elman
 
     def __init__(self, input_size, hidden_size, output_size, activation="tanh",
-                 bias=True, dtype=np.float32, seed=0, init="uniform", scale=None):
-        self._setup(input_size, hidden_size, output_size, bias, dtype)
+                 bias=True, dtype=np.float32, seed=0, init="uniform", scale=None, *,
+                 num_layers=1, bidirectional=False, dropout=0.0):
+        self._setup(input_size, hidden_size, output_size, bias, dtype, num_layers, bidirectional,
+                    dropout, seed)
         self.activation = activation
         self.reset_parameters(seed=seed, init=init, scale=scale)
 
@@ -433,9 +610,9 @@ class _Gated(RNNBase):
         name : "W_ih", "W_hh", "b_ih" or "b_hh";  gate : one of ``GATES`` (PyTorch's order)
         """
         gates = self._CELL.GATE_NAMES
-        if name not in ("W_ih", "W_hh", "b_ih", "b_hh") or name not in self._params:
-            raise ValueError(f"gate() takes one of {[n for n in ('W_ih', 'W_hh', 'b_ih', 'b_hh') if n in self._params]}, "
-                           f"got {name!r}")
+        roles = {n for n in self._params if _SUFFIX.sub("", n) in ("W_ih", "W_hh", "b_ih", "b_hh")}
+        if not isinstance(name, str) or name not in roles:
+            raise ValueError(f"gate() takes one of {sorted(roles)}, got {name!r}")
         if gate not in gates:
             raise ValueError(f"a {type(self).__name__}'s gates are {gates}, got {gate!r}")
         k, H = gates.index(gate), self.hidden_size

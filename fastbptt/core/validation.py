@@ -86,8 +86,9 @@ def as_array(a, name):
     return a
 
 
-def check_float(a, name, dtype, shape, check_finite):
-    """A float array of exactly ``dtype`` and ``shape``, C-contiguous (copied if it was not)."""
+def check_float(a, name, dtype, shape, check_finite, valid=None):
+    """A float array of exactly ``dtype`` and ``shape``, C-contiguous (copied if it was not); with
+    ``valid`` (a boolean mask of the leading axes), only the valid positions must be finite."""
     a = as_array(a, name)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must hold floats of dtype {dtype}, got dtype {a.dtype}")
@@ -96,13 +97,14 @@ def check_float(a, name, dtype, shape, check_finite):
                         f"convert it with .astype(np.{dtype.name}) (nothing is cast silently)")
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    if check_finite and not all_finite(a):
+    if check_finite and not all_finite(a if valid is None else a[valid]):
         raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to let them propagate)")
     return np.ascontiguousarray(a)
 
 
-def check_ids(a, name, shape, upper, what):
-    """An integer array of ``shape`` whose every value lies in [0, upper)."""
+def check_ids(a, name, shape, upper, what, valid=None):
+    """An integer array of ``shape`` whose every value lies in [0, upper) (only where ``valid``, a
+    boolean mask of the positions read, when given: padding may hold anything)."""
     a = as_array(a, name)
     if a.dtype.kind == "f":
         raise TypeError(f"{name} must hold integer {what}, got floats (dtype {a.dtype}); "
@@ -111,10 +113,11 @@ def check_ids(a, name, shape, upper, what):
         raise TypeError(f"{name} must hold integer {what}, got dtype {a.dtype}")
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    lo, hi = a.min(), a.max()
+    read = a if valid is None else a[valid]
+    lo, hi = read.min(), read.max()
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
-        where = tuple(int(i) for i in np.argwhere(a == bad)[0])
+        where = tuple(int(i) for i in np.argwhere((a == bad) if valid is None else (a == bad) & valid)[0])
         raise ValueError(f"{name} must hold {what} in [0, {upper}), got {bad} at index {where}")
     return a
 
@@ -151,7 +154,53 @@ def check_carry(carry, T, B, dtype):
     return carry
 
 
-def check_inputs(model, X, check_finite):
+def check_lengths(lengths, T, B):
+    """The lengths of B sequences as an intp array, each in [1, T]; None is every sequence of length T."""
+    if lengths is None:
+        return None
+    lengths = as_array(lengths, "lengths")
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must hold integers (one per sequence), got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape (B,) = ({B},), one per sequence, got {lengths.shape}")
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > T:
+        bad = lo if lo < 1 else hi
+        b = int(np.argmax(lengths == bad))
+        raise ValueError(f"lengths must lie in [1, T={T}], got lengths[{b}] = {bad}")
+    return lengths.astype(np.intp)
+
+
+def valid_positions(lengths, T):
+    """(T, B) bool: step t of sequence b is read (t < lengths[b]); None without lengths."""
+    if lengths is None:
+        return None
+    return np.arange(T)[:, None] < lengths[None, :]
+
+
+def check_loss_weights(weights, T, B, dtype, valid):
+    """Per-position loss weights (T, B): finite floats >= 0 that ``dtype`` holds, not all zero where read."""
+    if weights is None:
+        return None
+    weights = as_array(weights, "loss_weights")
+    if weights.dtype.kind != "f":
+        raise TypeError(f"loss_weights must hold floats, got dtype {weights.dtype}")
+    if weights.shape != (T, B):
+        raise ValueError(f"loss_weights must have shape (T, B) = ({T}, {B}), got {weights.shape}")
+    read = weights if valid is None else weights[valid]
+    if not all_finite(read):
+        raise ValueError("loss_weights contains NaN or Inf")
+    if read.min() < 0:
+        raise ValueError(f"loss_weights must be >= 0, got {float(read.min()):g}")
+    if float(read.max()) > float(np.finfo(dtype).max):
+        raise ValueError(f"loss_weights holds {float(read.max()):.3g}, more than the model's {dtype.name} holds")
+    if not read.max() > 0:
+        raise ValueError("loss_weights are all zero on the positions read: the loss would be 0/0; "
+                         "give some position a weight > 0")
+    return np.ascontiguousarray(weights.astype(dtype, copy=False))
+
+
+def check_inputs(model, X, check_finite, lengths=None):
     """Return (kind, X, T, B): kind "dense" with X (T, B, D) floats, or "tokens" with X (T, B) ints."""
     X = as_array(X, "X")
     D = model.input_size
@@ -168,10 +217,12 @@ def check_inputs(model, X, check_finite):
     T, B = X.shape[:2]
     if T == 0 or B == 0:
         raise ValueError(f"X must have T >= 1 time steps and B >= 1 sequences, got shape {X.shape}")
+    lengths = check_lengths(lengths, T, B)
+    valid = valid_positions(lengths, T)
     if kind == "tokens":
-        X = check_ids(X, "X", (T, B), D, "token ids")
+        X = check_ids(X, "X", (T, B), D, "token ids", valid)
     else:
-        X = check_float(X, "X", model.dtype, (T, B, D), check_finite)
+        X = check_float(X, "X", model.dtype, (T, B, D), check_finite, valid)
     return kind, X, T, B
 
 
@@ -203,7 +254,8 @@ def check_workspace(workspace, model, T, B):
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace must be a fastbptt.Workspace, got {type(workspace).__name__}")
     if workspace.signature != model_signature(model):
-        raise ValueError(f"workspace was made for a model with (cell, D, H, O, bias, dtype) = "
+        raise ValueError(f"workspace was made for a model with (cell, D, H, O, bias, dtype, layers, "
+                         f"directions) = "
                          f"{workspace.signature}, but this model has {model_signature(model)}")
     frozen = workspace.read_only_buffer()
     if frozen is not None:
@@ -216,13 +268,14 @@ def check_workspace(workspace, model, T, B):
 
 
 def check_state(state, name, model, B, check_finite):
-    """A state of ``model`` for B sequences: an array (B, H), or for the LSTM a pair of them (h, c)."""
+    """A state of ``model`` for B sequences: an array (B, H), or for the LSTM a pair of them (h, c);
+    (L·dirs, B, H) for a model of several layers or directions."""
     if state is None:
         return None
-    shape = (B, model.hidden_size)
+    shape = (B, model.hidden_size) if model.n_states == 1 else (model.n_states, B, model.hidden_size)
     if model.cell != "lstm":
         if isinstance(state, (tuple, list)) and len(state) == 2 \
-                and all(isinstance(a, np.ndarray) and a.ndim == 2 for a in state):
+                and all(isinstance(a, np.ndarray) and a.ndim == len(shape) for a in state):
             raise ValueError(f"{name} of a {type(model).__name__} is one array of shape {shape}, not a "
                              f"pair of arrays (only the LSTM's state is a pair (h, c))")
         return check_float(state, name, model.dtype, shape, check_finite)
@@ -238,12 +291,12 @@ def check_h0(h0, model, B, check_finite):
     return check_state(h0, "h0", model, B, check_finite)
 
 
-def check_targets(Y, loss, model, T, B, check_finite):
+def check_targets(Y, loss, model, T, B, check_finite, valid=None):
     loss = check_loss(loss)
     if loss == "cross_entropy":
-        return check_ids(Y, "Y", (T, B), model.output_size, "class labels")
+        return check_ids(Y, "Y", (T, B), model.output_size, "class labels", valid)
     if loss == "mse":
-        return check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite)
+        return check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite, valid)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
@@ -257,8 +310,15 @@ def check_forward_workspace(workspace, model):
     if ws.forward_kind is None:
         raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
                          "workspace=workspace) (or layer_forward) first, once per backward")
+    if ws.has_lengths:                  # the record of lengths the kernels index by: checked again
+        from .workspace import _valid_plan
+        if not _valid_plan(ws.counts, ws.row_order, ws.inverse, ws.lengths, ws.T, ws.B):
+            raise ValueError("workspace's record of lengths (counts, row_order, inverse, lengths) was "
+                             "changed by hand; run forward again")
     if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again
         check_ids(ws.tokens, "workspace.tokens", (ws.T, ws.B), model.input_size, "token ids")
+        if ws.num_directions == 2:
+            check_ids(ws.tokens_r, "workspace.tokens_r", (ws.T, ws.B), model.input_size, "token ids")
     elif ws.forward_kind != "dense" or ws._x is None:
         raise ValueError(f"workspace.forward_kind is {ws.forward_kind!r} without the inputs of a "
                          f"forward pass: call fastbptt.forward(model, X, workspace=workspace) first")

@@ -119,3 +119,116 @@ def mse_parallel(do, row_loss, targets):
     for n in prange(do.shape[0]):
         _mse_row(do, row_loss, targets, n)
     return _mean(row_loss)
+
+
+# ----------------------------------------------------------------------------- weighted
+# With per-position weights w (the valid positions of sequences of different lengths, or
+# the caller's loss_weights): L = Σ_n w_n ℓ_n / Σ_n w_n. A row of weight 0 is not read
+# (its label may be anything) and its ∂L/∂o is zero.
+
+
+@njit(inline="always", error_model="numpy")
+def _weighted_rows(do, row_loss, w, n):
+    """Zero row n (∂L/∂o and loss) when its weight is 0; return whether it was."""
+    if w[n] == 0:
+        row = do[n]
+        for k in range(row.shape[0]):
+            row[k] = 0
+        row_loss[n] = 0
+        return True
+    return False
+
+
+@njit(inline="always", error_model="numpy")
+def _cross_entropy_row_weighted(do, row_loss, targets, w, total, n):
+    """Row n of ``cross_entropy_weighted``."""
+    if _weighted_rows(do, row_loss, w, n):
+        return
+    O = do.shape[1]
+    row = do[n]
+    y = targets[n]
+    m = row[0]
+    for k in range(1, O):
+        if row[k] > m:
+            m = row[k]
+    target_logit = row[y]
+    for k in range(O):
+        row[k] = exp(row[k] - m)
+    s = _sum(row)
+    row_loss[n] = (m - target_logit) + np.log(s)
+    wn = w[n] / total
+    scale = row.dtype.type(wn / s)
+    for k in range(O):
+        row[k] *= scale                          # w softmax / Σ w
+    row[y] -= row.dtype.type(wn)
+
+
+@njit(inline="always", error_model="numpy")
+def _weighted_mean(row_loss, w, total):
+    """Σ w ℓ / Σ w, summed in float64 in a fixed order."""
+    acc = 0.0
+    for n in range(row_loss.shape[0]):
+        if w[n] != 0:
+            acc += w[n] * row_loss[n]
+    return acc / total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def cross_entropy_weighted(do, row_loss, targets, w, total):
+    """Softmax cross-entropy weighted by position.
+
+    do       (N, O) in: logits; out: ∂L/∂o with L = Σ w ℓ / total
+    row_loss (N,)   out: -log softmax(o_n)[y_n] (0 where w is 0)
+    targets  (N,)   int, in [0, O) where w > 0 (not read elsewhere)
+    w        (N,)   weights >= 0
+    total    float  Σ w (> 0)
+    """
+    for n in range(do.shape[0]):
+        _cross_entropy_row_weighted(do, row_loss, targets, w, total, n)
+    return _weighted_mean(row_loss, w, total)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def cross_entropy_weighted_parallel(do, row_loss, targets, w, total):
+    """``cross_entropy_weighted`` with the rows spread over threads."""
+    for n in prange(do.shape[0]):
+        _cross_entropy_row_weighted(do, row_loss, targets, w, total, n)
+    return _weighted_mean(row_loss, w, total)
+
+
+@njit(inline="always", error_model="numpy")
+def _mse_row_weighted(do, row_loss, targets, w, total, n):
+    """Row n of ``mse_weighted``."""
+    if _weighted_rows(do, row_loss, w, n):
+        return
+    O = do.shape[1]
+    row = do[n]
+    target = targets[n]
+    for k in range(O):
+        row[k] -= target[k]
+    s = 0.0
+    for k in range(O):
+        s += row[k] * row[k]
+    row_loss[n] = s / O
+    scale = row.dtype.type(2.0 * w[n] / (total * O))
+    for k in range(O):
+        row[k] *= scale
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def mse_weighted(do, row_loss, targets, w, total):
+    """Squared error weighted by position: L = Σ_n w_n mean_k (o_nk - y_nk)² / total.
+
+    do (N, O) in/out; row_loss (N,); targets (N, O) (rows of weight 0 not read); w (N,); total Σ w
+    """
+    for n in range(do.shape[0]):
+        _mse_row_weighted(do, row_loss, targets, w, total, n)
+    return _weighted_mean(row_loss, w, total)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def mse_weighted_parallel(do, row_loss, targets, w, total):
+    """``mse_weighted`` with the rows spread over threads."""
+    for n in prange(do.shape[0]):
+        _mse_row_weighted(do, row_loss, targets, w, total, n)
+    return _weighted_mean(row_loss, w, total)

@@ -41,40 +41,48 @@ from .primitives import matmat_acc
 
 
 @njit(inline="always", error_model="numpy")
-def _forward_block(cell, rec, ones, b0, b1):
-    """Steps 0 .. T-1 of sequences b0 .. b1-1. rec (B, G·H) scratch; ones (B,) ones."""
+def _forward_block(cell, rec, ones, counts, b0, b1):
+    """Steps 0 .. T-1 of sequences b0 .. b1-1, each row b only while b < counts[t].
+
+    rec (B, G·H) scratch; ones (B,) ones; counts (T,) the active rows of each step,
+    non-increasing (the API sorts sequences by length, longest first).
+    """
     hs = cell.hs
     b_hh = cell.b_hh
     T = hs.shape[0] - 1
     for t in range(T):
-        for b in range(b0, b1):
+        e = min(b1, counts[t])
+        if e <= b0:                                          # counts never grow again
+            break
+        for b in range(b0, e):
             r = rec[b]
             for k in range(b_hh.shape[0]):
                 r[k] = b_hh[k]
-        matmat_acc(rec, cell.W_hhT, hs[t], ones, b0, b1)     # rec[b] += W_hh h_{t-1}
-        for b in range(b0, b1):
+        matmat_acc(rec, cell.W_hhT, hs[t], ones, b0, e)      # rec[b] += W_hh h_{t-1}
+        for b in range(b0, e):
             step_forward(cell, t, b, rec[b])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def recurrence(cell, rec, ones):
+def recurrence(cell, rec, ones, counts):
     """The fused recurrence over the whole batch on one thread.
 
-    cell  a cell's NamedTuple, with hs[0] = h_0 (and the cell's other state) and the
-          input projection in place
-    rec   (B, G·H) scratch
-    ones  (B,) ones
+    cell    a cell's NamedTuple, with hs[0] = h_0 (and the cell's other state) and the
+            input projection in place
+    rec     (B, G·H) scratch
+    ones    (B,) ones
+    counts  (T,) int: step t runs rows 0 .. counts[t]-1 (B for every t: full lengths)
     """
-    _forward_block(cell, rec, ones, 0, cell.hs.shape[1])
+    _forward_block(cell, rec, ones, counts, 0, cell.hs.shape[1])
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def recurrence_parallel(cell, rec, ones, n_blocks):
+def recurrence_parallel(cell, rec, ones, counts, n_blocks):
     """``recurrence`` with the sequences split into ``n_blocks`` blocks, one per thread; bitwise the same."""
     B = cell.hs.shape[1]
     n = min(B, n_blocks)
     for k in prange(n):
-        _forward_block(cell, rec, ones, k * B // n, (k + 1) * B // n)
+        _forward_block(cell, rec, ones, counts, k * B // n, (k + 1) * B // n)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -97,67 +105,77 @@ def forward_step(cell, t, rec, row):
 
 
 @njit(inline="always", error_model="numpy")
-def _backward_block(cell, carry, b0, b1):
-    """Steps T-1 .. 0 of sequences b0 .. b1-1 backwards, then ∂L/∂(state_0). carry (T, B)."""
+def _backward_block(cell, carry, counts, b0, b1):
+    """Steps T-1 .. 0 of sequences b0 .. b1-1 backwards, then ∂L/∂(state_0). carry (T, B);
+    counts (T,) as in ``_forward_block``: a row whose last step is t (b >= counts[t+1]) gets
+    no product and a carry weight of 1 there, as every row at t = T-1."""
     dh = cell.dh
     drec = cell.drec
     T = dh.shape[0]
     one = carry.dtype.type(1)
     for t in range(T - 1, -1, -1):
-        if t < T - 1:
-            matmat_acc(dh[t], cell.W_hh, drec[t + 1], carry[t + 1], b0, b1)   # += c W_hhᵀ drec
-            for b in range(b0, b1):
+        e = min(b1, counts[t])
+        if e <= b0:
+            continue
+        n = min(b1, counts[t + 1]) if t < T - 1 else b0      # rows that go on to step t+1
+        if n > b0:
+            matmat_acc(dh[t], cell.W_hh, drec[t + 1], carry[t + 1], b0, n)   # += c W_hhᵀ drec
+        for b in range(b0, e):
+            if b < n:
                 step_backward(cell, t, b, carry[t + 1, b])
-        else:
-            for b in range(b0, b1):
+            else:
                 step_backward(cell, t, b, one)
     dh0 = cell.dh0
     for b in range(b0, b1):
         row = dh0[b]
         for j in range(row.shape[0]):
             row[j] = 0
-    matmat_acc(dh0, cell.W_hh, drec[0], carry[0], b0, b1)
+    matmat_acc(dh0, cell.W_hh, drec[0], carry[0], b0, min(b1, counts[0]))
     for b in range(b0, b1):
         state0_backward(cell, b, carry[0, b])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def reverse_sweep(cell, carry):
+def reverse_sweep(cell, carry, counts):
     """The fused reverse sweep over the whole batch on one thread.
 
-    cell   a cell's NamedTuple after its forward pass, with ∂L/∂h_t from above in ``dh``
-           and the cell's state-gradient scratch (``ds``, if any) holding what arrives at
-           the last state (zeros, or the LSTM's ∂L/∂c_T)
-    carry  (T, B) carry weights
+    cell    a cell's NamedTuple after its forward pass, with ∂L/∂h_t from above in ``dh``
+            and the cell's state-gradient scratch (``ds``, if any) holding what arrives at
+            the last state (zeros, or the LSTM's ∂L/∂c_T)
+    carry   (T, B) carry weights
+    counts  (T,) int, as in ``recurrence``
     """
-    _backward_block(cell, carry, 0, cell.dh.shape[1])
+    _backward_block(cell, carry, counts, 0, cell.dh.shape[1])
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def reverse_sweep_parallel(cell, carry, n_blocks):
+def reverse_sweep_parallel(cell, carry, counts, n_blocks):
     """``reverse_sweep`` with the sequences split into ``n_blocks`` blocks, one per thread; bitwise the same."""
     B = cell.dh.shape[1]
     n = min(B, n_blocks)
     for k in prange(n):
-        _backward_block(cell, carry, k * B // n, (k + 1) * B // n)
+        _backward_block(cell, carry, counts, k * B // n, (k + 1) * B // n)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def backward_step(cell, t, back, c, add):
-    """One step of the per-step BLAS sweep, for the whole batch: dh[t] += c back, then the cell's step.
+def backward_step(cell, t, back, c, n_add, n_active):
+    """One step of the per-step BLAS sweep: rows b < n_add get dh[t, b] += c[b] back[b] and the
+    cell's step with c[b]; rows n_add <= b < n_active end at step t (the cell's step with 1).
 
-    back (B, H) W_hhᵀ drec[t+1] from the caller's GEMM (any layout); not read when ``add`` is False
-    c    (B,)   the carry weights of step t+1 (ones at the last step)
+    back (n_add, H) W_hhᵀ drec[t+1] from the caller's GEMM (any layout)
+    c    (B,)       the carry weights of step t+1
     """
     dh = cell.dh[t]
-    for b in range(dh.shape[0]):
+    for b in range(n_add):
         cb = c[b]
-        if add:
-            row = dh[b]
-            r = back[b]
-            for j in range(row.shape[0]):
-                row[j] += cb * r[j]
+        row = dh[b]
+        r = back[b]
+        for j in range(row.shape[0]):
+            row[j] += cb * r[j]
         step_backward(cell, t, b, cb)
+    one = c.dtype.type(1)
+    for b in range(n_add, n_active):
+        step_backward(cell, t, b, one)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -172,6 +190,170 @@ def backward_state0(cell, c0):
         for j in range(row.shape[0]):
             row[j] *= c0[b]
         state0_backward(cell, b, c0[b])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def zero_padding(a, counts):
+    """a[t, b] = 0 for every row b >= counts[t]: the positions past each sequence's end.
+
+    a      (T, B, K) in/out
+    counts (T,) int
+    """
+    T, B, K = a.shape
+    for t in range(T):
+        for b in range(counts[t], B):
+            row = a[t, b]
+            for k in range(K):
+                row[k] = 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def reverse_in_time(dst, src, lengths):
+    """dst[s, b] = src[lengths[b]-1-s, b] for s < lengths[b], 0 after: each sequence backwards.
+
+    dst, src (T, B, K) (not overlapping)
+    lengths  (B,) int in [1, T]
+    """
+    T, B, K = src.shape
+    for s in range(T):
+        for b in range(B):
+            row = dst[s, b]
+            if s < lengths[b]:
+                r = src[lengths[b] - 1 - s, b]
+                for k in range(K):
+                    row[k] = r[k]
+            else:
+                for k in range(K):
+                    row[k] = 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def add_reversed_in_time(dst, src, lengths):
+    """dst[t, b] += src[lengths[b]-1-t, b] for t < lengths[b]: a reverse direction's gradient
+    added back in time order.
+
+    dst, src (T, B, K) (not overlapping)
+    lengths  (B,) int in [1, T]
+    """
+    B = src.shape[1]
+    K = src.shape[2]
+    for b in range(B):
+        n = lengths[b]
+        for t in range(n):
+            row = dst[t, b]
+            r = src[n - 1 - t, b]
+            for k in range(K):
+                row[k] += r[k]
+
+
+# ----------------------------------------------------------------------------- layers and lengths
+# With lengths the API sorts the sequences, longest first: row i of every buffer holds the
+# caller's sequence order[i], and step t runs rows 0 .. counts[t]-1. These move data between
+# the caller's order and the rows, and between the two directions of a layer.
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def pack_rows(dst, src, order, counts):
+    """dst[t, i] = src[t, order[i]] for i < counts[t], 0 on the padding after.
+
+    dst, src (T, B, K); order (B,) a permutation; counts (T,) non-increasing
+    """
+    T, B, K = dst.shape
+    for t in range(T):
+        for i in range(B):
+            row = dst[t, i]
+            if i < counts[t]:
+                r = src[t, order[i]]
+                for k in range(K):
+                    row[k] = r[k]
+            else:
+                for k in range(K):
+                    row[k] = 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def pack_ids(dst, src, order, counts):
+    """dst[t, i] = src[t, order[i]] for i < counts[t], 0 after (ids on padding are never read).
+
+    dst, src (T, B) int
+    """
+    T, B = dst.shape
+    for t in range(T):
+        for i in range(B):
+            dst[t, i] = src[t, order[i]] if i < counts[t] else 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def concat_directions(y, hf, hr, lengths):
+    """A bidirectional layer's output: y[t, b] = (hf[t, b], hr[lengths[b]-1-t, b]), 0 on padding.
+
+    y (T, B, 2H); hf, hr (T, B, H) the two directions' h_1 .. h_T, each in its own step order
+    """
+    T, B, H = hf.shape
+    for t in range(T):
+        for b in range(B):
+            row = y[t, b]
+            n = lengths[b]
+            if t < n:
+                f = hf[t, b]
+                r = hr[n - 1 - t, b]
+                for j in range(H):
+                    row[j] = f[j]
+                    row[H + j] = r[j]
+            else:
+                for j in range(2 * H):
+                    row[j] = 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def split_directions(dy, dhf, dhr, lengths):
+    """``concat_directions`` backwards: dhf[t, b] = dy[t, b, :H]; dhr[s, b] = dy[lengths[b]-1-s, b, H:];
+    0 on padding."""
+    T, B, H = dhf.shape
+    for t in range(T):
+        for b in range(B):
+            n = lengths[b]
+            f = dhf[t, b]
+            r = dhr[t, b]
+            if t < n:
+                g = dy[t, b]
+                q = dy[n - 1 - t, b]
+                for j in range(H):
+                    f[j] = g[j]
+                    r[j] = q[H + j]
+            else:
+                for j in range(H):
+                    f[j] = 0
+                    r[j] = 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def add_at_last(dh, src, order, lengths):
+    """dh[lengths[i]-1, i] += src[order[i]]: what arrives at each sequence's last state.
+
+    dh (T, B, H); src (B, H) in the caller's order
+    """
+    B, H = src.shape
+    for i in range(B):
+        row = dh[lengths[i] - 1, i]
+        r = src[order[i]]
+        for j in range(H):
+            row[j] += r[j]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gather_last(dst, hs, inverse, lengths):
+    """dst[b] = hs[lengths[i], i] with i = inverse[b]: each sequence's own last state, in the caller's order.
+
+    dst (B, H); hs (T+1, B, H)
+    """
+    B = dst.shape[0]
+    for b in range(B):
+        i = inverse[b]
+        r = hs[lengths[i], i]
+        row = dst[b]
+        for j in range(row.shape[0]):
+            row[j] = r[j]
 
 
 # ----------------------------------------------------------------------------- inputs
