@@ -33,7 +33,6 @@ from .validation import check_forward_workspace as _check_forward_workspace
 from .validation import check_h0 as _check_h0
 from .validation import check_lengths as _check_lengths
 from .validation import check_loss_weights as _check_loss_weights
-from .validation import valid_positions as _valid_positions
 from .validation import check_model
 from .validation import check_state as _check_state
 from .validation import check_targets as _check_targets
@@ -380,8 +379,7 @@ def _draw_masks(model, ws):
     for k in range(model.num_layers - 1):
         mask = ws._outputs[k][2]
         model.generator.random(dtype=mask.dtype, out=mask)          # u ~ U[0, 1)
-        np.greater_equal(mask, mask.dtype.type(p), out=mask, casting="unsafe")   # 1 where kept
-        mask *= mask.dtype.type(1.0 / (1.0 - p))
+        _sweep.dropout_mask(mask.reshape(-1), mask.dtype.type(p), mask.dtype.type(1.0 / (1.0 - p)))
 
 
 def _layer_forward(model, ws, kind, X, parallel, method):
@@ -808,10 +806,9 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, lengths=None, l
     check_model(model, check_finite)
     kind, X, T, B = _check_inputs(model, X, check_finite, lengths)
     lengths = _check_lengths(lengths, T, B)
-    valid = _valid_positions(lengths, T)
     h0 = _check_h0(h0, model, B, check_finite)
-    Y = _check_targets(Y, loss, model, T, B, check_finite, valid)
-    loss_weights = _check_loss_weights(loss_weights, T, B, model.dtype, valid)
+    Y = _check_targets(Y, loss, model, T, B, check_finite, lengths)
+    loss_weights = _check_loss_weights(loss_weights, T, B, model.dtype, lengths)
     carry = _check_model_carry(carry, model, T, B)
     method = _check_method(method, B, model)
     ws = _check_workspace(workspace, model, T, B)
@@ -888,8 +885,8 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
         check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
     check_model(model, check_finite)
     ws = _check_forward_workspace(workspace, model)
-    valid = _valid_positions(ws.lengths[ws.inverse], ws.T) if ws.has_lengths else None
-    dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite, valid)
+    lengths = ws.lengths[ws.inverse] if ws.has_lengths else None
+    dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite, lengths)
     carry = _check_model_carry(carry, model, ws.T, ws.B)
     method = _check_method(method, ws.B, model)
     parallel = _threads(parallel, method)
@@ -956,9 +953,9 @@ def layer_backward(model, dH, dstate_T=None, *, workspace, parallel=False, check
     _check_model(model, check_finite)
     ws = _check_forward_workspace(workspace, model)
     T, B = ws.T, ws.B
-    valid = _valid_positions(ws.lengths[ws.inverse], T) if ws.has_lengths else None
+    lengths = ws.lengths[ws.inverse] if ws.has_lengths else None
     dH = _check_float(dH, "dH", model.dtype, (T, B, model.num_directions * model.hidden_size),
-                      check_finite, valid)
+                      check_finite, lengths)
     dstate_T = _check_state(dstate_T, "dstate_T", model, B, check_finite)
     carry = _check_model_carry(carry, model, T, B)
     method = _check_method(method, B, model)

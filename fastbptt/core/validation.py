@@ -86,9 +86,9 @@ def as_array(a, name):
     return a
 
 
-def check_float(a, name, dtype, shape, check_finite, valid=None):
+def check_float(a, name, dtype, shape, check_finite, lengths=None):
     """A float array of exactly ``dtype`` and ``shape``, C-contiguous (copied if it was not); with
-    ``valid`` (a boolean mask of the leading axes), only the valid positions must be finite."""
+    ``lengths`` (of the second axis), only the positions t < lengths[b] must be finite."""
     a = as_array(a, name)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must hold floats of dtype {dtype}, got dtype {a.dtype}")
@@ -97,14 +97,15 @@ def check_float(a, name, dtype, shape, check_finite, valid=None):
                         f"convert it with .astype(np.{dtype.name}) (nothing is cast silently)")
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    if check_finite and not all_finite(a if valid is None else a[valid]):
+    if check_finite and not all_finite(a) and (
+            lengths is None or not all_finite(a[valid_positions(lengths, shape[0])])):
         raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to let them propagate)")
     return np.ascontiguousarray(a)
 
 
-def check_ids(a, name, shape, upper, what, valid=None):
-    """An integer array of ``shape`` whose every value lies in [0, upper) (only where ``valid``, a
-    boolean mask of the positions read, when given: padding may hold anything)."""
+def check_ids(a, name, shape, upper, what, lengths=None):
+    """An integer array of ``shape`` whose every value lies in [0, upper) (with ``lengths``, only at
+    the positions read, t < lengths[b]: padding may hold anything)."""
     a = as_array(a, name)
     if a.dtype.kind == "f":
         raise TypeError(f"{name} must hold integer {what}, got floats (dtype {a.dtype}); "
@@ -113,8 +114,12 @@ def check_ids(a, name, shape, upper, what, valid=None):
         raise TypeError(f"{name} must hold integer {what}, got dtype {a.dtype}")
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    read = a if valid is None else a[valid]
-    lo, hi = read.min(), read.max()
+    lo, hi = a.min(), a.max()
+    valid = None
+    if lengths is not None and (lo < 0 or hi >= upper):   # padding may hold anything: look closer
+        valid = valid_positions(lengths, shape[0])
+        read = a[valid]
+        lo, hi = read.min(), read.max()
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         where = tuple(int(i) for i in np.argwhere((a == bad) if valid is None else (a == bad) & valid)[0])
@@ -178,7 +183,7 @@ def valid_positions(lengths, T):
     return np.arange(T)[:, None] < lengths[None, :]
 
 
-def check_loss_weights(weights, T, B, dtype, valid):
+def check_loss_weights(weights, T, B, dtype, lengths):
     """Per-position loss weights (T, B): finite floats >= 0 that ``dtype`` holds, not all zero where read."""
     if weights is None:
         return None
@@ -187,7 +192,7 @@ def check_loss_weights(weights, T, B, dtype, valid):
         raise TypeError(f"loss_weights must hold floats, got dtype {weights.dtype}")
     if weights.shape != (T, B):
         raise ValueError(f"loss_weights must have shape (T, B) = ({T}, {B}), got {weights.shape}")
-    read = weights if valid is None else weights[valid]
+    read = weights if lengths is None else weights[valid_positions(lengths, T)]
     if not all_finite(read):
         raise ValueError("loss_weights contains NaN or Inf")
     if read.min() < 0:
@@ -218,11 +223,10 @@ def check_inputs(model, X, check_finite, lengths=None):
     if T == 0 or B == 0:
         raise ValueError(f"X must have T >= 1 time steps and B >= 1 sequences, got shape {X.shape}")
     lengths = check_lengths(lengths, T, B)
-    valid = valid_positions(lengths, T)
     if kind == "tokens":
-        X = check_ids(X, "X", (T, B), D, "token ids", valid)
+        X = check_ids(X, "X", (T, B), D, "token ids", lengths)
     else:
-        X = check_float(X, "X", model.dtype, (T, B, D), check_finite, valid)
+        X = check_float(X, "X", model.dtype, (T, B, D), check_finite, lengths)
     return kind, X, T, B
 
 
@@ -291,12 +295,12 @@ def check_h0(h0, model, B, check_finite):
     return check_state(h0, "h0", model, B, check_finite)
 
 
-def check_targets(Y, loss, model, T, B, check_finite, valid=None):
+def check_targets(Y, loss, model, T, B, check_finite, lengths=None):
     loss = check_loss(loss)
     if loss == "cross_entropy":
-        return check_ids(Y, "Y", (T, B), model.output_size, "class labels", valid)
+        return check_ids(Y, "Y", (T, B), model.output_size, "class labels", lengths)
     if loss == "mse":
-        return check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite, valid)
+        return check_float(Y, "Y", model.dtype, (T, B, model.output_size), check_finite, lengths)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 

@@ -342,6 +342,16 @@ def add_at_last(dh, src, order, lengths):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def dropout_mask(mask, p, scale):
+    """mask[i] = scale where the uniform draw mask[i] >= p, else 0 (inverted dropout).
+
+    mask (N,) in: u ~ U[0, 1); out: 0 or scale = 1/(1-p)
+    """
+    for i in range(mask.shape[0]):
+        mask[i] = scale if mask[i] >= p else 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def gather_last(dst, hs, inverse, lengths):
     """dst[b] = hs[lengths[i], i] with i = inverse[b]: each sequence's own last state, in the caller's order.
 
