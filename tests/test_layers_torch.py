@@ -252,6 +252,7 @@ CASES = {   # name: (lengths, inputs, loss, loss weights)
     "ragged-tokens-ce": ("ragged", "tokens", "cross_entropy", False),
     "ragged-dense-mse-weights": ("ragged", "dense", "mse", True),
     "ragged-dense-ce-weights": ("ragged", "dense", "cross_entropy", True),
+    "full-tokens-mse-weights": ("full", "tokens", "mse", True),
 }
 
 
