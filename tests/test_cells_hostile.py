@@ -251,7 +251,7 @@ LAYER_ALIASES = {
     "dH = ws.dh": lambda m, ws, H_all, sT: (_dh_of(m, ws), None),
     "dH = H_all": lambda m, ws, H_all, sT: (H_all, None),
     "dH = H_all, dstate = state_T": lambda m, ws, H_all, sT: (H_all, sT),
-    "dH = hs[:-1], dstate = dstate_0": lambda m, ws, H_all, sT: (ws.hs[:-1], api._state_grad0(ws)),
+    "dH = hs[:-1], dstate = dstate_0": lambda m, ws, H_all, sT: (ws.hs[:-1], api._state_grad0(m, ws)),
 }
 
 

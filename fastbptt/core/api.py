@@ -179,10 +179,20 @@ def _start(model, ws, h0):
     is copied first.
     """
     order = ws.row_order if ws._lengths_on else None
+    if model.n_states == 1 and order is None:           # one layer, the caller's order: as before
+        if ws.cell == "lstm":
+            h, c = (None, None) if h0 is None else h0
+            if h is not None and np.may_share_memory(h, ws.cs[0]):
+                h = h.copy()
+            ws.cs[0] = 0 if c is None else c
+            ws.hs[0] = 0 if h is None else h
+        else:
+            ws.hs[0] = 0 if h0 is None else h0
+        return
     dirs = model.num_directions
     dests = []
     for i in range(model.n_states):
-        lb = ws.layer(i // dirs, i % dirs)
+        lb = ws._layers[i // dirs][i % dirs]
         dests.append((lb.hs[0], lb.cs[0] if ws.cell == "lstm" else None))
     parts = _state_parts(h0, model)
     every = [buf for pair in dests for buf in pair if buf is not None]
@@ -215,7 +225,7 @@ def _state_T(model, ws):
     _, inverse, lengths, _ = _plan(ws)
     dirs = model.num_directions
     for i in range(model.n_states):
-        lb = ws.layer(i // dirs, i % dirs)
+        lb = ws._layers[i // dirs][i % dirs]
         _sweep.gather_last(ws.state[i], lb.hs, inverse, lengths)
         if ws.cell == "lstm":
             _sweep.gather_last(ws.cstate[i], lb.cs, inverse, lengths)
@@ -231,7 +241,7 @@ def _state_grad0(model, ws):
     order = ws.row_order if ws._lengths_on else None
     dirs = model.num_directions
     for i in range(model.n_states):
-        lb = ws.layer(i // dirs, i % dirs)
+        lb = ws._layers[i // dirs][i % dirs]
         for src, dst in ((lb.dh0, ws.dstate[i]), (lb.dc0 if ws.cell == "lstm" else None,
                                                    ws.dcstate[i] if ws.cell == "lstm" else None)):
             if src is None:
@@ -277,7 +287,7 @@ def _cell_views(model, ws, k=0, d=0):
     Made once per (workspace, layer, model, activation) and kept with the layer's buffers: a
     call builds it three times otherwise, which shows in the smallest steps.
     """
-    lb = ws.layer(k, d)
+    lb = ws._layers[k][d]
     act, views = model._act_code, model._kernel_views
     kept = lb._cell_views
     if kept is not None and kept[0] is views and kept[1] == act:
@@ -296,7 +306,7 @@ def _input(ws, k, d, kind, X):
     _, _, lengths, _ = _plan(ws)
     if kind == "tokens":
         return kind, ws.tokens_r
-    lb = ws.layer(k, d)
+    lb = ws._layers[k][d]
     xr = lb.xr if k > 0 else ws.scratch("x0r", X.shape)
     _sweep.reverse_in_time(xr, X, lengths)
     return kind, xr
@@ -305,7 +315,7 @@ def _input(ws, k, d, kind, X):
 def _direction_forward(model, ws, k, d, kind, X, parallel, method):
     """Fill layer k's hs[1:] in direction d (and the cell's other activations) from its hs[0]."""
     T, B = ws.T, ws.B
-    lb = ws.layer(k, d)
+    lb = ws._layers[k][d]
     W_ih, b_ih, W_hh, _ = _layer_weights(model, ws, k, d)
     cell = _cell_views(model, ws, k, d)
     _, _, _, counts = _plan(ws)
@@ -352,10 +362,10 @@ def _layer_output(model, ws, k):
     y, _, mask = ws._outputs[k]
     if model.num_directions == 2:
         _, _, lengths, _ = _plan(ws)
-        _sweep.concat_directions(y, hs_out(ws.layer(k, 0)), hs_out(ws.layer(k, 1)), lengths)
+        _sweep.concat_directions(y, hs_out(ws._layers[k][0]), hs_out(ws._layers[k][1]), lengths)
         out = y
     else:
-        out = hs_out(ws.layer(k, 0))
+        out = hs_out(ws._layers[k][0])
     if ws._dropout_on and k < model.num_layers - 1:
         np.multiply(out, mask, out=y)
         out = y
@@ -367,7 +377,7 @@ def _kept_output(model, ws, k):
     y = ws._outputs[k][0]
     if model.num_directions == 2 or (ws._dropout_on and k < model.num_layers - 1):
         return y
-    return hs_out(ws.layer(k, 0))
+    return hs_out(ws._layers[k][0])
 
 
 def _draw_masks(model, ws):
@@ -402,7 +412,7 @@ def _readout_input(model, ws):
     if model.num_directions == 2:
         y = ws._outputs[k][0]
     else:
-        y = hs_out(ws.layer(k, 0))
+        y = hs_out(ws._layers[k][0])
     return y.reshape(ws.T * ws.B, y.shape[2])
 
 
@@ -457,7 +467,7 @@ def _arrives_at_last(model, ws, parts, k):
     dirs = model.num_directions
     for d in range(dirs):
         dh_T, dc_T = parts[k * dirs + d]
-        lb = ws.layer(k, d)
+        lb = ws._layers[k][d]
         if dh_T is not None:
             _sweep.add_at_last(_cell_views(model, ws, k, d).dh, dh_T, order, lengths)
         if ws.cell != "rnn":
@@ -472,8 +482,8 @@ def _direction_backward(model, ws, k, d, kind, X, parallel, method, weights):
     g = ws.grads
     T, B = ws.T, ws.B
     H = model.hidden_size
-    lb = ws.layer(k, d)
-    names = model.layer_names(k, d)
+    lb = ws._layers[k][d]
+    names = model._names[k, d]
     W_ih, _, W_hh, _ = _layer_weights(model, ws, k, d)
     cell = _cell_views(model, ws, k, d)
     _, _, _, counts = _plan(ws)
@@ -532,7 +542,7 @@ def _input_grad(model, ws, k, target):
     dot(_cell_views(model, ws, k, 0).dgx.reshape(T * B, -1), W_ih, target.reshape(T * B, Dk))
     if model.num_directions == 2:
         _, _, lengths, _ = _plan(ws)
-        dxr = ws.layer(k, 1).dxr if k > 0 else ws.scratch("dx0r", target.shape)
+        dxr = ws._layers[k][1].dxr if k > 0 else ws.scratch("dx0r", target.shape)
         dot(_cell_views(model, ws, k, 1).dgx.reshape(T * B, -1), _layer_weights(model, ws, k, 1)[0],
             dxr.reshape(T * B, Dk))
         _sweep.add_reversed_in_time(target, dxr, lengths)

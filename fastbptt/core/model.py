@@ -208,6 +208,7 @@ class RNNBase:
         # bias the model lacks (the Elman cell has no b_ih)
         L, dirs = self._stack
         self._roles = {}
+        self._names = {}
         for k in range(L):
             for d in range(dirs):
                 sfx = layer_suffix(k, d, L, dirs)
@@ -215,6 +216,8 @@ class RNNBase:
                 get = lambda role: (None if names[role] is None or (role.startswith("b_") and not bias)  # noqa: E731
                                     else self._kernel_views[names[role] + sfx])
                 self._roles[k, d] = (get("W_ih"), get("b_ih"), get("W_hh"), get("b_hh"))
+                self._names[k, d] = {role: None if names[role] is None or (role.startswith("b_") and not bias)
+                                     else names[role] + sfx for role in names}
 
     # -- sizes and layout are read-only: they are what the flat buffer was built for
     input_size = property(lambda self: self._sizes[0], doc="D, the size of x_t (read-only).")
