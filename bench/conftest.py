@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastbptt import compare
-from fastbptt.benchmark import gemm_peak
+from fastbptt.benchmark import build, gemm_peak
 
 
 def pytest_addoption(parser):
@@ -37,8 +37,20 @@ def problem(config):
     """(model, X, Y, oracle) of a Config: the batch and the float64 reference's (loss, grads).
 
     The suite runs every implementation of one configuration in a row, so two entries suffice.
+    For a Config with lengths see ``problem_with_lengths``.
     """
-    dtype = np.dtype(config.dtype)
-    model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
-                                       dtype=dtype, activation=config.activation, cell=config.cell)
-    return model, X, Y, compare.oracle(model, X, Y)
+    model, X, Y, lengths, expected, _ = problem_with_lengths(config)
+    return model, X, Y, expected
+
+
+@functools.lru_cache(maxsize=2)
+def problem_with_lengths(config):
+    """(model, X, Y, lengths, oracle, full oracle) of a Config (``fastbptt.benchmark.build``).
+
+    ``lengths`` is None at full lengths; the oracle uses the lengths, the full oracle (for
+    ``fastbptt-full``) runs every sequence to T: the same as the oracle without lengths.
+    """
+    model, X, Y, lengths = build(config)
+    expected = compare.oracle(model, X, Y, lengths)
+    full = expected if lengths is None else compare.oracle(model, X, Y)
+    return model, X, Y, lengths, expected, full

@@ -1,6 +1,6 @@
 """``python -m fastbptt bench``: one training step of fastbptt, the NumPy reference, PyTorch and JAX, side by side.
 
-For every configuration (T, B, D, H, O, dtype, activation, cell) each implementation
+For every configuration (T, B, D, H, O, dtype, activation, cell, layers, lengths) each implementation
 builds its step from the same weights and batch (see ``fastbptt.compare``), is
 checked once against a float64 run of the reference, is warmed up (compiled or
 traced) outside the timing, and is then timed best-of-N. Every number in the table
@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -34,7 +34,9 @@ class Config:
     """One benchmark problem: dense inputs of size D, O classes, h_0 = 0, biases on.
 
     ``cell`` is ``"rnn"`` (Elman, with ``activation``), ``"gru"`` or ``"lstm"`` (whose
-    ``activation`` is None: they have none to choose).
+    ``activation`` is None: they have none to choose). ``layers`` is the model's
+    ``num_layers``; ``lengths`` is ``"full"`` (every sequence T long) or ``"uniform"``
+    (``compare.make_lengths``: drawn from 1..T, the first T).
     """
 
     T: int
@@ -45,15 +47,46 @@ class Config:
     dtype: str = "float32"
     activation: str | None = "tanh"
     cell: str = "rnn"
+    layers: int = 1
+    lengths: str = "full"
+
+    @property
+    def variable(self):
+        """Whether the sequences have different lengths."""
+        return self.lengths != "full"
+
+    def make_lengths(self):
+        """The batch's lengths (B,), or None for full lengths."""
+        return compare.make_lengths(self.T, self.B, self.lengths)
+
+    @property
+    def positions(self):
+        """Σ lengths: the positions that do work (T·B at full lengths)."""
+        lengths = self.make_lengths()
+        return self.T * self.B if lengths is None else int(lengths.sum())
 
     @property
     def flops(self):
-        return compare.step_flops(self.T, self.B, self.D, self.H, self.O, self.cell)
+        return compare.step_flops(self.T, self.B, self.D, self.H, self.O, self.cell, self.layers,
+                                  self.positions)
 
     @property
     def label(self):
         return (f"T={self.T} B={self.B} D={self.D} H={self.H} O={self.O} "
-                f"{self.dtype} {self.activation if self.cell == 'rnn' else self.cell}")
+                f"{self.dtype} {self.activation if self.cell == 'rnn' else self.cell}"
+                + (f" L={self.layers}" if self.layers != 1 else "")
+                + (f" lengths {self.lengths}" if self.variable else ""))
+
+
+def build(config):
+    """(model, X, Y, lengths) of a Config: the batch zero-padded past each sequence's end."""
+    model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
+                                       dtype=np.dtype(config.dtype), activation=config.activation,
+                                       cell=config.cell, num_layers=config.layers)
+    lengths = config.make_lengths()
+    if lengths is not None:
+        X, Y = compare.zero_padding(X, Y, lengths)
+    return model, X, Y, lengths
 
 
 #: Eight training shapes (T, B, D, H, O), float32, tanh, from a one-unit sequence model to H = 1760:
@@ -70,19 +103,32 @@ LOAD_SIZES = [(35, 32, 28, 64, 28), (35, 32, 28, 512, 28), (1000, 1, 28, 64, 28)
 CELL_SIZES = [(200, 4, 16, 96, 16), (35, 32, 28, 256, 28), (35, 32, 28, 64, 28),
               (100, 8, 28, 128, 28), (50, 1, 28, 256, 28)]
 
+#: Shapes to compare stacks on (run at 1 and 2 layers by default): latency-bound steps
+#: (B·H <= 2048: the first four) and two larger ones.
+LAYER_SIZES = [(200, 4, 16, 96, 16), (35, 32, 28, 64, 28), (100, 8, 28, 128, 28), (50, 1, 28, 256, 28),
+               (35, 32, 28, 256, 28), (50, 64, 64, 256, 64)]
+
+#: Shapes to compare lengths on (uniform lengths by default): small and mid-sized batches.
+LENGTH_SIZES = [(200, 8, 16, 96, 16), (100, 32, 28, 128, 28), (50, 64, 28, 256, 28)]
+
 #: Grids (T values, H values, B values, D = O) of the named sets that are grids.
 GRIDS = {"default": ([10, 100, 1000], [16, 64, 256], [1, 16], 28),
          "quick": ([5, 20], [8, 16], [1, 4], 6)}
 
 #: Fixed lists of shapes of the other named sets.
-FIXED = {"sizes": SIZES, "load": LOAD_SIZES, "cells": CELL_SIZES}
+FIXED = {"sizes": SIZES, "load": LOAD_SIZES, "cells": CELL_SIZES, "layers": LAYER_SIZES,
+         "lengths": LENGTH_SIZES}
 
 SETS = {"default": "T in 10,100,1000 x H in 16,64,256 x B in 1,16, D = O = 28 (about a minute)",
         "sizes": "eight training shapes from T=100,B=1,H=32 to T=50,B=64,H=1760 (a few minutes)",
         "quick": "T in 5,20 x H in 8,16 x B in 1,4, D = O = 6 (seconds; a smoke test)",
         "load": "T=35,B=32,D=O=28 with H=64 and 512; T=1000,B=1,H=64 (the default with --load)",
         "cells": "five shapes from T=200,B=4,D=O=16,H=96 to T=35,B=32,D=O=28,H=256 (the default "
-                 "with a gated --cell; about a minute per cell)"}
+                 "with a gated --cell; about a minute per cell)",
+        "layers": "six shapes from T=200,B=4,H=96 to T=50,B=64,H=256, each cell at --layers 1,2 "
+                  "(the default with --layers 2; a few minutes)",
+        "lengths": "T=200,B=8,H=96; T=100,B=32,H=128; T=50,B=64,H=256, each cell with --lengths "
+                   "uniform (the default with --lengths uniform; a minute or two)"}
 
 #: Older names of the sets, still accepted.
 SET_ALIASES = {"issue": "sizes"}
@@ -106,8 +152,13 @@ def with_cells(configs, cells):
         if "rnn" in cells:
             out.append(c)
         if c.activation == first:
-            out += [Config(c.T, c.B, c.D, c.H, c.O, c.dtype, None, cell) for cell in cells if cell != "rnn"]
+            out += [replace(c, activation=None, cell=cell) for cell in cells if cell != "rnn"]
     return out
+
+
+def with_stacks(configs, layers=(1,), lengths=("full",)):
+    """Each config once per layer count of ``layers`` and per kind of ``lengths`` (shape by shape)."""
+    return [replace(c, layers=L, lengths=kind) for c in configs for L in layers for kind in lengths]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -143,24 +194,32 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     threads of the one before (BLAS, OpenMP) stop spinning and go to sleep before the next is timed.
     """
     dtype = np.dtype(config.dtype)
-    model, X, Y = compare.make_problem(config.T, config.B, config.D, config.H, config.O,
-                                       dtype=dtype, activation=config.activation, cell=config.cell)
+    model, X, Y, lengths = build(config)
     if on_step:
         on_step("float64 oracle")
-    expected = compare.oracle(model, X, Y)
+    expected = {False: compare.oracle(model, X, Y, lengths)}
     row_start = monitor.sample() if monitor else None
     result = dict(asdict(config), flops=config.flops, impls={})
+    if lengths is not None:
+        result["positions"] = int(lengths.sum())
     for name in impls:
         if on_step:
             on_step(name)
-        if not compare.supports(name, config.activation, config.cell):
-            result["impls"][name] = {"skipped": f"{name} has no activation {config.activation}"}
+        why = compare.unsupported(name, config.activation, config.cell, config.layers, config.variable)
+        if why:
+            result["impls"][name] = {"skipped": why}
             continue
+        # fastbptt-full runs every sequence to T: its loss is the full-length one
+        full = compare.parse_name(name)[0] == "fastbptt-full" and lengths is not None
+        if full and full not in expected:
+            if on_step:
+                on_step("float64 oracle at full lengths")
+            expected[full] = compare.oracle(model, X, Y)
         time.sleep(pause)
         try:
-            step = compare.make_step(name, model, X, Y)
+            step = compare.make_step(name, model, X, Y, lengths=lengths)
             start = time.perf_counter()
-            checked = compare.check(step(), expected, dtype)      # the first call also warms up
+            checked = compare.check(step(), expected[full], dtype)      # the first call also warms up
             first = time.perf_counter() - start
             n = reference_repeats if name == "reference" else repeats
             sample = monitor.sample() if monitor else None
@@ -184,6 +243,11 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     return result
 
 
+def _full(name):
+    """Whether ``name`` is fastbptt run at full lengths (``fastbptt-full``, with or without a method)."""
+    return compare.parse_name(name)[0] == "fastbptt-full"
+
+
 def _forced(name):
     """The method a fastbptt variant forces ("fused", "blas"), or None (the default or "auto")."""
     method = compare.parse_name(name)[1].get("method")
@@ -198,7 +262,7 @@ def fastest_fastbptt(result):
     a method. Only when every timed variant forces one is it the fastest of those.
     """
     timed = [(e["ms"], name, e) for name, e in result["impls"].items()
-             if name.startswith("fastbptt") and "ms" in e]
+             if name.startswith("fastbptt") and not _full(name) and "ms" in e]
     chosen = [t for t in timed if _forced(t[1]) is None] or timed
     if not chosen:
         return None, None
@@ -241,7 +305,26 @@ def summarize(result, peak_gflops):
         serial, par = result["impls"]["fastbptt"], result["impls"]["fastbptt-parallel"]
         if "ms" in serial and "ms" in par:
             result["parallel_speedup"] = serial["ms"] / par["ms"]
+    full = lengths_ratio(result, name)
+    if full is not None:
+        result["lengths_ratio"] = full
     return result
+
+
+def lengths_ratio(result, name):
+    """fastbptt's time with the batch's lengths over its time at full lengths, or None.
+
+    ``name`` is the variant the row is about; the full-length time is that of the
+    ``fastbptt-full`` variant with the same method (``fastbptt-full`` when ``name`` lets
+    method="auto" choose). Only rows with lengths have one.
+    """
+    if name is None or not result.get("lengths", "full") != "full":
+        return None
+    method = _forced(name)
+    full = [e["ms"] for n, e in result["impls"].items() if _full(n) and _forced(n) == method and "ms" in e]
+    if not full:
+        return None
+    return result["impls"][name]["ms"] / min(full)
 
 
 # ----------------------------------------------------------------------------- output
@@ -288,12 +371,18 @@ def load_summary(results, threshold, peak_loads=()):
 def format_table(results, impls):
     """The printed table: one line per configuration."""
     others = [n for n in impls if not n.startswith("fastbptt")]
+    stacks = any(r.get("layers", 1) != 1 or r.get("lengths", "full") != "full" for r in results)
     cols = [("T", 5), ("B", 3), ("D", 5), ("H", 5), ("O", 5), ("dtype", 5), ("cell", 4), ("act", 8)]
+    if stacks:
+        cols += [("L", 2), ("lengths", 7)]
     cols += [(f"{n} ms", max(9, len(n) + 3)) for n in impls]
     cols += [("GFLOP/s", 8), ("%peak", 6)]
     cols += [(f"×{n}", max(6, len(n) + 1)) for n in others]
     if "fastbptt" in impls and "fastbptt-parallel" in impls:
         cols.append(("×par", 5))
+    ratios = any("lengths_ratio" in r for r in results)
+    if ratios:
+        cols.append(("var/full", 8))
     methods = any(r.get("methods") for r in results)
     if methods:
         cols += [("faster", 11), ("auto", 5)]
@@ -305,6 +394,8 @@ def format_table(results, impls):
     for r in results:
         cells = [r["T"], r["B"], r["D"], r["H"], r["O"], DTYPE_SHORT[r["dtype"]], r.get("cell", "rnn"),
                  r["activation"] or "-"]
+        if stacks:
+            cells += [r.get("layers", 1), r.get("lengths", "full")]
         cells += [_ms(r["impls"].get(n)) for n in impls]
         g = r.get("fastbptt_gflops")
         cells.append("-" if g is None else f"{g:.2f}" if g < 10 else f"{g:.1f}")
@@ -316,6 +407,9 @@ def format_table(results, impls):
         if "fastbptt" in impls and "fastbptt-parallel" in impls:
             ps = r.get("parallel_speedup")
             cells.append("-" if ps is None else f"{ps:.2f}")
+        if ratios:
+            lr = r.get("lengths_ratio")
+            cells.append("-" if lr is None else f"{lr:.2f}")
         if methods:
             m = r.get("methods")
             cells += ["-", "-"] if not m else [f"{m['fastest']} {m['ratio']:.2f}x", m["auto"] or "?"]
@@ -384,7 +478,8 @@ def write_plot(results, impls, path):
     from matplotlib.lines import Line2D
 
     fig = Figure(figsize=(13, 6), layout="constrained")
-    base_colors = {"fastbptt": "C3", "fastbptt-parallel": "C1", "reference": "C7", "torch": "C0", "jax": "C2"}
+    base_colors = {"fastbptt": "C3", "fastbptt-parallel": "C1", "fastbptt-full": "C5", "reference": "C7",
+                   "torch": "C0", "torch-packed": "C9", "torch-padded": "C4", "jax": "C2"}
     styles = ["-", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
     methods = sorted({compare.parse_name(n)[1].get("method", "") for n in impls})
 
@@ -396,12 +491,16 @@ def write_plot(results, impls, path):
         return color, "--"
 
     markers = "os^vDP*Xph<>"
+    defaults = {"cell": "rnn", "layers": 1, "lengths": "full"}
+
     def value(r, k):         # the gated cells' activation is None: "-", so that keys sort
-        v = r.get(k, "rnn") if k == "cell" else r[k]
+        v = r.get(k, defaults[k]) if k in defaults else r[k]
         return "-" if v is None else v
 
-    for ax, x, fixed in ((fig.add_subplot(1, 2, 1), "T", ("H", "B", "D", "O", "dtype", "cell", "activation")),
-                         (fig.add_subplot(1, 2, 2), "H", ("T", "B", "D", "O", "dtype", "cell", "activation"))):
+    for ax, x, fixed in ((fig.add_subplot(1, 2, 1), "T", ("H", "B", "D", "O", "dtype", "cell", "activation",
+                                                          "layers", "lengths")),
+                         (fig.add_subplot(1, 2, 2), "H", ("T", "B", "D", "O", "dtype", "cell", "activation",
+                                                          "layers", "lengths"))):
         groups = {}
         for r in results:
             groups.setdefault(tuple(value(r, k) for k in fixed), []).append(r)
@@ -522,12 +621,13 @@ def check_outputs(args, parser):
                          f"use one of .{', .'.join(sorted(formats))}")
 
 
-def warm_up(impls, dtypes, activations, enabled=True, cells=("rnn",)):
+def warm_up(impls, dtypes, activations, enabled=True, cells=("rnn",), stacks=((1, "full"),)):
     """Compile (or load from the cache) every fastbptt kernel the run needs, saying so when it is slow.
 
     Each fastbptt variant is called once on a tiny problem with each method, for each
-    cell (the Elman cell with each activation), so that the first timed configuration
-    does not also time a compilation, and a first run is not several silent seconds.
+    cell (the Elman cell with each activation) and each (layers, lengths) of ``stacks``,
+    so that the first timed configuration does not also time a compilation, and a first
+    run is not several silent seconds.
     """
     from ..core import api
 
@@ -536,18 +636,33 @@ def warm_up(impls, dtypes, activations, enabled=True, cells=("rnn",)):
         return
     kinds = [("rnn", act) for act in activations if "rnn" in cells] + [(c, None) for c in cells if c != "rnn"]
     with compiling(enabled=enabled):
-        for base, dt, (cell, act) in itertools.product(variants, dtypes, kinds):
-            model, X, Y = compare.make_problem(3, 2, 3, 4, 3, dtype=np.dtype(dt), activation=act, cell=cell)
+        for base, dt, (cell, act), (layers, kind) in itertools.product(variants, dtypes, kinds, stacks):
+            model, X, Y = compare.make_problem(3, 2, 3, 4, 3, dtype=np.dtype(dt), activation=act, cell=cell,
+                                               num_layers=layers)
+            lengths = compare.make_lengths(3, 2, kind)
             for method in [m for m in getattr(api, "METHODS", ("auto",)) if m != "auto"] or [None]:
                 options = {} if method is None else {"method": method}
-                compare.make_step(base, model, X, Y, **options)()
+                compare.make_step(base, model, X, Y, lengths=lengths, **options)()
 
 
 def warm_up_for(impls, configs, enabled=True):
-    """``warm_up`` for the dtypes, cells and Elman activations of ``configs``."""
+    """``warm_up`` for the dtypes, cells, Elman activations, layer counts and lengths of ``configs``."""
     warm_up(impls, sorted({c.dtype for c in configs}),
             sorted({c.activation for c in configs if c.cell == "rnn"}), enabled=enabled,
-            cells=[c for c in compare.CELL_NAMES if any(k.cell == c for k in configs)])
+            cells=[c for c in compare.CELL_NAMES if any(k.cell == c for k in configs)],
+            stacks=sorted({(c.layers, c.lengths) for c in configs}))
+
+
+def stack_notes(impls):
+    """Lines under the header of a run with stacks or lengths: what each implementation does with them."""
+    out = ["stacks: num_layers = L in fastbptt and in torch.nn.RNN/GRU/LSTM(num_layers=L), every layer's "
+           "weights copied; no dropout"]
+    if any(compare.parse_name(n)[0] in ("fastbptt-full", "torch-packed", "torch-padded") for n in impls):
+        out.append("lengths: the loss is the mean over the valid positions; fastbptt gets lengths=; "
+                   "fastbptt-full = fastbptt on the same batch at full lengths; torch-packed = "
+                   "pack_padded_sequence(enforce_sorted=False) of X and Y in every step; torch-padded = "
+                   "the whole padded batch, loss masked to the valid positions")
+    return out
 
 
 def build_parser():
@@ -563,6 +678,16 @@ with a linear readout of size O and biases -- in fastbptt, the plain NumPy refer
 (jit(value_and_grad(loss)) over lax.scan), all from the same weights and batch.
 --cell gru,lstm (or all) times the GRU and the LSTM too: PyTorch's nn.GRU / nn.LSTM
 with the weights copied one to one, and JAX's scan over the same equations.
+
+--layers 1,2 times stacked models (num_layers, against PyTorch's num_layers, every
+layer's weights copied) and --lengths uniform batches whose sequences have lengths drawn
+from 1..T (the first T), the loss averaged over the valid positions: fastbptt with
+lengths=, "fastbptt-full" (the same batch with every sequence run to T), "torch-packed"
+(pack_padded_sequence(enforce_sorted=False) of X and Y in each step) and "torch-padded"
+(the padded batch, the loss masked). "var/full" is fastbptt's time over fastbptt-full's.
+For stacks and lengths the default implementations are fastbptt and PyTorch (the JAX
+step has one layer and no lengths; the reference is slow there: --impl reference adds it),
+and a step counts {compare.STACK_FLOP_FORMULA} flops.
 
 Each implementation is first checked against the reference run in float64 (loss and
 every gradient; the table's "max err" is the largest gradient error relative to that
@@ -617,6 +742,14 @@ configuration sets (--configs):
     sel.add_argument("--cell", type=_cells, default=None, metavar="rnn,gru,lstm|all",
                      help="the cells to time each shape in: rnn (Elman), gru, lstm, or all (default rnn; "
                           "with a gated cell and no set, grid or --config, the cells set)")
+    sel.add_argument("--layers", type=positive_ints, default=None, metavar="L1,L2,...",
+                     help="stack each model this many layers deep (num_layers), each count a row: e.g. 1,2 "
+                          "(default 1; 1,2 for the layers set, which is the default with a count above 1)")
+    sel.add_argument("--lengths", type=_choices(list(compare.LENGTHS), "lengths"), default=None,
+                     metavar="full,uniform",
+                     help="sequence lengths of each batch: full (every sequence T long) or uniform (drawn "
+                          "from 1..T, the first T); each a row (default full; uniform for the lengths set, "
+                          "which is the default with uniform)")
     sel.add_argument("--dtype", type=_choices(["float32", "float64"], "dtype"), default=None,
                      metavar="float32,float64", help="dtypes to run each configuration in (default float32)")
     sel.add_argument("--activation", type=_choices(["tanh", "relu", "identity"], "activation"),
@@ -667,37 +800,68 @@ configuration sets (--configs):
 
 
 def select_configs(args, parser):
-    """The Configs the arguments ask for: each shape in each cell of ``--cell`` (default rnn)."""
+    """The Configs the arguments ask for: each shape in each cell of ``--cell`` (default rnn),
+    at each layer count of ``--layers`` and each kind of ``--lengths``.
+
+    The sets "layers" and "lengths" default to every cell, and to ``--layers 1,2`` and
+    ``--lengths uniform`` respectively; they are the default set with ``--layers`` above 1
+    and with ``--lengths uniform``.
+    """
     dtypes = args.dtype or ["float32"]
     acts = args.activation or ["tanh"]
-    cells = getattr(args, "cell", None) or ["rnn"]
-    if args.activation and "rnn" not in cells:
-        parser.error("--activation chooses the rnn cell's activation; the gru and lstm cells have none "
-                     "(add rnn to --cell, or leave --activation out)")
     grid_flags = [f for f in ("T", "H", "B", "D") if getattr(args, f) is not None]
+    layers, lengths = getattr(args, "layers", None), getattr(args, "lengths", None)
     if args.configs:
         name = args.configs
     elif args.quick:
         name = "quick"
     elif getattr(args, "load", False) and not grid_flags:
         name = "load"
-    elif cells != ["rnn"] and not grid_flags:
+    elif layers and max(layers) > 1 and not grid_flags:
+        name = "layers"
+    elif lengths and lengths != ["full"] and not grid_flags:
+        name = "lengths"
+    elif getattr(args, "cell", None) not in (None, ["rnn"]) and not grid_flags:
         name = "cells"
     else:
         name = "default"
+    stacked = name in ("layers", "lengths") and not args.config
+    cells = getattr(args, "cell", None) or (list(compare.CELL_NAMES) if stacked else ["rnn"])
+    layers = layers or ([1, 2] if name == "layers" and not args.config else [1])
+    lengths = lengths or (["uniform"] if name == "lengths" and not args.config else ["full"])
+    if args.activation and "rnn" not in cells:
+        parser.error("--activation chooses the rnn cell's activation; the gru and lstm cells have none "
+                     "(add rnn to --cell, or leave --activation out)")
     if args.config:
         if args.configs or grid_flags:
             parser.error("--config replaces the set: do not combine it with --configs, --T, --H, --B or --D")
         shapes = args.config
     elif name in GRIDS:
         Ts, Hs, Bs, D = GRIDS[name]
-        return with_cells(grid(args.T or Ts, args.H or Hs, args.B or Bs, args.D or D, dtypes, acts), cells)
+        return with_stacks(with_cells(grid(args.T or Ts, args.H or Hs, args.B or Bs, args.D or D, dtypes, acts),
+                                      cells), layers, lengths)
     else:
         if grid_flags:
             parser.error(f"--{', --'.join(grid_flags)} shape a grid; the set {name!r} is a fixed list")
         shapes = FIXED[name]
-    return with_cells([Config(*shape, dt, act) for dt, act in itertools.product(dtypes, acts)
-                       for shape in shapes], cells)
+    return with_stacks(with_cells([Config(*shape, dt, act) for dt, act in itertools.product(dtypes, acts)
+                                   for shape in shapes], cells), layers, lengths)
+
+
+def default_impls(configs):
+    """The implementations a run times unless ``--impl`` says otherwise.
+
+    fastbptt, the reference, PyTorch and JAX; for stacks and lengths fastbptt and PyTorch
+    alone (the reference runs each sequence alone in Python loops, and the JAX step has
+    one layer and no lengths), with, when some sequences are shorter than T,
+    ``fastbptt-full``, ``torch-packed`` and ``torch-padded`` (and ``torch`` only when some
+    rows have full lengths).
+    """
+    if all(c.layers == 1 and not c.variable for c in configs):
+        return ("fastbptt", "reference", "torch", "jax")
+    variable, full = any(c.variable for c in configs), any(not c.variable for c in configs)
+    return tuple(n for n, wanted in (("fastbptt", True), ("fastbptt-full", variable), ("torch", full),
+                                     ("torch-packed", variable), ("torch-padded", variable)) if wanted)
 
 
 def select_impls(args, parser, default=("fastbptt", "reference", "torch", "jax")):
@@ -707,14 +871,16 @@ def select_impls(args, parser, default=("fastbptt", "reference", "torch", "jax")
         impls = list(args.impl)
         for name in impls:
             if not compare.available(name):
-                parser.error(f"--impl {name}: {name} is not installed (pip install {name})")
+                package = "torch" if compare.parse_name(name)[0] in compare.TORCH else name
+                parser.error(f"--impl {name}: {name} is not installed (pip install {package})")
     else:
         impls = []
         for name in default:
             if compare.available(name):
                 impls.append(name)
             else:
-                notes.append(f"{name} is not installed: skipped (pip install {name})")
+                package = "torch" if name in compare.TORCH else name
+                notes.append(f"{name} is not installed: skipped (pip install {package})")
     if args.parallel and "fastbptt-parallel" not in impls:
         impls.insert(impls.index("fastbptt") + 1 if "fastbptt" in impls else 0, "fastbptt-parallel")
     impls = [n for n in compare.IMPLEMENTATIONS if n in impls]
@@ -750,6 +916,8 @@ def check_args(args, parser):
         parser.error("--load-procs goes with --load")
     if args.load and args.plot:
         parser.error("--plot draws the comparison table; it does not go with --load")
+    if args.load and (args.layers not in (None, [1]) or args.lengths not in (None, ["full"])):
+        parser.error("--layers and --lengths go with the comparison table, not with --load")
     check_outputs(args, parser)
 
 
@@ -768,8 +936,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(args, parser)
     configs = select_configs(args, parser)
-    impls, notes = select_impls(args, parser, default=("fastbptt",) if args.load else
-                                ("fastbptt", "reference", "torch", "jax"))
+    impls, notes = select_impls(args, parser, default=("fastbptt",) if args.load else default_impls(configs))
     if args.load:
         from . import _loadbench
         return _loadbench.main(args, configs, impls, _command(argv))
@@ -788,9 +955,13 @@ def main(argv=None):
         print(f"machine load: not measured ({monitor.why_unavailable})")
     for note in notes:
         print(note)
+    stacked = any(c.layers != 1 or c.variable for c in configs)
     print(f"one step: forward + softmax cross-entropy + all gradients, dense inputs, biases, h_0 = 0; "
-          f"flops = {compare.FLOP_FORMULA}; best of {args.repeats} "
+          f"flops = {compare.STACK_FLOP_FORMULA if stacked else compare.FLOP_FORMULA}; best of {args.repeats} "
           f"(reference: {args.reference_repeats}) rounds of >= {args.min_time:g} s", flush=True)
+    if stacked:
+        for line in stack_notes(impls):
+            print(line)
 
     warm_up_for(impls, configs, enabled=not args.no_progress)
     progress = Progress(len(configs) * (len(impls) + 1), enabled=not args.no_progress)
@@ -821,6 +992,10 @@ def main(argv=None):
               f"GFLOP/s (the higher of {runs[0]:.1f} before and {runs[1]:.1f} after the run)")
     print()
     print(format_table(results, impls))
+    if any("lengths_ratio" in r for r in results):
+        print("\nlengths = full (every sequence T long) or uniform (drawn from 1..T, the first T); "
+              "var/full = fastbptt's time with those lengths / fastbptt-full's (the same batch, every "
+              "sequence run to T)")
     print(f"\n{len(configs)} configurations in {elapsed:.0f} s; ms = best time per step; "
           "×name = name's time / fastbptt's (the fastest variant that lets method=auto choose); max err = largest relative gradient "
           "error of any implementation against the float64 reference")
@@ -830,7 +1005,8 @@ def main(argv=None):
     for r, n, e in failed:
         what = e.get("error") or (f"max gradient error {e['max_grad_error']:.2e} ({e['worst']}), "
                                   f"loss error {e['loss_error']:.2e} > tolerance {e['tolerance']:.0e}")
-        config = Config(*(r[k] for k in ("T", "B", "D", "H", "O", "dtype", "activation", "cell")))
+        config = Config(*(r[k] for k in ("T", "B", "D", "H", "O", "dtype", "activation", "cell")),
+                        layers=r.get("layers", 1), lengths=r.get("lengths", "full"))
         print(f"FAILED {n} at {config.label}: {what}", file=sys.stderr)
 
     if args.json:
@@ -839,7 +1015,8 @@ def main(argv=None):
                "gemm_peak_gflops": peaks, "gemm_peak_runs_gflops": peak_runs, "gemm_peak_n": args.peak_n,
                "gemm_peak_loads": [{"dtype": dt, "load": None if load is None else load.as_dict(args.busy_threshold)}
                                    for dt, load in peak_loads],
-               "flop_formula": compare.FLOP_FORMULA, "repeats": args.repeats,
+               "flop_formula": compare.STACK_FLOP_FORMULA if stacked else compare.FLOP_FORMULA,
+               "repeats": args.repeats,
                "reference_repeats": args.reference_repeats, "min_time_s": args.min_time,
                "pause_s": args.pause, "implementations": impls, "elapsed_s": elapsed,
                "load": {"measured": monitor.available, "why_not": monitor.why_unavailable,

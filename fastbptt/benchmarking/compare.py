@@ -11,6 +11,16 @@ runs one whole step and returns ``(loss, grads)``: a float and a dict keyed like
 ``W_ih``, ``W_hh``, ``b_ih``, ``b_hh``, ``W_qh``, ``b_q`` for the gated cells) of
 arrays or array-likes (``numpy.asarray`` them). Gradients never accumulate across calls.
 
+Stacks and lengths: a model with ``num_layers=L`` (``make_problem(..., num_layers=L)``)
+is timed against ``torch.nn.RNN``/``GRU``/``LSTM(num_layers=L)`` with every layer's weights
+copied (and in the reference, ``fastbptt.core.reference_layers``). With ``lengths``
+(B,) (``make_lengths``), sequence b uses its first lengths[b] steps and the loss is the
+mean over the Σ lengths valid positions; ``"torch-packed"`` runs PyTorch on
+``pack_padded_sequence(..., enforce_sorted=False)`` (packing X and Y is part of its step,
+as in a training loop), ``"torch-padded"`` on the whole padded batch with the loss
+masked to the valid positions, and ``"fastbptt-full"`` is fastbptt on the same batch
+with every length T (the time the lengths save; its loss is the full one).
+
 The gated cells are PyTorch's: ``torch.nn.GRU`` / ``torch.nn.LSTM`` get the weights
 one to one (same layout, gates stacked in PyTorch's order), and the JAX step writes
 the same equations (the GRU's reset gate applied after the product, r ⊙ (W_hn h + b_hn)).
@@ -36,7 +46,16 @@ from ..core.workspace import Workspace
 
 #: All implementations, in the order the benchmarks show them. "fastbptt-parallel" is
 #: fastbptt with ``parallel=True`` (the B sequences spread over Numba's threads).
-IMPLEMENTATIONS = ("fastbptt", "fastbptt-parallel", "reference", "torch", "jax")
+#: "fastbptt-full" is fastbptt ignoring the batch's lengths (every sequence T long);
+#: "torch-packed" and "torch-padded" are PyTorch on sequences of different lengths (see above).
+IMPLEMENTATIONS = ("fastbptt", "fastbptt-parallel", "fastbptt-full", "reference", "torch", "torch-packed",
+                   "torch-padded", "jax")
+
+#: The fastbptt variants (each may take a method, as in "fastbptt-full:blas").
+FASTBPTT = ("fastbptt", "fastbptt-parallel", "fastbptt-full")
+
+#: PyTorch's variants: the whole batch, packed sequences, the padded batch with a masked loss.
+TORCH = ("torch", "torch-packed", "torch-padded")
 
 #: The cells, in the order the benchmarks show them, and G, the number of gates of each:
 #: its input and recurrent products are G·H wide.
@@ -46,8 +65,11 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 #: The flop count of one step, as text (see ``step_flops``).
 FLOP_FORMULA = "2·T·B·(2·G·D·H + 3·G·H·H + 3·H·O), G = 1 rnn, 3 gru, 4 lstm"
 
+#: The same for a stack of L layers over the P = Σ lengths valid positions (P = T·B without lengths).
+STACK_FLOP_FORMULA = "2·P·(2·G·D·H + 3·G·H·H + 3·H·O + 6·(L−1)·G·H·H), P = Σ lengths"
 
-def step_flops(T, B, D, H, O, cell="rnn"):
+
+def step_flops(T, B, D, H, O, cell="rnn", num_layers=1, positions=None):
     """Floating-point operations of the matrix products of one training step.
 
     A multiply-add counts 2; G is the cell's number of gates (1 Elman, 3 GRU, 4 LSTM),
@@ -62,11 +84,21 @@ def step_flops(T, B, D, H, O, cell="rnn"):
     Biases, the pointwise gate math (σ, tanh, the products with the gates) and the
     softmax are not counted. (The common convention "training = 3 × forward" counts
     one G·D·H more.)
+
+    Each layer k ≥ 1 of a stack (``num_layers``) takes the H-wide output of the one below:
+    forward G·H·H (input) + G·H·H (recurrence); backward ∂L/∂W_ih (G·H·H), ∂L/∂(its input),
+    which the layer below needs (G·H·H), and the recurrence's two (2·G·H·H): 6·G·H·H per
+    position in all (``STACK_FLOP_FORMULA``). ``positions`` (default T·B) counts the
+    positions that do work: Σ lengths for sequences of different lengths, so that a
+    step's GFLOP/s count useful work only.
     """
     if cell not in GATES:
         raise ValueError(f"unknown cell {cell!r}; choose from {', '.join(CELL_NAMES)}")
+    if int(num_layers) < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     G = GATES[cell]
-    return 2 * T * B * (2 * G * D * H + 3 * G * H * H + 3 * H * O)
+    P = T * B if positions is None else int(positions)
+    return 2 * P * (2 * G * D * H + 3 * G * H * H + 3 * H * O + 6 * (int(num_layers) - 1) * G * H * H)
 
 
 def parse_name(name):
@@ -76,10 +108,10 @@ def parse_name(name):
     ``"fastbptt-parallel:blas"``); any other name has no options.
     """
     base, sep, method = name.partition(":")
-    if sep and base in ("fastbptt", "fastbptt-parallel") and method:
+    if sep and base in FASTBPTT and method:
         return base, {"method": method}
     if sep:
-        raise ValueError(f"unknown implementation {name!r}: only fastbptt and fastbptt-parallel take "
+        raise ValueError(f"unknown implementation {name!r}: only {', '.join(FASTBPTT)} take "
                          f"a method, as in 'fastbptt:fused'")
     return base, {}
 
@@ -87,31 +119,49 @@ def parse_name(name):
 def available(name):
     """Whether implementation ``name`` can run here (``torch``/``jax`` need their package)."""
     name, _ = parse_name(name)
-    if name in ("fastbptt", "fastbptt-parallel", "reference"):
+    if name in FASTBPTT or name == "reference":
         return True
-    if name in ("torch", "jax"):
+    if name in TORCH:
+        return importlib.util.find_spec("torch") is not None
+    if name == "jax":
         return importlib.util.find_spec(name) is not None
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLEMENTATIONS}")
 
 
-def supports(name, activation, cell="rnn"):
-    """Whether implementation ``name`` has the Elman ``activation`` (``torch.nn.RNN`` has no identity).
+def unsupported(name, activation, cell="rnn", num_layers=1, variable_lengths=False):
+    """Why implementation ``name`` cannot run this step, or None when it can.
 
-    The gated cells have no activation to choose: every implementation has them.
+    ``torch.nn.RNN`` has no identity activation (the gated cells have no activation to
+    choose); the JAX step has one layer and no lengths; plain ``"torch"`` runs every
+    sequence to T, so with ``variable_lengths`` it is ``"torch-packed"`` or
+    ``"torch-padded"`` that is timed.
     """
     name, _ = parse_name(name)
-    return cell != "rnn" or not (name == "torch" and activation not in ("tanh", "relu"))
+    if name in TORCH and cell == "rnn" and activation not in ("tanh", "relu"):
+        return f"{name} has no activation {activation}"
+    if name == "jax" and num_layers > 1:
+        return "the JAX step has one layer"
+    if name == "jax" and variable_lengths:
+        return "the JAX step has no lengths"
+    if name == "torch" and variable_lengths:
+        return "torch runs every sequence to T: see torch-packed and torch-padded"
+    return None
+
+
+def supports(name, activation, cell="rnn", num_layers=1, variable_lengths=False):
+    """Whether implementation ``name`` can run this step (see ``unsupported``)."""
+    return unsupported(name, activation, cell, num_layers, variable_lengths) is None
 
 
 def version(name):
     """The version string of the library behind implementation ``name`` (None if absent)."""
     name, _ = parse_name(name)
-    if name in ("fastbptt", "fastbptt-parallel", "reference"):
+    if name in FASTBPTT or name == "reference":
         from .. import __version__
         return __version__
     if not available(name):
         return None
-    return importlib.import_module(name).__version__
+    return importlib.import_module("torch" if name in TORCH else name).__version__
 
 
 def default_threads():
@@ -122,11 +172,12 @@ def default_threads():
         return os.cpu_count() or 1
 
 
-def make_problem(T, B, D, H, O, dtype=np.float32, activation="tanh", bias=True, seed=0, cell="rnn"):
+def make_problem(T, B, D, H, O, dtype=np.float32, activation="tanh", bias=True, seed=0, cell="rnn",
+                 num_layers=1):
     """A model initialized like PyTorch's (U(-1/√H, 1/√H)), X ~ N(0, 1) and random classes.
 
     ``cell`` is ``"rnn"`` (Elman, with ``activation``), ``"gru"`` or ``"lstm"`` (which
-    ignore ``activation``).
+    ignore ``activation``); ``num_layers`` stacks that many layers (no dropout).
 
     Returns
     -------
@@ -137,13 +188,54 @@ def make_problem(T, B, D, H, O, dtype=np.float32, activation="tanh", bias=True, 
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; choose from {', '.join(CELL_NAMES)}")
     rng = np.random.default_rng(seed)
+    stack = {} if num_layers == 1 else {"num_layers": num_layers}     # works with a one-layer fastbptt
     if cell == "rnn":
-        model = CELLS[cell](D, H, O, activation=activation, bias=bias, dtype=dtype, seed=seed)
+        model = CELLS[cell](D, H, O, activation=activation, bias=bias, dtype=dtype, seed=seed, **stack)
     else:
-        model = CELLS[cell](D, H, O, bias=bias, dtype=dtype, seed=seed)
+        model = CELLS[cell](D, H, O, bias=bias, dtype=dtype, seed=seed, **stack)
     X = rng.standard_normal((T, B, D)).astype(model.dtype)
     Y = rng.integers(0, O, size=(T, B)).astype(np.int64)
     return model, X, Y
+
+
+#: How ``make_lengths`` draws the lengths: "full" (every sequence T long) or "uniform".
+LENGTHS = ("full", "uniform")
+
+
+def make_lengths(T, B, kind="uniform", seed=0):
+    """Sequence lengths for a batch: None for ``"full"``; for ``"uniform"``, (B,) int64 in [1, T].
+
+    Each length is drawn uniformly from 1..T, except the first sequence's, which is T: the
+    batch is then really T long (padded PyTorch and ``fastbptt-full`` run T steps, not
+    fewer), and the mean length is about (T + 1) / 2.
+    """
+    if kind not in LENGTHS:
+        raise ValueError(f"unknown lengths {kind!r}; choose from {', '.join(LENGTHS)}")
+    if kind == "full":
+        return None
+    lengths = np.random.default_rng(seed + 1).integers(1, T + 1, size=B).astype(np.int64)
+    lengths[0] = T
+    return lengths
+
+
+def zero_padding(X, Y, lengths):
+    """Copies of X (T, B, D) and Y (T, B) with zeros past each sequence's end, as a padding helper makes them."""
+    X, Y = np.array(X), np.array(Y)
+    if lengths is not None:
+        pad = np.arange(X.shape[0])[:, None] >= np.asarray(lengths)[None, :]
+        X[pad] = 0
+        Y[pad] = 0
+    return X, Y
+
+
+def _check_lengths(lengths, T, B):
+    """``lengths`` as (B,) int64 in [1, T], or None."""
+    if lengths is None:
+        return None
+    lengths = np.asarray(lengths)
+    if lengths.shape != (B,) or lengths.dtype.kind not in "iu" or lengths.min() < 1 or lengths.max() > T:
+        raise ValueError(f"lengths must be (B,) = ({B},) integers in [1, T={T}], got {lengths!r}")
+    return lengths.astype(np.int64)
 
 
 def _check_dense(model, X, Y):
@@ -160,10 +252,17 @@ def _check_dense(model, X, Y):
 # ----------------------------------------------------------------------------- NumPy
 
 
-def make_fastbptt_step(model, X, Y, parallel=False, **options):
-    """fastbptt.loss_and_grad with a workspace made here; ``options`` go to loss_and_grad."""
+def make_fastbptt_step(model, X, Y, parallel=False, lengths=None, **options):
+    """fastbptt.loss_and_grad with a workspace made here; ``options`` go to loss_and_grad.
+
+    ``lengths`` (B,) is passed on when given (without it the call is the one a one-layer
+    fastbptt without lengths also takes).
+    """
     X, Y = _check_dense(model, X, Y)
     T, B, _ = X.shape
+    lengths = _check_lengths(lengths, T, B)
+    if lengths is not None:
+        options["lengths"] = lengths
     ws = Workspace(model, T, B)
 
     def step():
@@ -173,18 +272,37 @@ def make_fastbptt_step(model, X, Y, parallel=False, **options):
     return step
 
 
-def make_reference_step(model, X, Y, dtype=None):
+def make_fastbptt_full_step(model, X, Y, lengths=None, **options):
+    """``make_fastbptt_step`` on every sequence's T steps: ``lengths`` is ignored (the full-length time)."""
+    return make_fastbptt_step(model, X, Y, **options)
+
+
+def make_reference_step(model, X, Y, dtype=None, lengths=None):
     """The plain NumPy reference on copies of the weights, in ``dtype`` (default the model's).
 
     ``fastbptt.reference.loss_and_grad`` for the Elman cell,
     ``fastbptt.reference_cells.loss_and_grad`` for the GRU and the LSTM (which always
-    have biases: a model without them gets zero biases there, whose gradients are dropped).
+    have biases: a model without them gets zero biases there, whose gradients are dropped);
+    for a stack or with ``lengths``, ``fastbptt.core.reference_layers.loss_and_grad``
+    (every sequence run alone, in Python loops: slow).
     """
     X, Y = _check_dense(model, X, Y)
     dtype = model.dtype if dtype is None else np.dtype(dtype)
     params = {name: np.array(p, dtype=dtype) for name, p in model.params.items()}
     X = X.astype(dtype, copy=False)
     cell, activation = model.cell, model.activation
+    lengths = _check_lengths(lengths, *X.shape[:2])
+    layers = getattr(model, "num_layers", 1)
+    if layers > 1 or lengths is not None:
+        from ..core import reference_layers
+
+        def stacked():
+            loss, grads, _, _, _ = reference_layers.loss_and_grad(
+                params, X, Y, cell=cell, num_layers=layers, lengths=lengths,
+                activation=activation if cell == "rnn" else "tanh")
+            return float(loss), {name: grads[name] for name in params}
+
+        return stacked
     if cell != "rnn" and not model.bias:
         GH = model.params["W_hh"].shape[0]
         params.update(b_ih=np.zeros(GH, dtype), b_hh=np.zeros(GH, dtype), b_q=np.zeros(model.output_size, dtype))
@@ -212,49 +330,88 @@ def torch_weights(model):
     layout). The Elman cell's single bias b_h goes to ``bias_ih_l0`` and
     ``bias_hh_l0`` = 0 (nn.RNN has two biases whose sum is b_h; the gradient of
     ``bias_hh_l0``, equal to that of ``bias_ih_l0``, is computed and not returned:
-    its fastbptt name is None). The arrays are copies.
+    its fastbptt name is None). The arrays are copies. A stack of L layers copies each
+    layer k the same way (``weight_ih_l{k}`` = W_ih_l{k}, ...; ``model.layer_names(k, 0)``).
     """
     p = {name: np.array(value) for name, value in model.params.items()}
-    if model.cell == "rnn":
-        rnn = {"weight_ih_l0": ("W_hx", p["W_hx"]), "weight_hh_l0": ("W_hh", p["W_hh"])}
-        if model.bias:
-            rnn.update(bias_ih_l0=("b_h", p["b_h"]), bias_hh_l0=(None, np.zeros_like(p["b_h"])))
-    else:
-        rnn = {"weight_ih_l0": ("W_ih", p["W_ih"]), "weight_hh_l0": ("W_hh", p["W_hh"])}
-        if model.bias:
-            rnn.update(bias_ih_l0=("b_ih", p["b_ih"]), bias_hh_l0=("b_hh", p["b_hh"]))
+    rnn = {}
+    for k in range(getattr(model, "num_layers", 1)):
+        names = _layer_names(model, k)
+        rnn[f"weight_ih_l{k}"] = (names["W_ih"], p[names["W_ih"]])
+        rnn[f"weight_hh_l{k}"] = (names["W_hh"], p[names["W_hh"]])
+        if not model.bias:
+            continue
+        if model.cell == "rnn":
+            b = names["b_hh"]                       # the Elman cell's one bias, b_h
+            rnn[f"bias_ih_l{k}"] = (b, p[b])
+            rnn[f"bias_hh_l{k}"] = (None, np.zeros_like(p[b]))
+        else:
+            rnn[f"bias_ih_l{k}"] = (names["b_ih"], p[names["b_ih"]])
+            rnn[f"bias_hh_l{k}"] = (names["b_hh"], p[names["b_hh"]])
     readout = {"weight": ("W_qh", p["W_qh"])}
     if model.bias:
         readout["bias"] = ("b_q", p["b_q"])
     return {"rnn": rnn, "readout": readout}
 
 
-def make_torch_step(model, X, Y, threads=None):
+def _layer_names(model, k):
+    """Layer k's (forward direction's) parameter names: ``model.layer_names`` or, in a fastbptt
+    without stacks, the one layer's plain names."""
+    if hasattr(model, "layer_names"):
+        return model.layer_names(k, 0)
+    if model.cell == "rnn":
+        return {"W_ih": "W_hx", "W_hh": "W_hh", "b_ih": None, "b_hh": "b_h" if model.bias else None}
+    bias = model.bias
+    return {"W_ih": "W_ih", "W_hh": "W_hh", "b_ih": "b_ih" if bias else None, "b_hh": "b_hh" if bias else None}
+
+
+def make_torch_step(model, X, Y, threads=None, lengths=None, mode="full"):
     """PyTorch's layer (seq-first) + ``nn.Linear`` + ``F.cross_entropy`` on the flattened logits.
 
     The layer is ``torch.nn.RNN`` for the Elman cell, ``torch.nn.GRU`` or
-    ``torch.nn.LSTM`` for the gated ones, with the weights of ``model`` copied as
-    ``torch_weights`` says. Each call sets the gradients to None, then runs forward
-    (from a zero state), loss and ``backward()``, as a training loop with
-    ``zero_grad(set_to_none=True)`` does. ``threads`` (default: every core this process
-    may use) goes to ``torch.set_num_threads``, which is global to the process.
+    ``torch.nn.LSTM`` for the gated ones, with ``num_layers`` = the model's and the
+    weights of ``model`` copied as ``torch_weights`` says. Each call sets the gradients
+    to None, then runs forward (from a zero state), loss and ``backward()``, as a training
+    loop with ``zero_grad(set_to_none=True)`` does. ``threads`` (default: every core this
+    process may use) goes to ``torch.set_num_threads``, which is global to the process.
+
+    ``mode`` says what is done with ``lengths`` (B,) (every sequence T long when None):
+
+    - ``"full"``: no lengths (refused when given); the loss is the mean over all T·B positions.
+    - ``"packed"``: each call packs X and Y with ``pack_padded_sequence(...,
+      enforce_sorted=False)`` (as a training loop does for each batch), runs the layer on
+      the packed X, the readout on its packed output (the Σ lengths valid positions) and
+      the cross-entropy against the packed Y.
+    - ``"padded"``: the layer and readout run over every position of the padded batch and
+      the per-position cross-entropy is masked to the valid positions: Σ mask·ℓ / Σ mask.
+
+    All three compute fastbptt's loss for the same lengths (the states past a sequence's
+    end in the padded run reach no valid position: the layers run forward in time).
     """
     import torch
     import torch.nn.functional as F
 
-    if not supports("torch", model.activation, model.cell):
+    if mode not in ("full", "packed", "padded"):
+        raise ValueError(f"unknown mode {mode!r}; choose from full, packed, padded")
+    why = unsupported("torch", model.activation, model.cell)
+    if why:
         raise ValueError(f"torch.nn.RNN has no activation {model.activation!r} (only tanh and relu)")
     X, Y = _check_dense(model, X, Y)
     T, B, D = X.shape
+    lengths = _check_lengths(lengths, T, B)
+    if mode == "full" and lengths is not None:
+        raise ValueError("plain torch runs every sequence to T: time torch-packed or torch-padded with lengths")
+    if lengths is None:
+        lengths = np.full(B, T, np.int64)
     torch.set_num_threads(default_threads() if threads is None else int(threads))
     tdtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[model.dtype]
-    H = model.hidden_size
+    H, L = model.hidden_size, getattr(model, "num_layers", 1)
     if model.cell == "rnn":
-        rnn = torch.nn.RNN(D, H, num_layers=1, nonlinearity=model.activation, bias=model.bias,
+        rnn = torch.nn.RNN(D, H, num_layers=L, nonlinearity=model.activation, bias=model.bias,
                            batch_first=False)
     else:
         layer = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[model.cell]
-        rnn = layer(D, H, num_layers=1, bias=model.bias, batch_first=False)
+        rnn = layer(D, H, num_layers=L, bias=model.bias, batch_first=False)
     rnn = rnn.to(tdtype)
     readout = torch.nn.Linear(H, model.output_size, bias=model.bias).to(tdtype)
     named, weights = {}, torch_weights(model)
@@ -271,23 +428,46 @@ def make_torch_step(model, X, Y, threads=None):
     x = torch.from_numpy(X)
     y = torch.from_numpy(Y.reshape(T * B))
     O = model.output_size
+    pack = torch.nn.utils.rnn.pack_padded_sequence
+    lens = torch.from_numpy(lengths)
+    y_tb = torch.from_numpy(Y)
+    mask = torch.from_numpy((np.arange(T)[:, None] < lengths[None, :]).reshape(T * B).astype(model.dtype))
+    count = float(lengths.sum())
+
+    def loss_of():
+        if mode == "packed":
+            out, _ = rnn(pack(x, lens, enforce_sorted=False))   # zero initial state
+            return F.cross_entropy(readout(out.data), pack(y_tb, lens, enforce_sorted=False).data)
+        hs, _ = rnn(x)                                   # (T, B, H), zero initial state
+        logits = readout(hs).reshape(T * B, O)
+        if mode == "full":
+            return F.cross_entropy(logits, y)
+        return (F.cross_entropy(logits, y, reduction="none") * mask).sum() / count
 
     def step():
         for q in params:
             q.grad = None
-        hs, _ = rnn(x)                                   # (T, B, H), zero initial state
-        logits = readout(hs).reshape(T * B, O)
-        loss = F.cross_entropy(logits, y)
+        loss = loss_of()
         loss.backward()
         return loss.item(), {name: q.grad.numpy() for name, q in named.items()}
 
     return step
 
 
+def make_torch_packed_step(model, X, Y, lengths=None, **options):
+    """``make_torch_step`` on packed sequences (``mode="packed"``)."""
+    return make_torch_step(model, X, Y, lengths=lengths, mode="packed", **options)
+
+
+def make_torch_padded_step(model, X, Y, lengths=None, **options):
+    """``make_torch_step`` on the padded batch with the loss masked (``mode="padded"``)."""
+    return make_torch_step(model, X, Y, lengths=lengths, mode="padded", **options)
+
+
 # ----------------------------------------------------------------------------- JAX
 
 
-def make_jax_step(model, X, Y):
+def make_jax_step(model, X, Y, lengths=None):
     """``jax.jit(jax.value_and_grad(loss))`` with the recurrence in ``jax.lax.scan``.
 
     The input projection X W_ihᵀ + b_ih (X W_hxᵀ + b_h for the Elman cell) of all T·B
@@ -306,6 +486,9 @@ def make_jax_step(model, X, Y):
     float64 models switch on ``jax_enable_x64``, which is global to the process. Each
     call blocks until the results are ready.
     """
+    why = unsupported("jax", model.activation, model.cell, getattr(model, "num_layers", 1), lengths is not None)
+    if why:
+        raise ValueError(f"{why}: time it against fastbptt and PyTorch")
     import jax
     import jax.numpy as jnp
 
@@ -385,24 +568,31 @@ def make_fastbptt_parallel_step(model, X, Y, **options):
 
 
 MAKERS = {"fastbptt": make_fastbptt_step, "fastbptt-parallel": make_fastbptt_parallel_step,
-          "reference": make_reference_step,
-          "torch": make_torch_step, "jax": make_jax_step}
+          "fastbptt-full": make_fastbptt_full_step, "reference": make_reference_step,
+          "torch": make_torch_step, "torch-packed": make_torch_packed_step,
+          "torch-padded": make_torch_padded_step, "jax": make_jax_step}
 
 
-def make_step(name, model, X, Y, **options):
-    """The step of implementation ``name``: one of ``IMPLEMENTATIONS``, or ``"fastbptt:METHOD"``."""
+def make_step(name, model, X, Y, lengths=None, **options):
+    """The step of implementation ``name``: one of ``IMPLEMENTATIONS``, or ``"fastbptt:METHOD"``.
+
+    ``lengths`` (B,), when given, goes to the step (``fastbptt-full`` ignores it, plain
+    ``torch`` and ``jax`` refuse it).
+    """
     base, extra = parse_name(name)
     if base not in MAKERS:
         raise ValueError(f"unknown implementation {name!r}; choose from {IMPLEMENTATIONS}")
+    if lengths is not None:
+        options["lengths"] = lengths
     return MAKERS[base](model, X, Y, **extra, **options)
 
 
 # ----------------------------------------------------------------------------- checking
 
 
-def oracle(model, X, Y):
+def oracle(model, X, Y, lengths=None):
     """The reference's loss and gradients computed in float64 from the model's weights."""
-    loss, grads = make_reference_step(model, X, Y, dtype=np.float64)()
+    loss, grads = make_reference_step(model, X, Y, dtype=np.float64, lengths=lengths)()
     return loss, grads
 
 
