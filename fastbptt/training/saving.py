@@ -10,9 +10,15 @@ reads (or allocates) anything, so a damaged or hostile file is refused with a
 
 Every cell is saved the same way. The model's configuration (``model.config``, JSON)
 names its cell: ``{"cell": "rnn", "input_size", "hidden_size", "output_size",
-"activation", "bias", "dtype"}`` for the Elman RNN, the same without ``activation``
-for the GRU and the LSTM. Files written before there were other cells hold no
-``cell``: they are Elman checkpoints, and still load.
+"activation", "bias", "dtype", "num_layers", "bidirectional", "dropout"}`` for the
+Elman RNN, the same without ``activation`` for the GRU and the LSTM. Files written
+before there were other cells hold no ``cell``: they are Elman checkpoints, and still
+load; files written before there were stacks hold no ``num_layers``, ``bidirectional``
+and ``dropout``: they are one-layer, one-direction models without dropout, and still load.
+
+The state of the model's dropout generator (``model.generator``) is saved too
+(``model.generator``, JSON), so that a resumed run draws the same dropout masks as one
+that never stopped. Files without it leave the generator as it is.
 """
 
 from __future__ import annotations
@@ -43,21 +49,28 @@ class Checkpoint(NamedTuple):
     extra: dict
 
 
+STACK_DEFAULTS = {"num_layers": 1, "bidirectional": False, "dropout": 0.0}
+"""What a file written before there were stacks means: one layer, one direction, no dropout."""
+
+
 def model_config(model):
-    """The cell and the constructor arguments that fix a model's layout (what the file records)."""
+    """The cell and the constructor arguments that fix a model (what the file records)."""
     config = {"cell": model.cell, "input_size": model.input_size, "hidden_size": model.hidden_size,
               "output_size": model.output_size}
     if model.cell == "rnn":
         config["activation"] = model.activation
-    config.update(bias=model.bias, dtype=model.dtype.name)
+    config.update(bias=model.bias, dtype=model.dtype.name, num_layers=model.num_layers,
+                  bidirectional=model.bidirectional, dropout=model.dropout)
     return config
 
 
 def _describe(config):
     act = f", activation={config['activation']!r}" if "activation" in config else ""
+    stack = "".join(f", {key}={config[key]!r}" for key, default in STACK_DEFAULTS.items()
+                    if config.get(key, default) != default)
     return (f"{CELLS[config.get('cell', 'rnn')].__name__}(input_size={config['input_size']}, "
             f"hidden_size={config['hidden_size']}, output_size={config['output_size']}{act}, "
-            f"bias={config['bias']}, dtype={config['dtype']})")
+            f"bias={config['bias']}, dtype={config['dtype']}{stack})")
 
 
 def _build(config):
@@ -65,7 +78,8 @@ def _build(config):
     cls = CELLS[config["cell"]]
     kwargs = {"activation": config["activation"]} if config["cell"] == "rnn" else {}
     return cls(config["input_size"], config["hidden_size"], config["output_size"], bias=config["bias"],
-               dtype=config["dtype"], **kwargs)
+               dtype=config["dtype"], num_layers=config["num_layers"],
+               bidirectional=config["bidirectional"], dropout=config["dropout"], **kwargs)
 
 
 def save(path, model, optimizer=None, extra=None):
@@ -85,6 +99,7 @@ def save(path, model, optimizer=None, extra=None):
         raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
     arrays = {"format": np.array(FORMAT),
               "model.config": np.array(json.dumps(model_config(model))),
+              "model.generator": np.array(json.dumps(_plain(model.generator.bit_generator.state))),
               "model.flat": model.flat}
     if optimizer is not None:
         if not isinstance(optimizer, Optimizer):
@@ -112,11 +127,23 @@ def save(path, model, optimizer=None, extra=None):
         raise
 
 
+def _plain(value):
+    """A bit generator's state as plain JSON values (MT19937's key and Philox's counter are arrays)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 class CheckpointError(ValueError):
     """The file is not a whole, undamaged fastbptt checkpoint (a ``ValueError``)."""
 
 
-_TEXT_LIMITS = {"format": 1 << 10, "model.config": 1 << 16, "optim.config": 1 << 16, "extra": 1 << 28}
+_TEXT_LIMITS = {"format": 1 << 10, "model.config": 1 << 16, "model.generator": 1 << 16,
+                "optim.config": 1 << 16, "extra": 1 << 28}
 """Largest declared size, in bytes, of each JSON member's .npy file (extra: 256 MiB)."""
 
 _MAX_DEFLATE_RATIO = 1100
@@ -226,7 +253,8 @@ def _read_json(path, zf, members, key):
 
 def _check_model_config(path, config):
     """The saved cell and constructor arguments, each of the right type, as a new dict (with
-    ``cell``, "rnn" for the files of the Elman-only release); and the parameter count they give."""
+    ``cell``, "rnn" for the files of the Elman-only release, and ``STACK_DEFAULTS`` for the files
+    written before there were stacks); and the parameter count they give."""
     if not isinstance(config, dict):
         raise _fail(path, f"model.config must be a JSON object, got {config!r}")
     config = dict(config)
@@ -236,9 +264,11 @@ def _check_model_config(path, config):
     keys = {"cell", "input_size", "hidden_size", "output_size", "bias", "dtype"}
     if cell == "rnn":
         keys.add("activation")
-    if set(config) != keys:
-        raise _fail(path, f"model.config of a {cell!r} cell must hold exactly {sorted(keys)}, "
-                          f"got {config!r}")
+    if not STACK_DEFAULTS.keys() & config.keys():    # written before there were stacks
+        config.update(STACK_DEFAULTS)
+    if set(config) != keys | STACK_DEFAULTS.keys():
+        raise _fail(path, f"model.config of a {cell!r} cell must hold exactly {sorted(keys)} and "
+                          f"{sorted(STACK_DEFAULTS)} (or none of these three), got {config!r}")
     for key in ("input_size", "hidden_size", "output_size"):
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -250,9 +280,28 @@ def _check_model_config(path, config):
         raise _fail(path, f"model.config bias must be true or false, got {config['bias']!r}")
     if config["dtype"] not in ("float32", "float64"):
         raise _fail(path, f"model.config dtype must be 'float32' or 'float64', got {config['dtype']!r}")
-    layout = CELL_MODULES[cell].param_layout(config["input_size"], config["hidden_size"],
-                                             config["output_size"], config["bias"])
-    return config, sum(int(np.prod(shape, dtype=object)) for _, shape in layout)
+    L, p = config["num_layers"], config["dropout"]
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise _fail(path, f"model.config num_layers must be a positive int, got {L!r}")
+    if not isinstance(config["bidirectional"], bool):
+        raise _fail(path, f"model.config bidirectional must be true or false, got {config['bidirectional']!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise _fail(path, f"model.config dropout must be a number in [0, 1), got {p!r}")
+    config["dropout"] = float(p)
+    return config, _n_params(config)
+
+
+def _n_params(config):
+    """The size of the flat buffer of the configuration, counted without listing L layers."""
+    D, H, O, bias = config["input_size"], config["hidden_size"], config["output_size"], config["bias"]
+    dirs = 2 if config["bidirectional"] else 1
+
+    def layer(inputs):      # one direction of one layer: the cell's layout without the readout
+        return sum(int(np.prod(shape, dtype=object))
+                   for name, shape in CELL_MODULES[config["cell"]].param_layout(inputs, H, O, bias)
+                   if name not in ("W_qh", "b_q"))
+    readout = O * dirs * H + (O if bias else 0)
+    return dirs * layer(D) + (config["num_layers"] - 1) * dirs * layer(dirs * H) + readout
 
 
 def load(path, model=None):
@@ -267,10 +316,11 @@ def load(path, model=None):
     ----------
     path : str or os.PathLike
     model : fastbptt.RNN, GRU or LSTM, optional
-        Load the parameters into this model, which must have the saved cell and layout
-        (sizes, activation, bias, dtype); else a ``ValueError`` says how they differ. None
-        builds a new model of the saved cell (``fastbptt.CELLS``). The model is changed
-        only once the whole file has been read.
+        Load the parameters (and the dropout generator's state) into this model, which
+        must have the saved cell and configuration (sizes, activation, bias, dtype,
+        num_layers, bidirectional, dropout); else a ``ValueError`` says how they differ.
+        None builds a new model of the saved configuration (``fastbptt.CELLS``). The model
+        is changed only once the whole file has been read.
 
     Returns
     -------
@@ -306,8 +356,9 @@ def read_config(path):
     -------
     dict
         ``cell`` ("rnn" also for the files of the Elman-only release, which do not name
-        it), ``input_size``, ``hidden_size``, ``output_size``, ``bias``, ``dtype`` and,
-        for the Elman cell, ``activation``.
+        it), ``input_size``, ``hidden_size``, ``output_size``, ``bias``, ``dtype``,
+        ``num_layers``, ``bidirectional``, ``dropout`` (1, False and 0.0 for the files
+        written before there were stacks) and, for the Elman cell, ``activation``.
     """
     path, zf = _open_zip(path)
     with zf:
@@ -364,6 +415,9 @@ def _load(path, zf, model):
         for name in sorted(saved_states):
             headers[prefix + name] = _header(path, zf, members[prefix + name], dtype, (n,))
         extra = _read_json(path, zf, members, "extra")
+        generator = None
+        if "model.generator" in members:            # written before there were stacks: absent
+            generator = _generator(path, _read_json(path, zf, members, "model.generator"))
         arrays = {}
         for key in list(headers):                  # everything checked: now read the data
             fp, dt, shp = headers.pop(key)
@@ -381,4 +435,32 @@ def _load(path, zf, model):
         except (TypeError, ValueError) as exc:
             raise _fail(path, f"optimizer state: {exc}") from None
     model.flat[...] = arrays["model.flat"]
+    if generator is not None:
+        _restore_generator(model, generator)
     return Checkpoint(model, optimizer, extra)
+
+
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+def _generator(path, state):
+    """A new Generator in the saved state (checked on it, so the model's is never half set)."""
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name not in _BIT_GENERATORS:
+        raise _fail(path, f"model.generator must be the state of one of numpy's bit generators "
+                          f"{list(_BIT_GENERATORS)}, got {str(state)[:100]!r}")
+    bit = getattr(np.random, name)()
+    try:
+        bit.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise _fail(path, f"model.generator: the state of a {name} cannot be restored ({exc!r})") from None
+    return np.random.Generator(bit)
+
+
+def _restore_generator(model, generator):
+    """The saved state into ``model.generator`` in place (those who hold it see it), or the saved
+    generator itself when the model's draws from another kind of bit generator."""
+    if type(model.generator.bit_generator) is type(generator.bit_generator):
+        model.generator.bit_generator.state = generator.bit_generator.state
+    else:
+        model.generator = generator
