@@ -15,5 +15,5 @@ from ..core.model import RNN
 from ..core.workspace import Workspace
 from .data import SeqDataLoader, as_generator
 from .optim import Optimizer, clip_grad_norm, clip_grad_value, grad_norm
-from .tbptt import (EpochResult, StepResult, _carry_weight, _check_step_args, perplexity,
-                    random_truncation, train_epoch, train_step)
+from .tbptt import (EpochResult, EvalResult, StepResult, _carry_weight, _check_step_args, evaluate,
+                    perplexity, random_truncation, train_epoch, train_step)

@@ -14,14 +14,18 @@ from .data import Vocab, as_generator
 def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     """Continue ``prefix`` by ``n`` tokens.
 
-    The state starts at zero (the LSTM's h and c both) and is warmed up on the prefix;
-    then each step feeds the last token and picks the next one: the most likely (greedy,
-    d2l's ``predict_ch8``), or a draw from softmax(o / τ) with a temperature τ.
+    The state starts at zero (the LSTM's h and c both; every layer's for a stack) and is
+    warmed up on the prefix; then each step feeds the last token and picks the next one:
+    the most likely (greedy, d2l's ``predict_ch8``), or a draw from softmax(o / τ) with a
+    temperature τ. The model runs in evaluation mode (no dropout) and is then put back in
+    the mode it was in; its dropout generator is not drawn from.
 
     Parameters
     ----------
     model : fastbptt.RNN, GRU or LSTM
-        Trained on token ids of ``vocab`` (input and output sizes ``len(vocab)``).
+        Trained on token ids of ``vocab`` (input and output sizes ``len(vocab)``), with any
+        number of layers, in one direction (a bidirectional model reads the whole sequence,
+        so it cannot generate one token after another).
     vocab : fastbptt.data.Vocab
     prefix : str or list of str
         A string is split into characters; unknown tokens map to ``<unk>``.
@@ -44,6 +48,10 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
         raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
     if not isinstance(vocab, Vocab):
         raise TypeError(f"vocab must be a fastbptt.data.Vocab, got {type(vocab).__name__}")
+    if model.bidirectional:
+        raise ValueError("a bidirectional model's reverse direction reads the sequence from its end, "
+                         "so it cannot generate text one token after another; train a model with "
+                         "bidirectional=False to generate")
     if model.input_size != len(vocab) or model.output_size != len(vocab):
         raise ValueError(f"model has input size {model.input_size} and output size {model.output_size}, "
                          f"but the vocabulary has {len(vocab)} tokens")
@@ -66,10 +74,20 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     if not greedy and rng is None:
         rng = np.random.default_rng()
 
+    was = model.training
+    model.eval()
+    try:
+        out = _generate(model, list(vocab[tokens]), n, greedy, temperature, rng)
+    finally:
+        model.train(was)
+    return sep.join(tokens + vocab.to_tokens(out))
+
+
+def _generate(model, ids, n, greedy, temperature, rng):
+    """The ids of ``n`` tokens that continue ``ids`` (the model in evaluation mode)."""
     ws = Workspace(model, 1, 1)
     x = np.zeros((1, 1), dtype=np.int64)
-    ids = list(vocab[tokens])
-    h = None                                                 # the state: h, or the LSTM's (h, c)
+    h = None                                 # the state: h, the LSTM's (h, c); (L, 1, H) for a stack
     for k in ids[:-1]:                                       # warm up on the prefix
         x[0, 0] = k
         _, h = api.forward(model, x, h, workspace=ws)
@@ -90,4 +108,4 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
             p /= p.sum()
             last = int(rng.choice(p.size, p=p))
         out.append(last)
-    return sep.join(tokens + vocab.to_tokens(out))
+    return out

@@ -5,7 +5,12 @@ the previous one ended in (``h0=h_T``) but no gradient flows back across the cut
 that is what ``state.detach_()`` does in Dive into Deep Learning, and what passing
 ``h_T`` on as ``h0`` does here, since ``loss_and_grad`` only differentiates with
 respect to the parameters. The same holds for every cell: the LSTM's state is the
-pair (h_T, c_T), passed on whole as the next chunk's ``h0``.
+pair (h_T, c_T), passed on whole as the next chunk's ``h0``; and for stacks, whose
+state is (L·dirs, B, H) (the LSTM's a pair of them), every layer's carried at once.
+
+Steps and epochs run with the model in training mode (dropout on, for a stacked model
+with ``dropout > 0``), ``evaluate`` in evaluation mode (dropout off); each puts the
+model back in the mode it found it in.
 
 Within a chunk, ``random_truncation`` draws the estimator of Tallec & Ollivier
 (2017) that d2l's BPTT section describes: the gradient step t sends back through
@@ -16,6 +21,7 @@ while a 0 ends the sum early.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import NamedTuple
@@ -94,6 +100,17 @@ def _check_step_args(model, optimizer, workspace, caller):
                         f"{type(workspace).__name__}")
 
 
+@contextlib.contextmanager
+def _mode(model, training):
+    """``model.train(training)`` for the block, then the mode it was in."""
+    was = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 def perplexity(mean_loss):
     """exp(mean loss per token); Inf when that overflows a float (a mean loss above about 709.78)."""
     try:
@@ -107,12 +124,15 @@ class StepResult(NamedTuple):
 
     loss: float
     grad_norm: float
-    h_T: np.ndarray       # the LSTM's: the pair (h_T, c_T)
+    h_T: np.ndarray       # (B, H) or a stack's (L·dirs, B, H); the LSTM's: the pair (h_T, c_T)
 
 
 def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_value=None, carry=None,
-               parallel=False, loss="cross_entropy"):
+               parallel=False, loss="cross_entropy", lengths=None, loss_weights=None):
     """One step of truncated BPTT: gradients of this chunk from ``h0``, clipping, an update.
+
+    The model runs in training mode (dropout on, if it has any) and is then put back in
+    the mode it was in.
 
     Parameters
     ----------
@@ -121,9 +141,9 @@ def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_va
     optimizer : fastbptt.optim.Optimizer
         Bound to ``model``.
     workspace : fastbptt.Workspace
-    h0 : ndarray (B, H), or for the LSTM a pair (h0, c0) of them, optional
+    h0 : ndarray (B, H) or (L·dirs, B, H), or for the LSTM a pair of them, optional
         The state the chunk starts from (the previous chunk's ``h_T``); zeros if None.
-        No gradient flows into it.
+        (L·dirs, B, H) for a stacked or bidirectional model. No gradient flows into it.
     clip : float, optional
         θ: clip the gradient's global L2 norm to θ (d2l).
     clip_value : float, optional
@@ -132,6 +152,10 @@ def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_va
         Carry weights, such as ``random_truncation(T, π, rng, B)``.
     parallel : bool
     loss : {"cross_entropy", "mse"}
+    lengths : ndarray (B,) of int, optional
+        Sequences of different lengths (``fastbptt.data.pad_sequences``), as ``loss_and_grad``.
+    loss_weights : ndarray (T, B), optional
+        As ``loss_and_grad``.
 
     Returns
     -------
@@ -142,8 +166,9 @@ def train_step(model, X, Y, optimizer, *, workspace, h0=None, clip=None, clip_va
         pair (h_T, c_T) of such views).
     """
     _check_step_args(model, optimizer, workspace, "train_step")
-    value, _, h_T = api.loss_and_grad(model, X, Y, h0, loss, workspace=workspace, parallel=parallel,
-                                      carry=carry)
+    with _mode(model, True):
+        value, _, h_T = api.loss_and_grad(model, X, Y, h0, loss, workspace=workspace, parallel=parallel,
+                                          carry=carry, lengths=lengths, loss_weights=loss_weights)
     grad = workspace.grad_flat
     norm = None
     if clip is not None:
@@ -173,8 +198,9 @@ def train_epoch(model, batches, optimizer, *, workspace, carry_state=None, clip=
     """One epoch over ``batches``, d2l's ``train_epoch_ch8`` with the steps of ``train_step``.
 
     The state starts at zero; with ``carry_state`` each batch then starts from the previous
-    batch's h_T (the LSTM's (h_T, c_T)) (sequential partitioning), else from zero (random
-    sampling).
+    batch's h_T (the LSTM's (h_T, c_T); every layer's for a stack) (sequential
+    partitioning), else from zero (random sampling). The model runs in training mode and
+    is then put back in the mode it was in.
 
     Parameters
     ----------
@@ -208,20 +234,76 @@ def train_epoch(model, batches, optimizer, *, workspace, carry_state=None, clip=
         carry = np.empty((workspace.T, workspace.B), workspace.dtype)
     total, tokens, max_norm, h = 0.0, 0, 0.0, None
     start = time.perf_counter()
-    for X, Y in batches:
-        if carry is not None:
-            random_truncation(workspace.T, truncation_pi, rng, out=carry)
-        value, norm, h_T = train_step(model, X, Y, optimizer, workspace=workspace,
-                                      h0=h if carry_state else None, clip=clip, clip_value=clip_value,
-                                      carry=carry, parallel=parallel)
-        h = h_T
-        n = workspace.T * workspace.B
-        total += value * n
-        tokens += n
-        max_norm = max(max_norm, norm)
+    with _mode(model, True):
+        for X, Y in batches:
+            if carry is not None:
+                random_truncation(workspace.T, truncation_pi, rng, out=carry)
+            value, norm, h_T = train_step(model, X, Y, optimizer, workspace=workspace,
+                                          h0=h if carry_state else None, clip=clip, clip_value=clip_value,
+                                          carry=carry, parallel=parallel)
+            h = h_T
+            n = workspace.T * workspace.B
+            total += value * n
+            tokens += n
+            max_norm = max(max_norm, norm)
     seconds = time.perf_counter() - start
     if tokens == 0:
         raise ValueError("batches yielded no batch")
     mean = total / tokens
     return EpochResult(mean, perplexity(mean), tokens, seconds, tokens / seconds if seconds > 0 else math.inf,
                        max_norm)
+
+
+class EvalResult(NamedTuple):
+    """What ``evaluate`` returns."""
+
+    loss: float           # mean loss per token
+    perplexity: float     # exp(loss); Inf when that overflows
+    tokens: int
+
+
+def evaluate(model, batches, *, workspace=None, carry_state=None, loss="cross_entropy", parallel=False):
+    """The mean loss and perplexity of ``model`` over ``batches``, in evaluation mode (dropout off).
+
+    The parameters are not changed (the gradients the workspace receives are not used),
+    nor is the dropout generator drawn from; the model is put back in the mode it was in.
+
+    Parameters
+    ----------
+    model : fastbptt.RNN, GRU or LSTM
+    batches : iterable of (X, Y), each (T, B)
+        Such as ``fastbptt.data.sequential_batches(corpus, T, B)``.
+    workspace : fastbptt.Workspace, optional
+        For the batches' (T, B); None makes one for the first batch.
+    carry_state : bool, optional
+        Start each batch from the previous one's final state; default as in ``train_epoch``.
+    loss : {"cross_entropy", "mse"}
+    parallel : bool
+
+    Returns
+    -------
+    EvalResult
+        ``(loss, perplexity, tokens)``.
+    """
+    if not isinstance(model, RNNBase):
+        raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
+    if workspace is not None and not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be a fastbptt.Workspace or None, got {type(workspace).__name__}")
+    if carry_state is None:
+        carry_state = batches.carries_state if isinstance(batches, SeqDataLoader) else True
+    total, tokens, h = 0.0, 0, None
+    with _mode(model, False):
+        for X, Y in batches:
+            if workspace is None:
+                T, B = np.shape(X)[:2]
+                workspace = Workspace(model, T, B)
+            value, _, h_T = api.loss_and_grad(model, X, Y, h if carry_state else None, loss,
+                                              workspace=workspace, parallel=parallel)
+            h = h_T
+            n = workspace.T * workspace.B
+            total += value * n
+            tokens += n
+    if tokens == 0:
+        raise ValueError("batches yielded no batch")
+    mean = total / tokens
+    return EvalResult(mean, perplexity(mean), tokens)
