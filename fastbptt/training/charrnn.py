@@ -2,7 +2,11 @@
 
 ``--cell rnn|gru|lstm`` picks the recurrent cell (the Elman RNN by default); every other
 flag means the same for each, and the checkpoint records the cell, so ``--resume``
-refuses a checkpoint of another one.
+refuses a checkpoint of another one. ``--layers N`` stacks N layers, with ``--dropout p``
+between them (on each layer's output but the last, while training; off for the final
+evaluation and the sample); the checkpoint records both, and the dropout generator's
+state, so a resumed run draws the masks an unbroken one would. A language model reads
+left to right, so there is no bidirectional flag (see ``examples/bidirectional_tagger.py``).
 
 Defaults follow Dive into Deep Learning's from-scratch RNN on The Time Machine: the first
 10,000 characters, T = 35 steps, B = 32 sequences, H = 512 hidden units, weights from
@@ -36,7 +40,7 @@ from ..core.workspace import Workspace
 from . import data, optim
 from . import saving as checkpoint
 from .generate import predict
-from .tbptt import _carry_weight, train_epoch
+from .tbptt import _carry_weight, evaluate, train_epoch
 
 PROG = "python -m fastbptt train"
 COMPILE_TEXT = "compiling kernels (5-15 s the first time, cached afterwards)"
@@ -63,6 +67,17 @@ def _seed(text):
         raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {value}")
+    return value
+
+
+def _dropout(text):
+    """--dropout: a probability in [0, 1), refused at parse time."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dropout must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"--dropout must be a number in [0, 1), got {text}")
     return value
 
 
@@ -96,6 +111,9 @@ def build_parser():
     p.add_argument("--cell", choices=tuple(CELLS), default="rnn",
                    help="the recurrent cell: Elman RNN, GRU or LSTM (PyTorch's gates)")
     p.add_argument("--hidden", metavar="H", type=int, default=512, help="hidden units")
+    p.add_argument("--layers", metavar="N", type=int, default=1, help="stacked recurrent layers")
+    p.add_argument("--dropout", metavar="P", type=_dropout, default=0.0,
+                   help="dropout between the stacked layers while training (needs --layers 2 or more)")
     p.add_argument("--lr", type=float, default=1.0, help="learning rate")
     p.add_argument("--clip", metavar="THETA", type=float, default=1.0,
                    help="clip the gradient's global L2 norm to THETA")
@@ -123,16 +141,20 @@ def build_parser():
                    help="save model and optimizer to this .npz at the end (checked before training)")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by --save")
     p.add_argument("--json", metavar="PATH",
-                   help='write {"perplexity", "tokens_per_s", "epochs"} here (checked before training)')
+                   help='write {"perplexity", "tokens_per_s", "epochs"} (with --dropout also '
+                        '"eval_perplexity", dropout off) here (checked before training)')
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     return p
 
 
 def _check_args(args):
     """Every argument and path, before anything is built or trained."""
-    for name in ("steps", "batch", "hidden", "epochs"):
+    for name in ("steps", "batch", "hidden", "layers", "epochs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.dropout > 0 and args.layers < 2:
+        raise UsageError(f"--dropout applies between stacked layers, and there is one: pass --layers 2 "
+                         f"or more with --dropout {args.dropout:g}")
     if args.max_tokens < 0:
         raise UsageError(f"--max-tokens must be >= 0 (0: the whole text), got {args.max_tokens}")
     if args.predict < 0:
@@ -206,10 +228,15 @@ def format_perplexity(value):
 def _warm_up(model, ws, opt, loader, parallel):
     """Compile (or load from cache) every kernel the loop uses, so tokens/s excludes it.
 
-    Runs on a batch drawn from a separate generator; the parameters are not changed.
+    Runs on a batch drawn from a separate generator; the parameters are not changed, nor
+    is the state of the dropout generator (a resumed run draws what an unbroken one would).
     """
     X, Y = next(iter(data.sequential_batches(loader.corpus, loader.T, loader.B)))
-    api.loss_and_grad(model, X, Y, workspace=ws, parallel=parallel)
+    state = model.generator.bit_generator.state
+    try:
+        api.loss_and_grad(model, X, Y, workspace=ws, parallel=parallel)
+    finally:
+        model.generator.bit_generator.state = state
     scratch = np.ones(1, dtype=model.dtype)
     optim.clip_grad_norm(scratch, 0.5)
     optim.clip_grad_value(scratch, 0.25)
@@ -218,7 +245,7 @@ def _warm_up(model, ws, opt, loader, parallel):
 
 def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, clip_value=None, epochs=500,
           sampling="sequential", optimizer="sgd", random_truncation=None, seed=0, dtype="float32",
-          parallel=False, resume=None, quiet=True, log=print, cell="rnn"):
+          parallel=False, resume=None, quiet=True, log=print, cell="rnn", layers=1, dropout=0.0):
     """Train a character-level model with d2l's recipe; the engine of the command line.
 
     Parameters
@@ -227,7 +254,7 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
         Token ids of ``vocab``.
     vocab : fastbptt.data.Vocab
     steps, batch, hidden, lr, clip, clip_value, epochs, sampling, optimizer, random_truncation,
-    seed, dtype, parallel, cell
+    seed, dtype, parallel, cell, layers, dropout
         As the command's flags.
     resume : str, optional
         A checkpoint to continue from (it must hold this model and vocabulary).
@@ -240,13 +267,16 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
     -------
     dict
         ``perplexity`` (last epoch), ``tokens_per_s`` (all epochs of this run), ``epochs``
-        (in total), ``model``, ``optimizer``, ``rng``, ``history`` (perplexity per epoch).
+        (in total), ``model``, ``optimizer``, ``rng``, ``history`` (perplexity per epoch),
+        and with dropout ``eval_perplexity``: the perplexity of the training batches once
+        more, dropout off (the model's as it is used), None without dropout.
     """
     if not isinstance(cell, str) or cell not in CELLS:
         raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
     rng = np.random.default_rng(seed)
     # d2l's from-scratch recipe for every cell: weights from N(0, 0.01²), zero biases
-    model = CELLS[cell](len(vocab), hidden, len(vocab), init="normal", seed=seed, dtype=dtype)
+    model = CELLS[cell](len(vocab), hidden, len(vocab), init="normal", seed=seed, dtype=dtype,
+                        num_layers=layers, dropout=dropout)
     opt = optim.make_optimizer(optimizer, model, lr)
     start = 0
     if resume is not None:
@@ -287,8 +317,14 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
             bar.close()
     if not np.all(np.isfinite(model.flat)):                   # the very last update
         raise _diverged(epochs - 1, "the parameters became NaN or Inf")
+    eval_perplexity = None
+    if model.dropout > 0:       # the training perplexity had dropout on: measure the model as used
+        batches = data.sequential_batches(loader.corpus, loader.T, loader.B)
+        with np.errstate(over="ignore", invalid="ignore"):
+            eval_perplexity = evaluate(model, batches, workspace=ws, parallel=parallel).perplexity
     return {"perplexity": history[-1], "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
-            "epochs": epochs, "model": model, "optimizer": opt, "rng": rng, "history": history}
+            "epochs": epochs, "model": model, "optimizer": opt, "rng": rng, "history": history,
+            "eval_perplexity": eval_perplexity}
 
 
 def _diverged(epoch, why):
@@ -297,10 +333,18 @@ def _diverged(epoch, why):
 
 def _resume(path, model, opt, rng, vocab, optimizer, lr, epochs):
     """Load a ``--save`` checkpoint into ``model``, ``opt`` and ``rng``; return the epochs it has done."""
-    saved_cell = checkpoint.read_config(path)["cell"]
+    config = checkpoint.read_config(path)
+    saved_cell = config["cell"]
     if saved_cell != model.cell:
         raise ValueError(f"checkpoint {path!r} holds a {saved_cell!r} model, not the {model.cell!r} "
                          f"cell asked for; resume it with --cell {saved_cell}")
+    for key, flag, value in (("num_layers", "--layers", model.num_layers), ("dropout", "--dropout", model.dropout)):
+        if config[key] != value:
+            raise ValueError(f"checkpoint {path!r} was trained with {flag} {config[key]:g}, not {value:g}; "
+                             f"resume it with {flag} {config[key]:g}")
+    if config["bidirectional"]:
+        raise ValueError(f"checkpoint {path!r} holds a bidirectional model, which cannot be a language "
+                         f"model that reads left to right")
     try:
         saved = checkpoint.load(path, model)
     except checkpoint.CheckpointError:
@@ -368,7 +412,8 @@ def main(argv=None):
                        clip=args.clip, clip_value=args.clip_value, epochs=args.epochs,
                        sampling=args.sampling, optimizer=args.optimizer,
                        random_truncation=args.random_truncation, seed=args.seed, dtype=args.dtype,
-                       parallel=args.parallel, resume=args.resume, quiet=args.quiet, cell=args.cell)
+                       parallel=args.parallel, resume=args.resume, quiet=args.quiet, cell=args.cell,
+                       layers=args.layers, dropout=args.dropout)
     except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -378,9 +423,14 @@ def main(argv=None):
 
     # the results first: a failure while sampling must not lose them
     model = result["model"]
+    stack = (f", L={args.layers}" if args.layers > 1 else "") + \
+        (f", dropout={args.dropout:g}" if args.dropout > 0 else "")
     print(f"perplexity {format_perplexity(result['perplexity'])}, {result['tokens_per_s']:,.0f} tokens/s "
           f"({args.cell}, {args.sampling}, {result['epochs']} epochs, T={args.steps}, B={args.batch}, "
-          f"H={args.hidden})")
+          f"H={args.hidden}{stack})")
+    if result["eval_perplexity"] is not None:
+        print(f"perplexity with dropout off {format_perplexity(result['eval_perplexity'])} "
+              f"(the training batches once more)")
     failed = False
     if args.save:
         try:
@@ -394,8 +444,11 @@ def main(argv=None):
     if args.json:
         try:
             with open(args.json, "w") as f:
-                json.dump({"perplexity": result["perplexity"], "tokens_per_s": result["tokens_per_s"],
-                           "epochs": result["epochs"]}, f)
+                doc = {"perplexity": result["perplexity"], "tokens_per_s": result["tokens_per_s"],
+                       "epochs": result["epochs"]}
+                if result["eval_perplexity"] is not None:
+                    doc["eval_perplexity"] = result["eval_perplexity"]
+                json.dump(doc, f)
             print(f"wrote {args.json}")
         except OSError as exc:
             print(f"{PROG}: error: --json could not be written: {exc}", file=sys.stderr)
