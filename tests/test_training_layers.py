@@ -480,6 +480,54 @@ def test_the_first_steps_gradient_leads_to_dh0(cell, bidirectional):
             assert c.shape == (T, B, H) and np.all(c[3:, 2] == 0)
 
 
+def test_carry_weights_with_lengths_in_the_callers_order():
+    """Carry weights are the caller's (T, B), while the workspace keeps its rows sorted by length: the
+    Elman rebuild uses them in its order (∂L/∂h_0 = c_0 W_hhᵀ ∂L/∂z_0 on every layer), and a gated
+    cell accepts the call's own weights back and refuses others."""
+    T, B, V, H, L = 5, 3, 5, 4, 2
+    X, Y = tokens(T, B, V, seed=4)
+    lengths = np.array([2, 5, 3])                                    # sorted inside: rows [1, 2, 0]
+    carry = np.random.default_rng(5).uniform(0.2, 2.0, (T, B))
+    model = make("rnn", V, H, V, L, seed=6)
+    h0 = np.random.default_rng(7).normal(size=(L, B, H))
+    ws = fastbptt.Workspace(model, T, B)
+    *_, dh0 = fastbptt.loss_and_grad(model, X, Y, h0, lengths=lengths, carry=carry, workspace=ws,
+                                     return_dh0=True)
+    for k in range(L):
+        g = diagnostics.hidden_grads(model, ws, layer=k)
+        h1 = diagnostics.hidden_states(model, ws, layer=k)[0]
+        W_hh = model.params[model.layer_names(k)["W_hh"]]
+        for b in range(B):
+            np.testing.assert_allclose(carry[0, b] * W_hh.T @ (g[0, b] * (1 - h1[b] ** 2)), dh0[k, b],
+                                       rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(g, diagnostics.hidden_grads(model, ws, carry, layer=k))
+    gru = make("gru", V, H, V, L, seed=6)
+    ws = fastbptt.Workspace(gru, T, B)
+    fastbptt.loss_and_grad(gru, X, Y, h0, lengths=lengths, carry=carry, workspace=ws)
+    np.testing.assert_array_equal(diagnostics.hidden_grads(gru, ws, carry), diagnostics.hidden_grads(gru, ws))
+    with pytest.raises(ValueError, match="carry differs from the carry weights the last call used"):
+        diagnostics.hidden_grads(gru, ws, carry[:, ::-1])
+
+
+def test_padded_sequences_train_as_each_sequence_alone():
+    """pad_sequences' X and lengths in loss_and_grad: the loss of each sequence alone, weighted by its
+    length, and the same gradients; the padding value does not matter."""
+    V = 6
+    rng = np.random.default_rng(9)
+    seqs = [rng.integers(0, V, n) for n in (4, 1, 6, 3)]
+    tags = [rng.integers(0, V, len(q)) for q in seqs]
+    model = make("lstm", V, 4, V, 2, True)
+    X, lengths = data.pad_sequences(seqs, pad=V + 7)                   # out of range: never read
+    Y, _ = data.pad_sequences(tags, pad=-1)
+    loss, grads, _ = fastbptt.loss_and_grad(model, X, Y, lengths=lengths)
+    alone = [fastbptt.loss_and_grad(model, q[:, None], t[:, None]) for q, t in zip(seqs, tags)]
+    n = lengths.sum()
+    assert loss == pytest.approx(sum(a[0] * len(q) for a, q in zip(alone, seqs)) / n, rel=1e-12)
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, sum(a[1][name] * len(q) for a, q in zip(alone, seqs)) / n,
+                                   rtol=1e-9, atol=1e-13)
+
+
 def test_per_layer_diagnostics_refuse_bad_layers():
     T, B, V = 4, 2, 5
     X, Y = tokens(T, B, V)
