@@ -540,6 +540,12 @@ def test_per_layer_diagnostics_refuse_bad_layers():
         diagnostics.hidden_grads(model, ws, direction=2)
     with pytest.raises(ValueError, match="cell_grads needs an LSTM"):
         diagnostics.cell_grads(model, ws, layer=0)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+        diagnostics.hidden_states(model, ws, layer=-3)
+    with pytest.raises(ValueError, match="workspace was made for a different model"):
+        diagnostics.hidden_states(make("gru", V, 4, V, 3), ws)
+    with pytest.raises(TypeError, match="workspace must be the fastbptt.Workspace"):
+        diagnostics.hidden_states(model, None)
 
 
 # ----------------------------------------------------------------------------- the example

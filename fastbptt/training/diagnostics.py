@@ -289,8 +289,11 @@ def hidden_states(model, workspace, *, layer=None, direction=0):
     """
     if not isinstance(model, RNNBase):
         raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
-    if not isinstance(workspace, Workspace) or workspace.signature != model_signature(model):
-        raise TypeError("workspace must be the fastbptt.Workspace of the model's last call")
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be the fastbptt.Workspace of the model's last call, "
+                        f"got {type(workspace).__name__}")
+    if workspace.signature != model_signature(model):
+        raise ValueError("workspace was made for a different model")
     k, d = _layer(model, layer, direction)
     order, lengths = _rows(workspace)
     return _caller_order(_in_time(workspace.layer(k, d).hs[1:], lengths, d), order)
