@@ -352,3 +352,33 @@ def test_layer_forward_returns_the_top_output_in_the_callers_order():
     for b in range(7):                                          # each sequence alone
         alone, _ = fastbptt.layer_forward(model, X[:lengths[b], b:b + 1])
         np.testing.assert_allclose(H[:lengths[b], b], alone[:, 0], rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- padding skipped
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("method", ["fused", "blas"])
+@pytest.mark.parametrize("tokens", [False, True], ids=["dense", "tokens"])
+def test_products_that_skip_padding_give_the_products_over_every_position(cell, method, tokens,
+                                                                          monkeypatch):
+    """Big products with lengths run per step over the active rows (or over the packed rows);
+    forced on at a small size, they agree with one product over all T·B positions."""
+    from fastbptt.core import api
+    model = make(cell, L=2, bidirectional=True)
+    X, Y, lengths = data(T=11, B=6, tokens=tokens)
+    Yf = np.random.default_rng(5).normal(size=(11, 6, 4))
+    results = []
+    for threshold in (10 ** 18, 0):
+        monkeypatch.setattr(api, "PACKED_MIN_FLOPS", threshold)
+        results.append([copy_result(fastbptt.loss_and_grad(model, X, Y_, loss=loss, lengths=lengths,
+                                                           method=method, return_dX=True,
+                                                           return_dh0=True))
+                        for Y_, loss in ((Y, "cross_entropy"), (Yf, "mse"))])
+    for want, got in zip(*results):
+        assert abs(want[0] - got[0]) < 1e-12
+        for k in want[1]:
+            np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-10, atol=1e-13, err_msg=k)
+        for w, g in zip(want[2:], got[2:]):
+            for a, b in zip(w if isinstance(w, tuple) else (w,), g if isinstance(g, tuple) else (g,)):
+                np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)

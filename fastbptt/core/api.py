@@ -25,6 +25,11 @@ from .kernels import losses as _losses
 from .kernels import sweep as _sweep
 from .threads import dot
 # the shared checks live in validation; the underscore names are the old ones, kept for callers and tests
+from .validation import LOSSES  # noqa: F401  (the old names, kept for callers)
+from .validation import all_finite as _all_finite  # noqa: F401
+from .validation import as_array as _as_array  # noqa: F401
+from .validation import check_ids as _check_ids  # noqa: F401
+from .validation import check_loss as _check_loss  # noqa: F401
 from .validation import check_carry as _check_carry
 from .validation import check_flags as _check_flags
 from .validation import check_float as _check_float
@@ -137,6 +142,48 @@ def _take(src, idx, axis, out):
     if np.may_share_memory(src, out):
         src = src.copy()
     return np.take(src, idx, axis=axis, out=out, mode="clip")
+
+
+#: With lengths, products of at least this many floating-point operations skip the padding:
+#: per-step products over the active rows, or sums over the packed active rows. Below it one
+#: product over all T·B positions costs less than the extra calls.
+PACKED_MIN_FLOPS = 2 ** 21
+
+
+def _rows_dot(ws, a, M, out):
+    """out[t, b] = a[t, b] M for every position: a (T, B, K1), M (K1, K2), out (T, B, K2).
+
+    With lengths and a product big enough, one product per step over its active rows (the
+    padding rows of ``out`` are zeroed); otherwise one product over all T·B positions.
+    """
+    T, B = ws.T, ws.B
+    K1, K2 = M.shape
+    if not ws._lengths_on or 2 * B * K1 * K2 < PACKED_MIN_FLOPS:
+        dot(a.reshape(T * B, K1), M, out.reshape(T * B, K2))
+        return
+    counts = ws.counts
+    for t in range(T):
+        n = counts[t]
+        dot(a[t, :n], M, out[t, :n])
+    _sweep.zero_padding(out, counts)
+
+
+def _sum_dot(ws, a, b, out):
+    """out = Σ_t,b a[t, b]ᵀ b[t, b]: a (T, B, K1), b (T, B, K2), out (K1, K2) (a weight gradient).
+
+    With lengths and a product big enough, over the active rows packed one after another
+    (padding rows hold zeros in ``a``, so they would add nothing but time).
+    """
+    T, B = ws.T, ws.B
+    K1, K2 = a.shape[2], b.shape[2]
+    if not ws._lengths_on or 2 * T * B * K1 * K2 < 2 * PACKED_MIN_FLOPS:
+        dot(a.reshape(T * B, K1).T, b.reshape(T * B, K2), out)
+        return
+    pa = ws.scratch(f"packed_a{K1}", (T * B, K1))
+    pb = ws.scratch(f"packed_b{K2}", (T * B, K2))
+    P = _sweep.pack_active(pa, a, ws.counts)
+    _sweep.pack_active(pb, b, ws.counts)
+    dot(pa[:P].T, pb[:P], out)
 
 
 def _plan(ws):
@@ -325,7 +372,7 @@ def _direction_forward(model, ws, k, d, kind, X, parallel, method):
     if kind == "tokens":
         _sweep.gather_input(gx, X, W_ih, b_ih)
     else:
-        dot(X.reshape(T * B, X.shape[2]), W_ih.T, gx.reshape(T * B, GH))
+        _rows_dot(ws, X, W_ih.T, gx)
         if model.bias and model._CELL.NAMES["b_ih"]:
             _sweep.add_rows(gx.reshape(T * B, GH), b_ih)
     lb.W_hhT[...] = W_hh.T                                          # contiguous: faster GEMMs too
@@ -420,7 +467,8 @@ def _forward(model, ws, kind, X, parallel, method):
     """The layers, then the readout: ws.out holds o_1 .. o_T."""
     _layer_forward(model, ws, kind, X, parallel, method)
     p = model._kernel_views
-    dot(_readout_input(model, ws), p["W_qh"].T, ws.out)
+    top = _readout_input(model, ws)
+    _rows_dot(ws, top.reshape(ws.T, ws.B, -1), p["W_qh"].T, ws.out.reshape(ws.T, ws.B, -1))
     if model.bias:
         _sweep.add_rows(ws.out, p["b_q"])
 
@@ -438,12 +486,12 @@ def _readout_backward(model, ws):
     p, g = model._kernel_views, ws.grads
     T, B = ws.T, ws.B
     dO = ws.out
+    dO3 = dO.reshape(T, B, -1)
     top = _readout_input(model, ws)
-    dot(dO.T, top, g["W_qh"])                                          # Σ_t ∂L/∂o_t h_tᵀ
+    _sum_dot(ws, dO3, top.reshape(T, B, -1), g["W_qh"])             # Σ_t ∂L/∂o_t h_tᵀ
     if model.bias:
         dot(ws.ones, dO, g["b_q"])                                    # Σ_t ∂L/∂o_t
-    target = _top_grad_buffer(model, ws)
-    dot(dO, p["W_qh"], target.reshape(T * B, target.shape[2]))       # W_qhᵀ ∂L/∂o_t, all t
+    _rows_dot(ws, dO3, p["W_qh"], _top_grad_buffer(model, ws))      # W_qhᵀ ∂L/∂o_t, all t
 
 
 def _into_directions(model, ws, k):
@@ -513,7 +561,7 @@ def _direction_backward(model, ws, k, d, kind, X, parallel, method, weights):
     GH = cell.drec.shape[2]
     drec = cell.drec.reshape(T * B, GH)
     dgx = cell.dgx.reshape(T * B, GH)
-    dot(drec.T, lb.hs[:-1].reshape(T * B, H), g[names["W_hh"]])      # Σ_t ∂L/∂rec_t h_{t-1}ᵀ
+    _sum_dot(ws, cell.drec, lb.hs[:-1], g[names["W_hh"]])           # Σ_t ∂L/∂rec_t h_{t-1}ᵀ
     if model.bias:
         dot(ws.ones, drec, g[names["b_hh"]])                          # Σ_t ∂L/∂rec_t
         if names["b_ih"]:
@@ -530,21 +578,18 @@ def _direction_backward(model, ws, k, d, kind, X, parallel, method, weights):
     else:
         if d == 1:
             X = lb.xr if k > 0 else _input(ws, k, d, kind, X)[1]    # rebuilt: it may be a fresh process
-        dot(dgx.T, X.reshape(T * B, X.shape[2]), dW_ih)              # Σ_t ∂L/∂(W_ih x_t) x_tᵀ
+        _sum_dot(ws, cell.dgx, X, dW_ih)                              # Σ_t ∂L/∂(W_ih x_t) x_tᵀ
 
 
 def _input_grad(model, ws, k, target):
     """∂L/∂(layer k's input) = Σ_d W_ihᵀ ∂L/∂(W_ih x_t) into ``target`` (T, B, Dk), row order; the
     reverse direction's added back in time order."""
-    T, B = ws.T, ws.B
-    Dk = target.shape[2]
     W_ih = _layer_weights(model, ws, k, 0)[0]
-    dot(_cell_views(model, ws, k, 0).dgx.reshape(T * B, -1), W_ih, target.reshape(T * B, Dk))
+    _rows_dot(ws, _cell_views(model, ws, k, 0).dgx, W_ih, target)
     if model.num_directions == 2:
         _, _, lengths, _ = _plan(ws)
         dxr = ws._layers[k][1].dxr if k > 0 else ws.scratch("dx0r", target.shape)
-        dot(_cell_views(model, ws, k, 1).dgx.reshape(T * B, -1), _layer_weights(model, ws, k, 1)[0],
-            dxr.reshape(T * B, Dk))
+        _rows_dot(ws, _cell_views(model, ws, k, 1).dgx, _layer_weights(model, ws, k, 1)[0], dxr)
         _sweep.add_reversed_in_time(target, dxr, lengths)
 
 

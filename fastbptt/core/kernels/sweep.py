@@ -342,6 +342,25 @@ def add_at_last(dh, src, order, lengths):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def pack_active(dst, src, counts):
+    """The active rows one after another: dst[off_t + i] = src[t, i] for i < counts[t], with
+    off_t = Σ_{s<t} counts[s] (cuDNN's packed layout); returns the number of rows written.
+
+    dst (>= Σ counts, K); src (T, B, K)
+    """
+    T, B, K = src.shape
+    p = 0
+    for t in range(T):
+        for i in range(counts[t]):
+            row = dst[p]
+            r = src[t, i]
+            for k in range(K):
+                row[k] = r[k]
+            p += 1
+    return p
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def dropout_mask(mask, p, scale):
     """mask[i] = scale where the uniform draw mask[i] >= p, else 0 (inverted dropout).
 
