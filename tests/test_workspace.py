@@ -87,15 +87,26 @@ from fastbptt.core.cells import CELLS
 from fastbptt.kernels import losses, sweep
 
 @njit
-def step(n, cell, rec, ones, ws_out, row_loss, targets, carry, tokens, W_ih, b_ih, dW_ih):
+def step(n, cell, rec, ones, ws_out, row_loss, targets, carry, tokens, W_ih, b_ih, dW_ih, counts,
+         order, lengths, y, packed, weights):
     for _ in range(n):   # every compiled kernel of a training step, called as the API calls them
+        sweep.pack_ids(tokens, tokens, order, counts)
         sweep.gather_input(cell.gx, tokens, W_ih, b_ih)
-        sweep.recurrence(cell, rec, ones)
+        sweep.recurrence(cell, rec, ones, counts)
         sweep.forward_step(cell, 0, rec, rec[0])
+        sweep.zero_padding(cell.hs[1:], counts)
+        sweep.concat_directions(y, cell.hs[1:], cell.hs[1:], lengths)
+        sweep.reverse_in_time(cell.dh, cell.hs[1:], lengths)
         losses.cross_entropy(ws_out, row_loss, targets)
-        sweep.reverse_sweep(cell, carry)
-        sweep.backward_step(cell, 0, cell.dh[0], ones, True)
+        losses.cross_entropy_weighted(ws_out, row_loss, targets, weights, 3.0)
+        sweep.reverse_sweep(cell, carry, counts)
+        sweep.backward_step(cell, 0, cell.dh[0], ones, 3, 3)
         sweep.backward_state0(cell, ones)
+        sweep.split_directions(y, cell.dh, cell.dh, lengths)
+        sweep.add_at_last(cell.dh, cell.dh0, order, lengths)
+        sweep.gather_last(cell.dh0, cell.hs, order, lengths)
+        sweep.pack_active(packed, cell.dgx, counts)
+        sweep.add_reversed_in_time(cell.dh, cell.hs[1:], lengths)
         sweep.scatter_input_grad(dW_ih, cell.dgx, tokens)
 
 T, B, D, H, O = 20, 3, 7, 16, 7
@@ -110,7 +121,9 @@ for name, spec in CELLS.items():
             rng.normal(size=(T * B, O)).astype(np.float32), np.zeros(T * B, np.float32),
             rng.integers(0, O, T * B), np.ones((T, B), np.float32), rng.integers(0, D, (T, B)),
             rng.normal(size=(GH, D)).astype(np.float32), np.zeros(GH, np.float32),
-            np.zeros((GH, D), np.float32))
+            np.zeros((GH, D), np.float32), np.array([3] * (T - 5) + [2] * 5), np.array([2, 0, 1]),
+            np.array([T, T - 5, T - 5]), np.zeros((T, B, 2 * H), np.float32),
+            np.zeros((T * B, GH), np.float32), np.ones(T * B, np.float32))
     step(1, *args)
     counts = []
     for n in (1, 10):
