@@ -92,7 +92,14 @@ def test_make_lengths_and_zero_padding():
     assert compare.make_lengths(9, 5, "full") is None
     lengths = compare.make_lengths(9, 50, "uniform")
     assert lengths.shape == (50,) and lengths.dtype == np.int64
-    assert lengths[0] == 9 and lengths.min() >= 1 and lengths.max() == 9 and len(set(lengths)) > 3
+    assert lengths.min() == 1 and lengths.max() == 9 and set(lengths) == set(range(1, 10))
+    assert not np.array_equal(lengths, np.sort(lengths))                            # shuffled
+    for T, B in ((200, 8), (100, 32), (50, 64), (7, 4), (1000, 3)):                 # stratified: mean ≈ (T + 1) / 2
+        drawn = compare.make_lengths(T, B, "uniform")
+        assert drawn.max() == T and drawn.min() >= 1
+        assert abs(drawn.mean() - (T + 1) / 2) <= T / B, (T, B, drawn)
+        assert np.bincount(np.minimum((drawn - 1) * B // T, B - 1), minlength=B).max() <= 2   # one per bin (+ T)
+    assert np.array_equal(compare.make_lengths(1, 3, "uniform"), [1, 1, 1])
     assert np.array_equal(lengths, compare.make_lengths(9, 50, "uniform"))          # seeded
     assert not np.array_equal(lengths, compare.make_lengths(9, 50, "uniform", seed=1))
     with pytest.raises(ValueError, match="unknown lengths"):
