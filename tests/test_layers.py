@@ -381,10 +381,11 @@ def test_layer_api_with_dropout_against_reference(cell, method):
 @per_cell
 @pytest.mark.parametrize("method", METHODS)
 def test_realistic_size_against_reference(cell, method):
-    """T = 40, B = 13, H = 37, two bidirectional layers, ragged lengths and loss weights, tokens, parallel."""
+    """T = 40, B = 13, H = 37, two bidirectional layers, ragged lengths and loss weights, tokens
+    (serial: parallel=True is bitwise serial, below, and compiles in minutes for float64 too)."""
     s = Setup(cell, 2, 2, T=40, B=13, D=7, H=37, O=9, seed=47, weights=True, inputs="tokens")
     s.model.flat[...] *= 0.5
-    s.check(s.core(method=method, parallel=True), s.reference())
+    s.check(s.core(method=method), s.reference())
 
 
 @per_cell
