@@ -381,7 +381,41 @@ def test_a_plain_table_has_no_stack_columns(capsys):
     assert "L" not in header and "lengths" not in header and "var/full" not in header
 
 
-@pytest.mark.parametrize("argv", [["--layers", "0"], ["--layers", "two"], ["--layers", ""],
+def test_interleaved_rounds_alternate():
+    from fastbptt.benchmarking.timing import best_times_interleaved
+
+    calls = []
+
+    def fn(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        calls.append("c")
+        if calls.count("c") > 2:
+            raise RuntimeError("boom")
+
+    out = best_times_interleaved({"a": fn("a"), "b": (fn("b"), 2), "c": broken}, repeats=4, min_time=0)
+    # warm-up + calibration round of each in order, then one round of each in turn
+    assert calls == ["a", "a", "b", "b", "c", "c", "a", "b", "c", "a", "a"]
+    assert len(out["a"][1]) == 4 and len(out["b"][1]) == 2 and isinstance(out["c"], RuntimeError)
+    assert out["a"][0] == min(out["a"][1]) and out["a"][2] is not None
+
+
+def test_bench_interleave_runs_and_records_it(tmp_path, capsys):
+    path = tmp_path / "interleave.json"
+    rc, out, err = run_cli(capsys, *TINY, "--lengths", "uniform", "--cell", "gru", "--interleave",
+                           "--impl", "fastbptt,fastbptt-full,reference", "--json", str(path))
+    assert rc == 0, err
+    assert "in turn" in out
+    doc = json.loads(path.read_text())
+    assert doc["interleave"] is True
+    r = doc["results"][0]
+    assert list(r["impls"]) == ["fastbptt", "fastbptt-full", "reference"]
+    assert [len(e["rounds_ms"]) for e in r["impls"].values()] == [1, 1, 1]
+    assert all(e["ok"] and e["ms"] > 0 for e in r["impls"].values()) and r["lengths_ratio"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--load", "--interleave"], ["--layers", "0"], ["--layers", "two"], ["--layers", ""],
                                   ["--lengths", "random"], ["--lengths", ""], ["--load", "--layers", "2"],
                                   ["--load", "--lengths", "uniform"], ["--impl", "torch-sorted"],
                                   ["--configs", "layers", "--T", "5"], ["--configs", "lengths", "--H", "5"]])

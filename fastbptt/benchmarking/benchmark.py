@@ -24,7 +24,7 @@ from .._paths import check_output_path
 from .._progress import Progress, compiling
 from . import _machine, compare
 from ._load import DEFAULT_THRESHOLD, Load, LoadMonitor, describe, total
-from .timing import best_time, positive_ints
+from .timing import best_time, best_times_interleaved, positive_ints
 
 DTYPE_SHORT = {"float32": "f32", "float64": "f64"}
 
@@ -178,7 +178,7 @@ def gemm_peak(dtype=np.float32, n=2048, repeats=5):
 
 
 def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pause=0.1, on_step=None,
-               monitor=None, threshold=DEFAULT_THRESHOLD):
+               monitor=None, threshold=DEFAULT_THRESHOLD, interleave=False):
     """Check and time each implementation on one configuration.
 
     Returns
@@ -192,6 +192,10 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     used meanwhile, and the row's ``disturbed`` whether that was over ``threshold`` of the machine. ``on_step(text)`` is called before each stage (for
     progress). Before each implementation the process sleeps ``pause`` seconds, so that the
     threads of the one before (BLAS, OpenMP) stop spinning and go to sleep before the next is timed.
+
+    With ``interleave``, every implementation is checked first, then their rounds are
+    timed in turn (``timing.best_times_interleaved``; a pause before each round), and each
+    timing's ``load`` is that of the whole interleaved phase.
     """
     dtype = np.dtype(config.dtype)
     model, X, Y, lengths = build(config)
@@ -200,6 +204,7 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
     expected = {False: compare.oracle(model, X, Y, lengths)}
     row_start = monitor.sample() if monitor else None
     result = dict(asdict(config), flops=config.flops, impls={})
+    waiting = {}                                    # with interleave: name -> (step, repeats, checked, first)
     if lengths is not None:
         result["positions"] = int(lengths.sum())
     for name in impls:
@@ -222,25 +227,51 @@ def run_config(config, impls, repeats=5, reference_repeats=3, min_time=0.02, pau
             checked = compare.check(step(), expected[full], dtype)      # the first call also warms up
             first = time.perf_counter() - start
             n = reference_repeats if name == "reference" else repeats
+            if interleave:
+                waiting[name] = (step, n, checked, first)
+                continue
             sample = monitor.sample() if monitor else None
             best, rounds, _ = best_time(step, repeats=n, min_time=min_time, warmup=1)
             load = monitor.since(sample) if monitor else None
         except Exception as exc:  # noqa: BLE001 -- report it and go on with the others
             result["impls"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
-        result["impls"][name] = {
-            "ms": best * 1e3, "rounds_ms": [r * 1e3 for r in rounds], "first_call_ms": first * 1e3,
-            "gflops": config.flops / best / 1e9,
-            **{k: checked[k] for k in ("ok", "tolerance", "loss_error", "max_grad_error",
-                                       "max_grad_abs_error", "worst")}}
-        if load is not None:
-            result["impls"][name]["load"] = load.as_dict(threshold)
+        result["impls"][name] = _entry(config, best, rounds, first, checked, load, threshold)
         del step
+    if waiting:
+        if on_step:
+            on_step("timing " + ", ".join(waiting) + " in turn")
+        sample = monitor.sample() if monitor else None
+        timed = best_times_interleaved({name: (w[0], w[1]) for name, w in waiting.items()},
+                                       min_time=min_time, warmup=1, pause=pause)
+        load = monitor.since(sample) if monitor else None
+        for name in impls:                                  # in the order of impls
+            if name not in waiting:
+                continue
+            got = timed[name]
+            if isinstance(got, Exception):
+                result["impls"][name] = {"error": f"{type(got).__name__}: {got}"}
+                continue
+            best, rounds, _ = got
+            _, _, checked, first = waiting[name]
+            result["impls"][name] = _entry(config, best, rounds, first, checked, load, threshold)
+        waiting.clear()
     row = monitor.since(row_start) if monitor else None
     if row is not None:
         result["load"] = row.as_dict(threshold)
         result["disturbed"] = row.disturbed(threshold)
     return result
+
+
+def _entry(config, best, rounds, first, checked, load, threshold):
+    """One implementation's entry of a row: its times, GFLOP/s, check and load."""
+    entry = {"ms": best * 1e3, "rounds_ms": [r * 1e3 for r in rounds], "first_call_ms": first * 1e3,
+             "gflops": config.flops / best / 1e9,
+             **{k: checked[k] for k in ("ok", "tolerance", "loss_error", "max_grad_error",
+                                        "max_grad_abs_error", "worst")}}
+    if load is not None:
+        entry["load"] = load.as_dict(threshold)
+    return entry
 
 
 def _full(name):
@@ -781,6 +812,9 @@ configuration sets (--configs):
     tim.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
                      help="seconds a round lasts at least (default 0.02; 0.005 with --quick); with "
                           "--load, seconds a phase lasts at least (default 0.2)")
+    tim.add_argument("--interleave", action="store_true",
+                     help="time the implementations of a row in turn, one round of each then again, "
+                          "instead of one after the other: fairer ratios on a machine whose load comes and goes")
     tim.add_argument("--pause", type=float, default=0.1, metavar="SECONDS",
                      help="seconds to sleep before each implementation, so that the thread pools of "
                           "the one before go idle (default 0.1)")
@@ -916,6 +950,8 @@ def check_args(args, parser):
         parser.error("--load-procs goes with --load")
     if args.load and args.plot:
         parser.error("--plot draws the comparison table; it does not go with --load")
+    if args.load and args.interleave:
+        parser.error("--interleave goes with the comparison table; --load alternates its phases already")
     if args.load and (args.layers not in (None, [1]) or args.lengths not in (None, ["full"])):
         parser.error("--layers and --lengths go with the comparison table, not with --load")
     check_outputs(args, parser)
@@ -958,7 +994,8 @@ def main(argv=None):
     stacked = any(c.layers != 1 or c.variable for c in configs)
     print(f"one step: forward + softmax cross-entropy + all gradients, dense inputs, biases, h_0 = 0; "
           f"flops = {compare.STACK_FLOP_FORMULA if stacked else compare.FLOP_FORMULA}; best of {args.repeats} "
-          f"(reference: {args.reference_repeats}) rounds of >= {args.min_time:g} s", flush=True)
+          f"(reference: {args.reference_repeats}) rounds of >= {args.min_time:g} s"
+          + (", the implementations' rounds in turn" if args.interleave else ""), flush=True)
     if stacked:
         for line in stack_notes(impls):
             print(line)
@@ -972,7 +1009,7 @@ def main(argv=None):
             r = run_config(config, impls, repeats=args.repeats, reference_repeats=args.reference_repeats,
                            min_time=args.min_time, pause=args.pause,
                            on_step=lambda what, c=config: progress.step(f"{c.label}: {what}"),
-                           monitor=monitor, threshold=args.busy_threshold)
+                           monitor=monitor, threshold=args.busy_threshold, interleave=args.interleave)
             results.append(r)
     finally:
         progress.close()
@@ -1018,7 +1055,8 @@ def main(argv=None):
                "flop_formula": compare.STACK_FLOP_FORMULA if stacked else compare.FLOP_FORMULA,
                "repeats": args.repeats,
                "reference_repeats": args.reference_repeats, "min_time_s": args.min_time,
-               "pause_s": args.pause, "implementations": impls, "elapsed_s": elapsed,
+               "pause_s": args.pause, "interleave": args.interleave, "implementations": impls,
+               "elapsed_s": elapsed,
                "load": {"measured": monitor.available, "why_not": monitor.why_unavailable,
                         "threshold": args.busy_threshold,
                         "disturbed_rows": sum(bool(r.get("disturbed")) for r in results),
