@@ -1,9 +1,11 @@
 """Hostile input against the layers of issue 9 (stacks, bidirectional layers, dropout, lengths and
 loss weights), found by attacking the core.
 
-Each test is either a regression test for a defect the red team found (``xfail(strict=True)``
-until the core is fixed: flip it then; the bug is written up in notes/issue9_bugs.md) or a guard
-on an attack that held: lengths of every dtype and form, states, ∂L/∂H and ∂L/∂state_T that
+Each test is either a regression test for a defect the red team found (all fixed: a non-PCG64
+dropout generator in pickles, a layer's buffers replaced by hand, scratch buffers outside
+``overlaps``/``nbytes`` or of another dtype, loss weights at extreme scales, a consistent change
+of the record of lengths, float directions, tampered pickle fields) or a guard on an attack
+that held: lengths of every dtype and form, states, ∂L/∂H and ∂L/∂state_T that
 alias the workspace, hand-changed models between forward and backward, damaged and old pickles,
 threads and fork, parallel bitwise equal to serial at realistic sizes, both methods agreeing,
 the padding-skipping products of big layers, and degenerate shapes.
@@ -104,11 +106,9 @@ def reference(model, X, Y, h0=None, **kw):
                            bidirectional=model.bidirectional, activation=model.activation or "tanh", **kw)
 
 
-# ============================================================================ defects found (xfail until fixed)
+# ============================================================================ defects found (fixed; regression tests)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a model whose dropout generator is not PCG64 (seed=Generator(MT19937), "
-                                       "or model.generator set to one) pickles but cannot be unpickled or deep-copied")
 @pytest.mark.parametrize("how", ["seed", "attribute"])
 def test_a_model_with_any_numpy_generator_survives_pickle_and_deepcopy(how):
     if how == "seed":             # accepted by the constructor (check_seed), and deepcopy worked before issue 9
@@ -121,8 +121,6 @@ def test_a_model_with_any_numpy_generator_survives_pickle_and_deepcopy(how):
         assert twin.generator.random() == copy.deepcopy(model.generator).random()   # the same stream
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ws.layer(k, d)'s buffers can be replaced by hand (the Workspace's own "
-                                       "cannot): a wider hs makes concat_directions write past l1.y into l1.dy")
 def test_a_layers_buffers_cannot_be_replaced():
     model = make("gru")
     ws = fastbptt.Workspace(model, 6, 4)
@@ -144,8 +142,6 @@ def _weights_case(case):
             "f32-product-overflow": (np.float32, 3e38)}[case]   # w ℓ overflows float32: loss inf
 
 
-@pytest.mark.xfail(strict=True, reason="bug: loss_weights are used unscaled: weights the checks accept (> 0, finite, "
-                                       "within the dtype) give a NaN or Inf or wrong loss and zero gradients")
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("case", ["f32-underflow", "f32-subnormal-cast", "f64-subnormal", "f64-sum-overflow",
                                   "f32-product-overflow"])
@@ -163,9 +159,6 @@ def test_loss_weights_of_any_accepted_scale_give_the_unweighted_mean(case):
     assert maxdiff(got[1], want[1]) <= tol
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Workspace.overlaps ignores the scratch buffers; Y given as "
-                                       "ws.scratch('ids') is overwritten by the token ids before it is read "
-                                       "(with D > O those ids reach the cross-entropy kernel out of range)")
 def test_targets_viewing_a_scratch_buffer_equal_a_copy():
     model, X, Y, lengths, rng = problem("gru", D=3, O=3, tokens=True)   # ids and labels in one range: no OOB here
     ws = fastbptt.Workspace(model, *Y.shape)
@@ -176,8 +169,6 @@ def test_targets_viewing_a_scratch_buffer_equal_a_copy():
     assert same(want, full(model, X, alias, lengths=lengths, workspace=ws))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Workspace.scratch returns a kept buffer of another dtype: int8 'ids' "
-                                       "wrap token ids >= 128 into negative ids that reach gather_input")
 def test_scratch_of_another_dtype_is_not_handed_to_the_kernels():
     model, _, Y, lengths, rng = problem("gru", D=300)
     X = rng.integers(150, 300, Y.shape)
@@ -187,8 +178,6 @@ def test_scratch_of_another_dtype_is_not_handed_to_the_kernels():
     assert same(want, full(model, X, Y, lengths=lengths, workspace=ws))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Workspace.nbytes (and buffers()) leave out the scratch buffers, "
-                                       "which hold more than the block for a bidirectional layer with lengths")
 def test_nbytes_counts_every_buffer_the_workspace_keeps():
     model = fastbptt.GRU(256, 4, 256, num_layers=1, bidirectional=True, dtype=np.float64)
     T, B = 20, 16
@@ -209,8 +198,6 @@ def test_nbytes_counts_every_buffer_the_workspace_keeps():
     assert ws.nbytes >= 0.9 * kept
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the record of lengths is checked for consistency only: a consistent "
-                                       "change by hand between forward and backward gives wrong gradients silently")
 def test_a_consistent_change_of_the_record_of_lengths_is_refused_or_harmless():
     model, X, _, _, rng = problem("gru")
     lengths = np.array([7, 7, 3, 2, 7])                  # ties: rows 0..2 may be swapped consistently
@@ -228,8 +215,6 @@ def test_a_consistent_change_of_the_record_of_lengths_is_refused_or_harmless():
     assert same(want, got)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: direction=1.0 is accepted by model.layer_names (layer=1.0 is not) and "
-                                       "ws.layer(0, 1.0) raises an unclear 'tuple indices' TypeError")
 def test_a_float_direction_is_refused_clearly():
     model = make("gru")
     ws = fastbptt.Workspace(model, 3, 2)
@@ -238,8 +223,6 @@ def test_a_float_direction_is_refused_clearly():
             f(0, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a pickled Workspace's dropout_on is taken as bool(anything) "
-                                       "(has_lengths is checked) and num_directions=2.0 gives an unclear TypeError")
 @pytest.mark.parametrize("field", ["dropout_on", "directions"])
 def test_a_tampered_workspace_pickle_is_refused(field):
     model = make("gru")

@@ -206,6 +206,7 @@ def _set_lengths(ws, lengths):
     ws.lengths[...] = lengths[order]
     ws.counts[...] = np.searchsorted(-ws.lengths, -np.arange(T), side="left")   # #(lengths > t)
     ws._lengths_on = True
+    ws._seal()
 
 
 def _state_parts(state, model):

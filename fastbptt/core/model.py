@@ -84,8 +84,30 @@ _SUFFIX = re.compile(r"_l[0-9]+(_reverse)?$")
 def dropout_generator(seed):
     """The generator of a model's dropout masks: a stream of its own, from the same ``seed``."""
     if isinstance(seed, np.random.Generator):
-        return seed.spawn(1)[0]
+        try:
+            return seed.spawn(1)[0]
+        except (TypeError, ValueError, AttributeError):    # a bit generator without a SeedSequence
+            return np.random.default_rng(int(seed.integers(2 ** 63)))
     return np.random.default_rng(None if seed is None else [seed, 0xD50])
+
+
+def generator_state(generator):
+    """What a pickle or checkpoint keeps of a generator: its bit generator's state (which names
+    the bit generator's class)."""
+    return generator.bit_generator.state
+
+
+def generator_from_state(state, what):
+    """A ``numpy.random.Generator`` in ``state`` (from ``generator_state``), of the bit generator it names."""
+    try:
+        kind = getattr(np.random, state["bit_generator"])
+        if not (isinstance(kind, type) and issubclass(kind, np.random.BitGenerator)):
+            raise ValueError(f"{state['bit_generator']!r} is not a numpy bit generator")
+        bit = kind()
+        bit.state = state
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{what}'s dropout generator state is damaged: {e}") from None
+    return np.random.Generator(bit)
 
 
 class ViewMap(Mapping):
@@ -300,7 +322,8 @@ class RNNBase:
         if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) \
                 or not -L <= layer < L:
             raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
-        if direction not in range(dirs) or isinstance(direction, (bool, np.bool_)):
+        if isinstance(direction, (bool, np.bool_)) or not isinstance(direction, (int, np.integer)) \
+                or direction not in range(dirs):
             raise ValueError(f"direction must be 0{' or 1' if dirs == 2 else ''} for this model, "
                              f"got {direction!r}")
         sfx = layer_suffix(int(layer) % L, int(direction), L, dirs)
@@ -355,7 +378,7 @@ class RNNBase:
                 "activation": self.activation, "flat": self._flat,
                 "num_layers": self._stack[0], "bidirectional": self._stack[1] == 2,
                 "dropout": self._dropout, "training": self._training,
-                "generator": self._generator.bit_generator.state}
+                "generator": generator_state(self._generator)}
 
     def __setstate__(self, state):
         """Rebuild from the sizes and the flat buffer, checked as the constructor checks them."""
@@ -378,12 +401,8 @@ class RNNBase:
         self._build(D, H, O, bool(bias), check_dtype(np.dtype(state["dtype"])), np.zeros(0))
         self.dropout = state.get("dropout", 0.0)
         self.training = state.get("training", True)
-        self._generator = dropout_generator(0)
-        if "generator" in state:
-            try:
-                self._generator.bit_generator.state = state["generator"]
-            except (TypeError, ValueError, KeyError) as e:
-                raise ValueError(f"{what}'s dropout generator state is damaged: {e}") from None
+        self._generator = generator_from_state(state["generator"], what) if "generator" in state \
+            else dropout_generator(0)
         if self._flat.size != flat.size:
             raise ValueError(f"{what}'s flat buffer has {flat.size} values, "
                              f"its sizes need {self._flat.size}")

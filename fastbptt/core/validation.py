@@ -197,12 +197,12 @@ def check_loss_weights(weights, T, B, dtype, lengths):
         raise ValueError("loss_weights contains NaN or Inf")
     if read.min() < 0:
         raise ValueError(f"loss_weights must be >= 0, got {float(read.min()):g}")
-    if float(read.max()) > float(np.finfo(dtype).max):
-        raise ValueError(f"loss_weights holds {float(read.max()):.3g}, more than the model's {dtype.name} holds")
     if not read.max() > 0:
         raise ValueError("loss_weights are all zero on the positions read: the loss would be 0/0; "
                          "give some position a weight > 0")
-    return np.ascontiguousarray(weights.astype(dtype, copy=False))
+    # L = Σ w ℓ / Σ w does not change with the scale of w: scaled so the largest weight read is 1,
+    # Σ w and w ℓ neither overflow nor underflow whatever scale the caller used
+    return np.ascontiguousarray((weights / np.float64(read.max())).astype(dtype))
 
 
 def check_inputs(model, X, check_finite, lengths=None):
@@ -316,7 +316,7 @@ def check_forward_workspace(workspace, model):
                          "workspace=workspace) (or layer_forward) first, once per backward")
     if ws.has_lengths:                  # the record of lengths the kernels index by: checked again
         from .workspace import _valid_plan
-        if not _valid_plan(ws.counts, ws.row_order, ws.inverse, ws.lengths, ws.T, ws.B):
+        if not ws._sealed() or not _valid_plan(ws.counts, ws.row_order, ws.inverse, ws.lengths, ws.T, ws.B):
             raise ValueError("workspace's record of lengths (counts, row_order, inverse, lengths) was "
                              "changed by hand; run forward again")
     if ws.forward_kind == "tokens":     # the ids forward() kept: public, so checked again

@@ -104,11 +104,18 @@ def _valid_plan(counts, order, inverse, lengths, T, B):
 
 class LayerBuffers:
     """The buffers of one layer in one direction: the names the cell's ``kernel_views`` reads
-    (``hs``, ``gx``, ``dh``, ...), views into the workspace's block."""
+    (``hs``, ``gx``, ``dh``, ...), views into the workspace's block. Fixed, as the workspace's
+    own: write into them in place."""
 
     def __init__(self, views):
         vars(self).update(views)
-        self._cell_views = None
+        object.__setattr__(self, "_cell_views", None)
+
+    def __setattr__(self, name, value):
+        if name != "_cell_views":
+            raise AttributeError(f"a layer's buffers are fixed when the workspace is made; write into "
+                                 f"them in place (.{name}[...] = ...)")
+        object.__setattr__(self, name, value)
 
     def __repr__(self):
         return f"LayerBuffers({', '.join(k for k in vars(self) if not k.startswith('_'))})"
@@ -197,6 +204,7 @@ class Workspace:
         self._cell_views = None                       # (model views, act, the cell's NamedTuple) (api)
         self._lengths_on = False                      # whether the last forward pass had lengths
         self._dropout_on = False                      # ... and dropout
+        self._seal()
         self._full_plan()
         self._scratch = {}                            # buffers made on first use (ws.scratch)
 
@@ -233,7 +241,8 @@ class Workspace:
         if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) \
                 or not -L <= layer < L:
             raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
-        if isinstance(direction, (bool, np.bool_)) or direction not in range(dirs):
+        if isinstance(direction, (bool, np.bool_)) or not isinstance(direction, (int, np.integer)) \
+                or direction not in range(dirs):
             raise ValueError(f"direction must be 0{' or 1' if dirs == 2 else ''}, got {direction!r}")
         return self._layers[layer][direction]
 
@@ -257,10 +266,12 @@ class Workspace:
 
     def scratch(self, name, shape, dtype=None):
         """A buffer made on its first request and kept (inputs reversed in time, outputs in the
-        caller's order, ...): those not every call needs, which may be large."""
+        caller's order, ...): those not every call needs, which may be large. Made again when
+        the shape or dtype asked for differs; counted in ``buffers()``, ``overlaps`` and ``nbytes``."""
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
         a = self._scratch.get(name)
-        if a is None or a.shape != tuple(shape):
-            a = np.zeros(shape, self.dtype if dtype is None else dtype)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = np.zeros(shape, dtype)
             self._scratch[name] = a
         return a
 
@@ -292,7 +303,7 @@ class Workspace:
             raise ValueError(f"a pickled Workspace has bias={bias!r}")
         dtype = check_dtype(dtype)
         L = positive_int(L, "num_layers")
-        if dirs not in (1, 2) or isinstance(dirs, (bool, np.bool_)):
+        if isinstance(dirs, (bool, np.bool_)) or not isinstance(dirs, (int, np.integer)) or dirs not in (1, 2):
             raise ValueError(f"a pickled Workspace has num_directions={dirs!r}")
         for name, value in (("T", T), ("B", B), ("signature", (cell, D, H, O, bias, dtype, L, dirs)),
                             ("cell", cell), ("dtype", dtype), ("num_layers", L), ("num_directions", dirs)):
@@ -351,7 +362,20 @@ class Workspace:
         self._cell_views = None
         self._scratch = {}
         self._full_plan()
-        self._dropout_on = bool(state.get("dropout_on", False))
+        dropout_on = state.get("dropout_on", False)
+        if not isinstance(dropout_on, bool):
+            raise ValueError(f"a pickled Workspace has dropout_on={dropout_on!r}")
+        self._dropout_on = dropout_on
+        self._seal()
+
+    def _seal(self):
+        """Remember the record of lengths as the API wrote it (``_sealed`` tells a change by hand)."""
+        self._record = b"".join(a.tobytes() for a in (self.counts, self.row_order, self.inverse, self.lengths))
+
+    def _sealed(self):
+        """Whether the record of lengths is as the last call wrote it."""
+        return self._record == b"".join(a.tobytes() for a in (self.counts, self.row_order, self.inverse,
+                                                              self.lengths))
 
     @property
     def has_lengths(self):
@@ -377,7 +401,7 @@ class Workspace:
 
     def buffers(self):
         """The arrays that hold the workspace's memory: the block, and the input and ∂L/∂X buffers once made."""
-        return [a for a in (self._block, self._x, self._dX) if a is not None]
+        return [a for a in (self._block, self._x, self._dX) if a is not None] + list(self._scratch.values())
 
     def overlaps(self, a):
         """Whether the memory of array ``a`` may overlap the workspace's (bounds only, as ``np.may_share_memory``)."""
