@@ -382,3 +382,14 @@ def test_products_that_skip_padding_give_the_products_over_every_position(cell, 
         for w, g in zip(want[2:], got[2:]):
             for a, b in zip(w if isinstance(w, tuple) else (w,), g if isinstance(g, tuple) else (g,)):
                 np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
+
+
+def test_auto_chooses_by_the_mean_number_of_running_sequences():
+    """With lengths, method="auto" picks as for a batch of Σ lengths / T sequences."""
+    from fastbptt.core import api
+    model = fastbptt.GRU(3, 64, 2)
+    lengths = np.array([100] + [1] * 15)              # mean 16·... / 100 ≈ 1 sequence per step
+    assert api.choose_method(16, 64) == "blas"
+    assert api._check_method("auto", 16, model, lengths, 100) == "fused"
+    assert api._check_method("auto", 16, model, np.full(16, 100), 100) == "blas"
+    assert api._check_method("blas", 16, model, lengths, 100) == "blas"

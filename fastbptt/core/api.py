@@ -80,10 +80,16 @@ def _private(a, ws):
 _check_model = check_model     # the old name
 
 
-def _check_method(method, B, model):
+def _check_method(method, B, model, lengths=None, T=None):
+    """The method to run; ``"auto"`` picks by shape, with lengths by the mean number of sequences
+    a step runs (Σ lengths / T): a batch of short and long sequences is narrower than B."""
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return choose_method(B, model.hidden_size) if method == "auto" else method
+    if method != "auto":
+        return method
+    if lengths is not None:
+        B = max(1, int(round(int(lengths.sum()) / T)))
+    return choose_method(B, model.hidden_size)
 
 
 def _threads(parallel, method):
@@ -771,7 +777,7 @@ def _forward_keeping_inputs(run, model, X, h0, lengths, workspace, parallel, che
     kind, X, T, B = _check_inputs(model, X, check_finite, lengths)
     lengths = _check_lengths(lengths, T, B)
     h0 = _check_h0(h0, model, B, check_finite)
-    method = _check_method(method, B, model)
+    method = _check_method(method, B, model, lengths, T)
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     with _claim(ws):
@@ -866,7 +872,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, lengths=None, l
     Y = _check_targets(Y, loss, model, T, B, check_finite, lengths)
     loss_weights = _check_loss_weights(loss_weights, T, B, model.dtype, lengths)
     carry = _check_model_carry(carry, model, T, B)
-    method = _check_method(method, B, model)
+    method = _check_method(method, B, model, lengths, T)
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     # -- everything is valid from here on
@@ -944,7 +950,7 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     lengths = ws.lengths[ws.inverse] if ws.has_lengths else None
     dO = _check_float(dO, "dO", model.dtype, (ws.T, ws.B, model.output_size), check_finite, lengths)
     carry = _check_model_carry(carry, model, ws.T, ws.B)
-    method = _check_method(method, ws.B, model)
+    method = _check_method(method, ws.B, model, ws.lengths if ws.has_lengths else None, ws.T)
     parallel = _threads(parallel, method)
     with _claim(ws):
         carry = _private(carry, ws)
@@ -1014,7 +1020,7 @@ def layer_backward(model, dH, dstate_T=None, *, workspace, parallel=False, check
                       check_finite, lengths)
     dstate_T = _check_state(dstate_T, "dstate_T", model, B, check_finite)
     carry = _check_model_carry(carry, model, T, B)
-    method = _check_method(method, B, model)
+    method = _check_method(method, B, model, lengths, T)
     parallel = _threads(parallel, method)
     with _claim(ws):
         carry = _private(carry, ws)
