@@ -195,3 +195,25 @@ def test_an_id_out_of_range_is_named_where_it_is_read_not_in_the_padding():
     X[2, 1] = 99                                   # read
     with pytest.raises(ValueError, match=r"got 99 at index \(2, 1\)"):
         fastbptt.loss_and_grad(model, X, np.zeros((5, 2), np.int64), lengths=[1, 5])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dH_that_is_the_buffer_it_is_packed_into(bidirectional):
+    """With lengths, layer_backward packs the caller's dH into the top layer's gradient buffer in
+    the workspace's row order; a dH that is that very buffer (the previous call's ∂L/∂H left there)
+    must give the result of a copy, not a permutation done in place over itself."""
+    model, X, _, rng = _problem("gru", L=1, bidirectional=bidirectional)
+    T, B = X.shape[:2]
+    lengths = np.array([2, 5, 1, 3])
+    ws = fastbptt.Workspace(model, T, B)
+    fastbptt.layer_forward(model, X, lengths=lengths, workspace=ws)
+    width = model.num_directions * model.hidden_size
+    fastbptt.layer_backward(model, rng.normal(size=(T, B, width)), workspace=ws)
+    fastbptt.layer_forward(model, X, lengths=lengths, workspace=ws)   # a forward per backward
+    dH = ws._outputs[0][1] if bidirectional else ws.layer(0, 0).dh
+    assert dH.shape == (T, B, width)
+    other = fastbptt.Workspace(model, T, B)
+    fastbptt.layer_forward(model, X, lengths=lengths, workspace=other)
+    want = _copy(fastbptt.layer_backward(model, dH.copy(), workspace=other))
+    got = fastbptt.layer_backward(model, dH, workspace=ws)
+    _assert_same(got, want)
