@@ -393,3 +393,21 @@ def test_auto_chooses_by_the_mean_number_of_running_sequences():
     assert api._check_method("auto", 16, model, lengths, 100) == "fused"
     assert api._check_method("auto", 16, model, np.full(16, 100), 100) == "blas"
     assert api._check_method("blas", 16, model, lengths, 100) == "blas"
+
+
+def test_newcomers_errors_say_what_a_stack_expects():
+    """A one-layer name on a stack and a (B, H) state for a stack: the errors say what to use."""
+    model = make("gru", L=2, bidirectional=True)
+    with pytest.raises(KeyError, match="W_ih_l0"):
+        model.params["W_ih"]
+    X, Y, _ = data()
+    with pytest.raises(ValueError, match=r"num_layers·num_directions"):
+        fastbptt.loss_and_grad(model, X, Y, np.zeros((7, 6)))
+    lstm = make("lstm", L=2, bidirectional=False)
+    with pytest.raises(ValueError, match=r"h0\[0\] must have shape \(2, 7, 6\).*num_layers·num_directions"):
+        fastbptt.loss_and_grad(lstm, X, Y, (np.zeros((7, 6)), np.zeros((7, 6))))
+    h0 = np.zeros((4, 7, 6))
+    h0[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN") as info:
+        fastbptt.loss_and_grad(model, X, Y, h0)
+    assert "num_layers" not in str(info.value)

@@ -124,7 +124,12 @@ class ViewMap(Mapping):
         self._views = dict(views)
 
     def __getitem__(self, name):
-        return self._views[name]
+        try:
+            return self._views[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not one of the names here: {list(self._views)} (a model of "
+                           f"several layers or directions suffixes its names: W_ih_l0, "
+                           f"W_hh_l1_reverse, ...)") from None
 
     def __iter__(self):
         return iter(self._views)

@@ -277,6 +277,18 @@ def check_state(state, name, model, B, check_finite):
     if state is None:
         return None
     shape = (B, model.hidden_size) if model.n_states == 1 else (model.n_states, B, model.hidden_size)
+    if model.n_states > 1:                 # say what the first axis is when the shape is wrong
+        try:
+            return _check_state(state, name, model, shape, check_finite)
+        except ValueError as e:
+            if "shape" not in str(e):
+                raise
+            raise ValueError(f"{e}: a model of {model.num_layers} layer(s) and {model.num_directions} "
+                             f"direction(s) has states of shape (num_layers·num_directions, B, H)") from None
+    return _check_state(state, name, model, shape, check_finite)
+
+
+def _check_state(state, name, model, shape, check_finite):
     if model.cell != "lstm":
         if isinstance(state, (tuple, list)) and len(state) == 2 \
                 and all(isinstance(a, np.ndarray) and a.ndim == len(shape) for a in state):

@@ -254,7 +254,8 @@ class Workspace:
 
     def dropout_masks(self):
         """The dropout masks of the last forward pass, one (T, B, dirs·H) array per layer below the
-        top, in the caller's batch order (copies); multipliers 0 or 1/(1-p), or all ones without dropout."""
+        top, in the caller's batch order (copies); multipliers 0 or 1/(1-p). All ones when that pass
+        had no dropout (evaluation mode, p = 0) or before any forward pass."""
         masks = []
         for k in range(self.num_layers - 1):
             m = self._outputs[k][2]
