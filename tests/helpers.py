@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import tracemalloc
+
 import numpy as np
 
 import fastbptt
@@ -71,3 +73,42 @@ def has_avx2():
 #: d2l's timemachine.txt: $FASTBPTT_TIMEMACHINE, else ../shared/data/timemachine.txt beside the checkout
 TIME_MACHINE = Path(os.environ.get("FASTBPTT_TIMEMACHINE")
                     or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "timemachine.txt")
+
+
+def snap(value):
+    """A deep copy of a call's results (views into a workspace) as plain arrays."""
+    if value is None or isinstance(value, float):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(snap(v) for v in value)
+    if hasattr(value, "keys"):
+        return {k: np.array(v) for k, v in value.items()}
+    return np.array(value)
+
+
+def same(a, b):
+    """Bitwise equality of two snapped results."""
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, float):
+        return a == b
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    return np.array_equal(a, b)
+
+
+def no_growth(call, smallest):
+    """Bytes allocated over three calls after a warm-up: must stay under ``smallest``."""
+    call()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for _ in range(3):
+            call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - base < smallest, f"{peak - base} bytes allocated per call"

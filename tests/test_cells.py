@@ -16,12 +16,12 @@ import os
 import pickle
 import subprocess
 import sys
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import fastbptt
+from helpers import no_growth
 from cells_registry import (BY_ID, CELLS, SATURATING, SCALE, assert_fd_close, assert_grads_close,
                             assert_state_close, copy_state, h_of, halves, make_carry, make_problem,
                             numerical_grad, state_arrays, torch)
@@ -385,21 +385,6 @@ def test_state_T_fed_back_as_h0_carries_the_state(cell):
     assert_state_close(cell, "state_T", state, cell.hidden(model, X, state0)[1], np.float64)
 
 
-def _no_growth(call, smallest):
-    """Bytes allocated over three calls after a warm-up: must stay under one (B, H) array."""
-    call()
-    tracemalloc.start()
-    try:
-        base, _ = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        for _ in range(3):
-            call()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak - base < smallest, f"{peak - base} bytes allocated per call"
-
-
 @per_cell
 @pytest.mark.parametrize("inputs", ["dense", "tokens"])
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
@@ -412,7 +397,7 @@ def test_steady_state_allocates_nothing(cell, inputs, parallel, method):
     first = pointers(cell, fastbptt.loss_and_grad(model, X, Y, state0, **kwargs))
     second = pointers(cell, fastbptt.loss_and_grad(model, X, Y, state0, **kwargs))
     assert first == second, "a second call returned arrays in other memory"
-    _no_growth(lambda: fastbptt.loss_and_grad(model, X, Y, state0, **kwargs), B * H * 4)
+    no_growth(lambda: fastbptt.loss_and_grad(model, X, Y, state0, **kwargs), B * H * 4)
 
 
 @per_cell
@@ -431,7 +416,7 @@ def test_layer_steady_state_allocates_nothing(cell, method):
         return {**pointers(cell, fwd, ("H_all", "state_T")), **pointers(cell, bwd, ("grads", "dX", "dstate0"))}
 
     assert call() == call(), "a second call returned arrays in other memory"
-    _no_growth(call, B * H * 4)
+    no_growth(call, B * H * 4)
 
 
 # ----------------------------------------------------------------------------- the references

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import fastbptt
+from helpers import same, snap
 from fastbptt.core import api
 
 try:    # an optional oracle
@@ -44,30 +45,6 @@ def state(model, rng, B):
     H, dt = model.hidden_size, model.dtype
     h = rng.normal(size=(B, H)).astype(dt)
     return (h, rng.normal(size=(B, H)).astype(dt)) if model.cell == "lstm" else h
-
-
-def snap(value):
-    """A deep copy of a call's results (views into a workspace) as plain arrays."""
-    if value is None or isinstance(value, float):
-        return value
-    if isinstance(value, (tuple, list)):
-        return tuple(snap(v) for v in value)
-    if hasattr(value, "keys"):
-        return {k: np.array(v) for k, v in value.items()}
-    return np.array(value)
-
-
-def same(a, b):
-    """Bitwise equality of two snapped results."""
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, float):
-        return a == b
-    if isinstance(a, tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    return np.array_equal(a, b)
 
 
 def problem(cell, T=5, B=3, D=4, H=6, O=7, dtype=np.float64, seed=0):

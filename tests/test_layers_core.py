@@ -3,12 +3,12 @@ cover — bad input, allocation, pickling mid-pass, hand-changed records, names 
 
 import copy
 import pickle
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import fastbptt
+from helpers import no_growth, same, snap
 
 CELLS = ["rnn", "gru", "lstm"]
 
@@ -33,26 +33,6 @@ def state_of(model, B, rng):
     return (h, rng.normal(size=shape).astype(model.dtype)) if model.cell == "lstm" else h
 
 
-def copy_result(r):
-    if isinstance(r, dict) or hasattr(r, "keys"):
-        return {k: np.array(v) for k, v in r.items()}
-    if isinstance(r, tuple):
-        return tuple(copy_result(x) for x in r)
-    if isinstance(r, np.ndarray):
-        return r.copy()
-    return r
-
-
-def same(a, b):
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    if isinstance(a, tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, np.ndarray):
-        return np.array_equal(a, b)
-    return a == b
-
-
 # ----------------------------------------------------------------------------- names and layout
 
 
@@ -61,7 +41,7 @@ def test_names_follow_pytorch(cell):
     model = make(cell, L=3)
     names = [n for n, _ in model.layout]
     w = "W_hx" if cell == "rnn" else "W_ih"
-    assert names[0] == f"{w}_l0" and f"W_hh_l2_reverse" in names and names[-2:] == ["W_qh", "b_q"]
+    assert names[0] == f"{w}_l0" and "W_hh_l2_reverse" in names and names[-2:] == ["W_qh", "b_q"]
     assert model.params["W_qh"].shape == (4, 12)
     G = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
     assert model.params[f"{w}_l1"].shape == (G * 6, 12)          # layer 1 reads both directions
@@ -185,16 +165,16 @@ def test_padding_may_hold_anything_and_is_never_read():
     model = make("lstm")
     X, Y, lengths = data(tokens=True)
     pad = np.arange(9)[:, None] >= lengths[None]
-    clean = copy_result(fastbptt.loss_and_grad(model, X, Y, lengths=lengths, return_dX=True))
+    clean = snap(fastbptt.loss_and_grad(model, X, Y, lengths=lengths, return_dX=True))
     Xd, Yd = X.copy(), Y.copy()
     Xd[pad], Yd[pad] = 10 ** 9, -7
-    dirty = copy_result(fastbptt.loss_and_grad(model, Xd, Yd, lengths=lengths, return_dX=True))
+    dirty = snap(fastbptt.loss_and_grad(model, Xd, Yd, lengths=lengths, return_dX=True))
     assert same(clean, dirty)
     Xf = np.random.default_rng(1).normal(size=(9, 7, 5))
     Yf = np.random.default_rng(2).normal(size=(9, 7, 4))
-    clean = copy_result(fastbptt.loss_and_grad(model, Xf, Yf, loss="mse", lengths=lengths))
+    clean = snap(fastbptt.loss_and_grad(model, Xf, Yf, loss="mse", lengths=lengths))
     Xf[pad], Yf[pad] = np.nan, np.inf
-    dirty = copy_result(fastbptt.loss_and_grad(model, Xf, Yf, loss="mse", lengths=lengths))
+    dirty = snap(fastbptt.loss_and_grad(model, Xf, Yf, loss="mse", lengths=lengths))
     assert same(clean, dirty)
 
 
@@ -216,7 +196,7 @@ def test_callers_arrays_are_not_changed():
     rng = np.random.default_rng(4)
     h0 = state_of(model, 7, rng)
     w = rng.uniform(size=(9, 7))
-    copies = copy_result((X, Y, lengths, h0, w))
+    copies = snap((X, Y, lengths, h0, w))
     fastbptt.loss_and_grad(model, X, Y, h0, lengths=lengths, loss_weights=w, return_dX=True,
                            return_dh0=True)
     assert same(copies, (X, Y, lengths, h0, w))
@@ -238,20 +218,8 @@ def test_stacks_with_lengths_allocate_nothing_in_steady_state(cell, method):
     ws = fastbptt.Workspace(model, T, B)
     h0 = None
 
-    def call():
-        return fastbptt.loss_and_grad(model, X, Y, h0, lengths=lengths, workspace=ws, method=method,
-                                      return_dh0=True)
-    call()
-    tracemalloc.start()
-    try:
-        base, _ = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        for _ in range(3):
-            call()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak - base < B * H * 4, f"{peak - base} bytes allocated per call"
+    no_growth(lambda: fastbptt.loss_and_grad(model, X, Y, h0, lengths=lengths, workspace=ws,
+                                             method=method, return_dh0=True), B * H * 4)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -261,9 +229,9 @@ def test_state_fed_back_through_one_workspace(cell):
     X, Y, lengths = data()
     ws = fastbptt.Workspace(model, 9, 7)
     _, _, state = fastbptt.loss_and_grad(model, X, Y, lengths=lengths, workspace=ws)
-    snap = copy_result(state)
-    got = copy_result(fastbptt.loss_and_grad(model, X, Y, state, lengths=lengths, workspace=ws))
-    want = copy_result(fastbptt.loss_and_grad(model, X, Y, snap, lengths=lengths))
+    kept = snap(state)
+    got = snap(fastbptt.loss_and_grad(model, X, Y, state, lengths=lengths, workspace=ws))
+    want = snap(fastbptt.loss_and_grad(model, X, Y, kept, lengths=lengths))
     assert same(got, want)
 
 
@@ -276,9 +244,9 @@ def test_workspace_pickled_between_forward_and_backward(cell):
     fastbptt.forward(model, X, lengths=lengths, workspace=ws)
     other = pickle.loads(pickle.dumps(ws))
     deep = copy.deepcopy(ws)
-    want = copy_result(fastbptt.backward(model, dO, workspace=ws, return_dh0=True, return_dX=True))
+    want = snap(fastbptt.backward(model, dO, workspace=ws, return_dh0=True, return_dX=True))
     for w in (other, deep):
-        assert same(want, copy_result(fastbptt.backward(model, dO, workspace=w, return_dh0=True,
+        assert same(want, snap(fastbptt.backward(model, dO, workspace=w, return_dh0=True,
                                                         return_dX=True)))
 
 
@@ -325,8 +293,8 @@ def test_dropout_masks_are_reproducible_and_off_in_eval():
     X, Y, _ = data()
     a, b = make("gru", L=3, bidirectional=False, dropout=0.5, seed=7), \
         make("gru", L=3, bidirectional=False, dropout=0.5, seed=7)
-    ra = copy_result(fastbptt.loss_and_grad(a, X, Y))
-    rb = copy_result(fastbptt.loss_and_grad(b, X, Y))
+    ra = snap(fastbptt.loss_and_grad(a, X, Y))
+    rb = snap(fastbptt.loss_and_grad(b, X, Y))
     assert same(ra, rb)                                        # same seed, same masks
     ws = fastbptt.Workspace(a, 9, 7)
     fastbptt.loss_and_grad(a, X, Y, workspace=ws)
@@ -336,10 +304,10 @@ def test_dropout_masks_are_reproducible_and_off_in_eval():
     a.eval()
     fastbptt.loss_and_grad(a, X, Y, workspace=ws)
     assert all(np.all(m == 1) for m in ws.dropout_masks())
-    off = copy_result(fastbptt.loss_and_grad(a, X, Y))
+    off = snap(fastbptt.loss_and_grad(a, X, Y))
     a.dropout = 0.0
     a.train()
-    assert same(off, copy_result(fastbptt.loss_and_grad(a, X, Y)))
+    assert same(off, snap(fastbptt.loss_and_grad(a, X, Y)))
 
 
 def test_layer_forward_returns_the_top_output_in_the_callers_order():
@@ -371,7 +339,7 @@ def test_products_that_skip_padding_give_the_products_over_every_position(cell, 
     results = []
     for threshold in (10 ** 18, 0):
         monkeypatch.setattr(api, "PACKED_MIN_FLOPS", threshold)
-        results.append([copy_result(fastbptt.loss_and_grad(model, X, Y_, loss=loss, lengths=lengths,
+        results.append([snap(fastbptt.loss_and_grad(model, X, Y_, loss=loss, lengths=lengths,
                                                            method=method, return_dX=True,
                                                            return_dh0=True))
                         for Y_, loss in ((Y, "cross_entropy"), (Yf, "mse"))])

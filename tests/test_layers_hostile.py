@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import fastbptt
+from helpers import same, snap
 from fastbptt.core import reference_layers as R
 
 CELLS = ["rnn", "gru", "lstm"]
@@ -54,30 +55,6 @@ def problem(cell, T=7, B=5, D=4, O=3, tokens=False, seed=0, **kw):
     lengths = rng.integers(1, T + 1, B)
     lengths[1] = T
     return model, X, Y, lengths, rng
-
-
-def snap(value):
-    """A deep copy of a call's results (views into a workspace) as plain arrays."""
-    if value is None or isinstance(value, float):
-        return value
-    if isinstance(value, (tuple, list)):
-        return tuple(snap(v) for v in value)
-    if hasattr(value, "keys"):
-        return {k: np.array(v) for k, v in value.items()}
-    return np.array(value)
-
-
-def same(a, b):
-    """Bitwise equality of two snapped results."""
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, float):
-        return a == b
-    if isinstance(a, tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    return np.array_equal(a, b)
 
 
 def maxdiff(a, b):

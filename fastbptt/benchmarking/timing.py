@@ -20,22 +20,8 @@ def best_time(fn, repeats=5, min_time=0.02, warmup=1):
     first : float or None
         Seconds of the first warm-up call.
     """
-    first = None
-    for i in range(warmup):
-        start = time.perf_counter()
-        fn()
-        if i == 0:
-            first = time.perf_counter() - start
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time or calls >= 1 << 20:
-            break
-        calls *= 2
-    rounds = [elapsed / calls]
+    calls, first, elapsed = calibrate(fn, min_time, warmup)
+    rounds = [elapsed]
     for _ in range(repeats - 1):
         start = time.perf_counter()
         for _ in range(calls):

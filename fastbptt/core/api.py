@@ -36,7 +36,6 @@ from .validation import check_float as _check_float
 from .validation import check_inputs as _check_inputs
 from .validation import check_forward_workspace as _check_forward_workspace
 from .validation import check_h0 as _check_h0
-from .validation import check_lengths as _check_lengths
 from .validation import check_loss_weights as _check_loss_weights
 from .validation import check_model
 from .validation import check_state as _check_state
@@ -402,10 +401,10 @@ def _direction_forward(model, ws, k, d, kind, X, parallel, method):
             dot(W_hh, hs[t][:n].T, recT)                              # (W_hh h_{t-1})ᵀ, active rows
             step(cell, t, recT.T, row)
     if ws._lengths_on:
-        _sweep.zero_padding(hs_out(lb), counts)
+        _sweep.zero_padding(_hs_out(lb), counts)
 
 
-def hs_out(lb):
+def _hs_out(lb):
     """h_1 .. h_T of a layer's buffers (T, B, H)."""
     return lb.hs[1:]
 
@@ -416,10 +415,10 @@ def _layer_output(model, ws, k):
     y, _, mask = ws._outputs[k]
     if model.num_directions == 2:
         _, _, lengths, _ = _plan(ws)
-        _sweep.concat_directions(y, hs_out(ws._layers[k][0]), hs_out(ws._layers[k][1]), lengths)
+        _sweep.concat_directions(y, _hs_out(ws._layers[k][0]), _hs_out(ws._layers[k][1]), lengths)
         out = y
     else:
-        out = hs_out(ws._layers[k][0])
+        out = _hs_out(ws._layers[k][0])
     if ws._dropout_on and k < model.num_layers - 1:
         np.multiply(out, mask, out=y)
         out = y
@@ -431,7 +430,7 @@ def _kept_output(model, ws, k):
     y = ws._outputs[k][0]
     if model.num_directions == 2 or (ws._dropout_on and k < model.num_layers - 1):
         return y
-    return hs_out(ws._layers[k][0])
+    return _hs_out(ws._layers[k][0])
 
 
 def _draw_masks(model, ws):
@@ -466,7 +465,7 @@ def _readout_input(model, ws):
     if model.num_directions == 2:
         y = ws._outputs[k][0]
     else:
-        y = hs_out(ws._layers[k][0])
+        y = _hs_out(ws._layers[k][0])
     return y.reshape(ws.T * ws.B, y.shape[2])
 
 
@@ -774,8 +773,7 @@ def _forward_keeping_inputs(run, model, X, h0, lengths, workspace, parallel, che
     ``_layer_forward``) with the inputs kept in the workspace for the backward pass."""
     check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
     check_model(model, check_finite)
-    kind, X, T, B = _check_inputs(model, X, check_finite, lengths)
-    lengths = _check_lengths(lengths, T, B)
+    kind, X, T, B, lengths = _check_inputs(model, X, check_finite, lengths)
     h0 = _check_h0(h0, model, B, check_finite)
     method = _check_method(method, B, model, lengths, T)
     ws = _check_workspace(workspace, model, T, B)
@@ -866,8 +864,7 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, lengths=None, l
     check_finite, parallel, return_dh0, return_dX = _check_flags(
         check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
     check_model(model, check_finite)
-    kind, X, T, B = _check_inputs(model, X, check_finite, lengths)
-    lengths = _check_lengths(lengths, T, B)
+    kind, X, T, B, lengths = _check_inputs(model, X, check_finite, lengths)
     h0 = _check_h0(h0, model, B, check_finite)
     Y = _check_targets(Y, loss, model, T, B, check_finite, lengths)
     loss_weights = _check_loss_weights(loss_weights, T, B, model.dtype, lengths)

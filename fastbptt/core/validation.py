@@ -206,7 +206,8 @@ def check_loss_weights(weights, T, B, dtype, lengths):
 
 
 def check_inputs(model, X, check_finite, lengths=None):
-    """Return (kind, X, T, B): kind "dense" with X (T, B, D) floats, or "tokens" with X (T, B) ints."""
+    """Return (kind, X, T, B, lengths): kind "dense" with X (T, B, D) floats, or "tokens" with X (T, B)
+    ints; the lengths checked (``check_lengths``) against X's T and B."""
     X = as_array(X, "X")
     D = model.input_size
     if X.ndim == 2 and X.dtype.kind in "iu":
@@ -227,7 +228,7 @@ def check_inputs(model, X, check_finite, lengths=None):
         X = check_ids(X, "X", (T, B), D, "token ids", lengths)
     else:
         X = check_float(X, "X", model.dtype, (T, B, D), check_finite, lengths)
-    return kind, X, T, B
+    return kind, X, T, B, lengths
 
 
 # ----------------------------------------------------------------------------- models, states, workspaces

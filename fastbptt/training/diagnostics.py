@@ -309,7 +309,7 @@ def gradient_flow(model, X, Y, h0=None, loss="cross_entropy", *, workspace=None,
     """
     if workspace is None:
         api.check_model(model, False)
-        _, _, T, B = validation.check_inputs(model, X, False)
+        _, _, T, B, _ = validation.check_inputs(model, X, False)
         workspace = Workspace(model, T, B)
     _layer(model, layer, direction)                     # before the work
     value = api.loss_and_grad(model, X, Y, h0, loss, workspace=workspace, carry=carry, lengths=lengths)[0]

@@ -31,20 +31,39 @@ def _sum(row):
 
 
 @njit(inline="always", error_model="numpy")
-def _cross_entropy_row(do, row_loss, targets, n):
-    """Row n of ``cross_entropy`` (see there)."""
-    N, O = do.shape
-    row = do[n]
-    y = targets[n]
+def _exp_row(row, y):
+    """row[k] = e^(row[k] - max) in (0, 1]; return (-log softmax(row)[y], Σ_k e^(row[k] - max))."""
+    O = row.shape[0]
     m = row[0]
     for k in range(1, O):
         if row[k] > m:
             m = row[k]
     target_logit = row[y]
     for k in range(O):
-        row[k] = exp(row[k] - m)                 # e^(o_k - max) in (0, 1]
+        row[k] = exp(row[k] - m)
     s = _sum(row)
-    row_loss[n] = (m - target_logit) + np.log(s)   # log-sum-exp minus the target's logit
+    return (m - target_logit) + np.log(s), s      # log-sum-exp minus the target's logit
+
+
+@njit(inline="always", error_model="numpy")
+def _sq_row(row, target):
+    """row -= target; return the mean of the squares (in float64)."""
+    O = row.shape[0]
+    for k in range(O):
+        row[k] -= target[k]                      # o - y
+    s = 0.0
+    for k in range(O):
+        s += row[k] * row[k]
+    return s / O
+
+
+@njit(inline="always", error_model="numpy")
+def _cross_entropy_row(do, row_loss, targets, n):
+    """Row n of ``cross_entropy`` (see there)."""
+    N, O = do.shape
+    row = do[n]
+    y = targets[n]
+    row_loss[n], s = _exp_row(row, y)
     scale = row.dtype.type(1.0 / (s * N))
     for k in range(O):
         row[k] *= scale                          # softmax / N
@@ -87,13 +106,7 @@ def _mse_row(do, row_loss, targets, n):
     """Row n of ``mse`` (see there)."""
     N, O = do.shape
     row = do[n]
-    target = targets[n]
-    for k in range(O):
-        row[k] -= target[k]                      # o - y
-    s = 0.0
-    for k in range(O):
-        s += row[k] * row[k]
-    row_loss[n] = s / O
+    row_loss[n] = _sq_row(row, targets[n])
     scale = row.dtype.type(2.0 / (N * O))
     for k in range(O):
         row[k] *= scale
@@ -147,15 +160,7 @@ def _cross_entropy_row_weighted(do, row_loss, targets, w, total, n):
     O = do.shape[1]
     row = do[n]
     y = targets[n]
-    m = row[0]
-    for k in range(1, O):
-        if row[k] > m:
-            m = row[k]
-    target_logit = row[y]
-    for k in range(O):
-        row[k] = exp(row[k] - m)
-    s = _sum(row)
-    row_loss[n] = (m - target_logit) + np.log(s)
+    row_loss[n], s = _exp_row(row, y)
     wn = w[n] / total
     scale = row.dtype.type(wn / s)
     for k in range(O):
@@ -203,13 +208,7 @@ def _mse_row_weighted(do, row_loss, targets, w, total, n):
         return
     O = do.shape[1]
     row = do[n]
-    target = targets[n]
-    for k in range(O):
-        row[k] -= target[k]
-    s = 0.0
-    for k in range(O):
-        s += row[k] * row[k]
-    row_loss[n] = s / O
+    row_loss[n] = _sq_row(row, targets[n])
     scale = row.dtype.type(2.0 * w[n] / (total * O))
     for k in range(O):
         row[k] *= scale
