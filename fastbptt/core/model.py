@@ -213,14 +213,25 @@ class RNNBase:
         """The activation code the kernels take (the Elman cell's φ; unused by the gated cells)."""
         return 0
 
-    def _build(self, D, H, O, bias, dtype, flat):
-        """Set the layout, the flat buffer (zeros, or a copy of ``flat`` when it has the size) and the views."""
+    def _build(self, D, H, O, bias, dtype, flat, buffer=None):
+        """Set the layout, the flat buffer (zeros, or a copy of ``flat`` when it has the size) and the views.
+
+        ``buffer``, a contiguous 1-D array of the dtype and size, becomes the flat buffer itself
+        (shared, not copied): for a bridge whose parameters live in another library's memory.
+        """
         self._sizes = (D, H, O, bias)
         self._dtype = dtype
         self._layout = tuple(stack_layout(self._CELL, D, H, O, bias, *self._stack))
         n = sum(int(np.prod(shape)) for _, shape in self._layout)
         try:
-            self._flat = np.zeros(n, dtype)
+            if buffer is not None:
+                if buffer.shape != (n,) or buffer.dtype != dtype or not buffer.flags.c_contiguous \
+                        or not buffer.flags.writeable:
+                    raise ValueError(f"the shared buffer must be a writable contiguous ({n},) array of "
+                                     f"{dtype.name}, got {buffer.shape} {buffer.dtype}")
+                self._flat = buffer
+            else:
+                self._flat = np.zeros(n, dtype)
         except MemoryError:
             raise MemoryError(f"a {type(self).__name__} with input_size={D}, hidden_size={H}, output_size={O} has {n:,} "
                               f"parameters ({n * dtype.itemsize / 2**30:,.1f} GiB of {dtype.name}), "
@@ -507,6 +518,20 @@ class RNNBase:
         if dtype is not None:  # an explicit request to convert
             params = {name: np.asarray(value).astype(model.dtype) for name, value in params.items()}
         model.load_params(params)
+        return model
+
+    @classmethod
+    def _over(cls, buffer, input_size, hidden_size, output_size, bias=True, *, num_layers=1,
+              bidirectional=False, activation="tanh"):
+        """A model whose ``flat`` is ``buffer`` itself, shared and not initialized: for a bridge whose
+        parameters live in another library's memory (``fastbptt.torch``). ``buffer`` is a writable
+        contiguous 1-D float32 or float64 array of the layout's size."""
+        model = cls.__new__(cls)
+        dtype = check_dtype(buffer.dtype)
+        model._setup(input_size, hidden_size, output_size, bias, dtype, num_layers, bidirectional)
+        model._build(*model._sizes, dtype, np.zeros(0), buffer=buffer)
+        if cls._CELL is _elman:
+            model.activation = activation
         return model
 
     def __repr__(self):

@@ -1,0 +1,515 @@
+"""``fastbptt.torch.RNN``, ``GRU`` and ``LSTM``: ``torch.nn``'s modules running fastbptt's kernels.
+
+How a module maps onto fastbptt
+-------------------------------
+- Each module is a subclass of ``torch.nn.RNN``/``GRU``/``LSTM``: PyTorch's constructor,
+  parameters, ``state_dict``, ``repr`` and checks of the arguments. Only ``forward`` (and the
+  bookkeeping below) is new.
+- It keeps a fastbptt model of the same stack (``fastbptt.RNN``/``GRU``/``LSTM``, with a
+  one-output readout it never uses) whose flat buffer is the memory of one torch tensor. The
+  module's ``weight_*`` (and, for the GRU and LSTM, ``bias_*``) parameters are views of that
+  buffer: an optimizer's in-place update is what the kernels read next, with no copy.
+  The Elman cell has one bias in fastbptt, b_h = bias_ih + bias_hh, written at every call
+  (H numbers); both biases get its gradient.
+- A parameter that no longer lies in the buffer (replaced by hand, ``.data`` reassigned,
+  unpickled, ``copy.deepcopy``, ``.double()``) is noticed at the next call by its data
+  pointer, and ``flatten_parameters()`` (PyTorch's own name for this) makes a new buffer and
+  points every parameter into it again.
+- CPU float32/float64 tensors run through one ``torch.autograd.Function`` (``_Sweep``); any
+  other device, dtype or tensor subclass, and autocast, run PyTorch's implementation
+  (``super().forward``) with the same parameters.
+
+Workspaces
+----------
+fastbptt's workspaces (the buffers of one call's activations) are kept per module in a
+``WorkspaceCache`` keyed by (T, B): a forward pass that builds a graph holds its workspace
+until that graph's backward pass (or until the graph is freed), so several forwards before
+one backward, and a module used twice in one graph, each have their own. Idle workspaces
+stay cached for the next call of the same shape, at most ``max_count`` of them and
+``max_bytes`` in all (least recently used dropped first). Under ``torch.no_grad()`` or
+``torch.inference_mode()`` (or when nothing needs a gradient) no graph is built and the
+workspace goes back at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..core import api as _api
+from ..core import model as _model
+from ..core.workspace import Workspace, model_signature
+
+_FLOATS = (torch.float32, torch.float64)
+_PLAIN = (torch.Tensor, nn.Parameter)
+_ROLE = {"weight_ih": "W_ih", "weight_hh": "W_hh", "bias_ih": "b_ih", "bias_hh": "b_hh"}
+
+
+class WorkspaceCache:
+    """The idle workspaces of one module, reused by calls of the same (T, B).
+
+    Parameters
+    ----------
+    max_count : int
+        At most this many idle workspaces are kept (default 4).
+    max_bytes : int
+        ... and at most this many bytes of them (default 256 MiB). The least recently used
+        goes first. A workspace in use (held by a graph until its backward) is not counted.
+
+    Attributes
+    ----------
+    made, reused : int
+        How many workspaces were made and how many calls reused one (for tuning).
+    """
+
+    def __init__(self, max_count: int = 4, max_bytes: int = 256 * 2**20):
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._idle: OrderedDict = OrderedDict()     # id(ws) -> ws, least recently used first
+        self._lock = threading.RLock()               # RLock: give() may run in a __del__
+        self.made = 0
+        self.reused = 0
+
+    def take(self, model, T: int, B: int) -> Workspace:
+        """An idle workspace for ``model`` and (T, B), or a new one."""
+        sig = model_signature(model)
+        with self._lock:
+            for key in reversed(self._idle):
+                ws = self._idle[key]
+                if ws.T == T and ws.B == B and ws.signature == sig:
+                    del self._idle[key]
+                    self.reused += 1
+                    return ws
+            self.made += 1
+        return Workspace(model, T, B)
+
+    def give(self, ws: Workspace) -> None:
+        """Keep ``ws`` for a later call (within the bounds)."""
+        with self._lock:
+            self._idle[id(ws)] = ws
+            while self._idle and (len(self._idle) > self.max_count or self.nbytes > self.max_bytes):
+                self._idle.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the idle workspaces."""
+        with self._lock:
+            return sum(ws.nbytes for ws in self._idle.values())
+
+    def __getstate__(self):                              # a copy starts empty (and gets its own lock)
+        return {"max_count": self.max_count, "max_bytes": self.max_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_count"], state["max_bytes"])
+
+    def clear(self) -> None:
+        """Drop every idle workspace."""
+        with self._lock:
+            self._idle.clear()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def __repr__(self) -> str:
+        return (f"WorkspaceCache({len(self)} idle, {self.nbytes / 2**20:.1f} MiB; max_count={self.max_count}, "
+                f"max_bytes={self.max_bytes}; made {self.made}, reused {self.reused})")
+
+
+class _Lease:
+    """A workspace held by one forward pass until its backward pass (or until its graph is freed)."""
+
+    __slots__ = ("ws", "cache")
+
+    def __init__(self, cache, ws):
+        self.cache, self.ws = cache, ws
+
+    def release(self):
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            self.cache.give(ws)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:      # noqa: BLE001 - never raise from a finalizer (interpreter exit)
+            pass
+
+
+class _Bridge:
+    """What a module keeps for fastbptt, rebuilt by ``flatten_parameters``.
+
+    model: the fastbptt model over ``flat`` (a torch tensor's memory); ptrs: the data pointers
+    its parameters had when shared; arrays: NumPy views of the parameters, in ``_flat_weights``
+    order; grads: for each parameter, (offset, shape) of its gradient in the workspace's
+    grad_flat; elman_bias: (index of bias_ih, index of bias_hh, b_h view) per (layer, direction).
+    """
+
+    __slots__ = ("model", "flat", "ptrs", "arrays", "grads", "elman_bias", "dtype", "cache")
+
+    def __init__(self, module, weights, cache):
+        dtype = weights[0].dtype
+        cls = module._FASTBPTT
+        L, dirs = module.num_layers, 2 if module.bidirectional else 1
+        kwargs = {"activation": module.nonlinearity} if cls is _model.RNN else {}
+        layout = _model.stack_layout(cls._CELL, module.input_size, module.hidden_size, 1, module.bias,
+                                     L, dirs)
+        n = sum(int(np.prod(shape)) for _, shape in layout)
+        flat = torch.zeros(n, dtype=dtype)
+        if any(w.is_shared() for w in weights):     # share_memory(): keep the parameters shareable
+            flat.share_memory_()
+        model = cls._over(flat.numpy(), module.input_size, module.hidden_size, 1, module.bias,
+                          num_layers=L, bidirectional=dirs == 2, **kwargs)
+        offsets, at = {}, 0
+        for name, shape in layout:
+            offsets[name] = at
+            at += int(np.prod(shape))
+        self.grads, self.elman_bias = [], []
+        by_name = dict(zip(module._flat_weights_names, range(len(weights))))
+        for k in range(L):
+            for d in range(dirs):
+                roles = model.layer_names(k, d)
+                sfx = f"_l{k}" + ("_reverse" if d else "")
+                for torch_name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    i = by_name.get(torch_name + sfx)
+                    if i is None:
+                        continue
+                    name = roles[_ROLE[torch_name]]
+                    if name is None:                 # the Elman cell's bias_ih: into b_h
+                        name = roles["b_hh"]
+                    self.grads.append((i, offsets[name], tuple(weights[i].shape)))
+                if cls is _model.RNN and module.bias:
+                    self.elman_bias.append((by_name["bias_ih" + sfx], by_name["bias_hh" + sfx],
+                                            model.params[roles["b_hh"]]))
+        elman = {i for ih, hh, _ in self.elman_bias for i in (ih, hh)}
+        with torch.no_grad():
+            for i, offset, shape in self.grads:
+                if i in elman:
+                    continue
+                view = flat[offset:offset + int(np.prod(shape))]
+                view.copy_(weights[i].detach().reshape(-1))
+                # a tensor of its own over the buffer's memory (its own storage and version counter)
+                weights[i].data = torch.from_numpy(view.numpy().reshape(shape))
+        self.grads.sort()
+        self.model, self.flat, self.dtype, self.cache = model, flat, dtype, cache
+        self.ptrs = tuple(w.data_ptr() for w in weights)
+        self.arrays = [w.detach().numpy() for w in weights]
+
+    def sync(self):
+        """Before a call: the Elman cell's b_h = bias_ih + bias_hh."""
+        for ih, hh, b_h in self.elman_bias:
+            np.add(self.arrays[ih], self.arrays[hh], out=b_h)
+
+
+def _eligible_weights(weights):
+    """Whether fastbptt can run these parameters: plain CPU tensors of one float dtype."""
+    if not weights or any(not isinstance(w, torch.Tensor) for w in weights):
+        return False
+    dtype = weights[0].dtype
+    return dtype in _FLOATS and all(w.dtype == dtype and w.device.type == "cpu" and w.layout == torch.strided
+                                    and not w.is_sparse for w in weights)
+
+
+class _Call:
+    """One forward call's facts, kept by its graph for the backward pass.
+
+    layout: "tbd" (sequence first), "btd" (batch first), "td" (unbatched) or "packed".
+    """
+
+    __slots__ = ("module", "bridge", "layout", "T", "B", "mask", "lengths", "training", "seed",
+                 "lease", "method", "parallel")
+
+    def __init__(self, module, bridge, layout, T, B, mask):
+        self.module, self.bridge, self.layout, self.T, self.B = module, bridge, layout, T, B
+        self.mask = mask                               # (T, B) bool for packed sequences, else None
+        self.lengths = None if mask is None else mask.sum(axis=0)
+        self.training = module.training
+        self.seed = None
+        if module.training and module.dropout > 0 and module.num_layers > 1:
+            # dropout masks from a seed drawn from PyTorch's generator: torch.manual_seed repeats them
+            self.seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+        self.method, self.parallel = module.method, module.parallel
+        self.lease = None
+
+    # -- layouts
+    def dense(self, a, out=None, name="bridge_x"):
+        """The caller's ``a`` (layout) as a (T, B, K) array (a view where it can be)."""
+        if self.layout == "tbd":
+            return a
+        if self.layout == "btd":
+            return a.transpose(1, 0, 2)
+        if self.layout == "td":
+            return a[:, None, :]
+        padded = self.lease.ws.scratch(name, (self.T, self.B, a.shape[-1]), a.dtype)
+        padded[self.mask] = a                           # positions past each end are never read
+        return padded
+
+    def caller(self, a):
+        """(T, B, K) ``a`` as a new tensor in the caller's layout."""
+        if self.layout == "tbd":
+            return torch.from_numpy(a.copy())
+        if self.layout == "btd":
+            return torch.from_numpy(np.ascontiguousarray(a.transpose(1, 0, 2)))
+        if self.layout == "td":
+            return torch.from_numpy(a[:, 0, :].copy())
+        return torch.from_numpy(a[self.mask])
+
+    def state_in(self, t):
+        """hx (L·dirs, B, H) (or (L·dirs, H) unbatched) as fastbptt takes it."""
+        a = t.detach().numpy()
+        if self.layout == "td":
+            a = a[:, None, :]
+        return a[0] if self.bridge.model.n_states == 1 else a
+
+    def state_out(self, a):
+        """fastbptt's state as a new (L·dirs, B, H) tensor (or (L·dirs, H) unbatched)."""
+        a = a[None] if a.ndim == 2 else a
+        return torch.from_numpy((a[:, 0, :] if self.layout == "td" else a).copy())
+
+    # -- the passes
+    def forward(self, x, h0, c0):
+        """Run the recurrence into a held workspace; return the output and the final states as tensors."""
+        bridge = self.bridge
+        model = bridge.model
+        bridge.sync()
+        model._training, model._dropout = self.training, float(self.module.dropout)
+        if self.seed is not None:
+            model._generator = np.random.default_rng(self.seed)
+        self.lease = _Lease(bridge.cache, bridge.cache.take(model, self.T, self.B))
+        X = self.dense(x.detach().numpy())
+        state = None
+        if h0 is not None:
+            state = self.state_in(h0)
+            if c0 is not None:
+                state = (state, self.state_in(c0))
+        H, state_T = _api.layer_forward(model, X, state, lengths=self.lengths, workspace=self.lease.ws,
+                                        parallel=self.parallel, check_finite=False, method=self.method)
+        if isinstance(state_T, tuple):
+            return (self.caller(H),) + tuple(self.state_out(s) for s in state_T)
+        return self.caller(H), self.state_out(state_T)
+
+    def backward(self, dout, dh, dc, want_x, want_h0):
+        """∂L/∂(input, h0, c0) and the parameters' gradients (one new flat tensor), from the outputs'."""
+        bridge = self.bridge
+        ws = self.lease.ws
+        dH = self.dense(dout.detach().numpy(), name="bridge_dH")
+        dstate = None
+        if dh is not None:
+            dstate = self.state_in(dh)
+            if dc is not None:
+                dstate = (dstate, self.state_in(dc))
+        grads, dX, d0 = _api.layer_backward(bridge.model, dH, dstate, workspace=ws, parallel=self.parallel,
+                                            check_finite=False, method=self.method, return_dX=want_x)
+        G = torch.from_numpy(ws.grad_flat.copy())
+        dx = self.caller(dX) if want_x else None
+        dh0 = dc0 = None
+        if want_h0:
+            if isinstance(d0, tuple):
+                dh0, dc0 = (self.state_out(s) for s in d0)
+            else:
+                dh0 = self.state_out(d0)
+        self.lease.release()
+        return G, dx, dh0, dc0
+
+
+class _Sweep(torch.autograd.Function):
+    """The autograd node of one call: inputs (call, x, h0, c0, *weights) -> (output, h_n[, c_n])."""
+
+    @staticmethod
+    def forward(ctx, call, x, h0, c0, *weights):
+        outs = call.forward(x, h0, c0)
+        ctx.call = call
+        ctx.save_for_backward(x, h0, c0, *weights)     # PyTorch then refuses in-place changes to them
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dh, dc=None):
+        call = ctx.call
+        x, h0, c0, *weights = ctx.saved_tensors
+        if call.lease is None or call.lease.ws is None:    # a second backward (retain_graph=True)
+            call.forward(x, h0, c0)
+        want = ctx.needs_input_grad
+        G, dx, dh0, dc0 = call.backward(dout, dh, dc, want[1], want[2] or want[3])
+        wgrads = [None] * len(weights)
+        seen = set()
+        for i, offset, shape in call.bridge.grads:
+            if want[4 + i]:
+                g = G[offset:offset + int(np.prod(shape))].view(shape)
+                # two parameters never get the same tensor (the Elman biases share b_h's gradient)
+                wgrads[i] = g.clone() if offset in seen else g
+            seen.add(offset)
+        return (None, dx, dh0 if want[2] else None, dc0 if want[3] else None, *wgrads)
+
+
+class _FastRNNBase:
+    """What ``fastbptt.torch.RNN``, ``GRU`` and ``LSTM`` add to ``torch.nn``'s: see the module docstring.
+
+    Extra keyword-only arguments (also attributes, settable):
+
+    method : {"auto", "fused", "blas"}
+        How fastbptt runs the recurrence (``fastbptt.api.choose_method``).
+    parallel : bool
+        Spread the batch of the fused method over Numba's threads.
+    """
+
+    _FASTBPTT = None
+
+    def _fastbptt_init(self, method, parallel):
+        if getattr(self, "proj_size", 0):
+            raise ValueError(f"fastbptt.torch.{type(self).__name__} has no proj_size (fastbptt's cells have "
+                             f"no projection); use torch.nn.LSTM for proj_size={self.proj_size}")
+        if method not in ("auto", "fused", "blas"):
+            raise ValueError(f"method must be 'auto', 'fused' or 'blas', got {method!r}")
+        if not isinstance(parallel, bool):
+            raise TypeError(f"parallel must be a bool, got {parallel!r}")
+        self.method, self.parallel = method, parallel
+        self.workspaces = WorkspaceCache()
+        self.flatten_parameters()
+
+    # -- the shared buffer
+    def flatten_parameters(self) -> None:
+        """Put every parameter into one buffer that fastbptt's kernels read (PyTorch's name for
+        the same on the GPU). Called by the constructor, ``.to()``/``.double()``, unpickling, and
+        by ``forward`` when a parameter was replaced; a no-op for parameters fastbptt cannot run
+        (another device or dtype)."""
+        weights = getattr(self, "_flat_weights", None)
+        if "workspaces" not in self.__dict__ or weights is None \
+                or len(weights) != len(self._flat_weights_names):
+            return                                    # still in torch.nn's constructor
+        bridge = self.__dict__.get("_fastbptt")
+        if bridge is not None:
+            bridge.cache.clear()
+        self.__dict__["_fastbptt"] = None
+        if _eligible_weights(weights):
+            self.__dict__["_fastbptt"] = _Bridge(self, weights, self.workspaces)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fastbptt", None)                   # rebuilt on unpickling, over the new parameters
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__["_fastbptt"] = None
+        self.flatten_parameters()
+
+    def _bridge_for(self, x, hx):
+        """The bridge when fastbptt can run this call, else None (PyTorch's implementation runs)."""
+        bridge = self.__dict__.get("_fastbptt")
+        weights = self._flat_weights
+        if bridge is None or bridge.ptrs != tuple(w.data_ptr() for w in weights):
+            self.flatten_parameters()
+            bridge = self.__dict__.get("_fastbptt")
+            if bridge is None:
+                return None
+        if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype != bridge.dtype \
+                or x.layout != torch.strided or torch.is_autocast_enabled("cpu") or x.numel() == 0:
+            return None
+        for h in (hx if isinstance(hx, tuple) else (hx,)):
+            if h is not None and (type(h) not in _PLAIN or h.device.type != "cpu" or h.dtype != bridge.dtype
+                                  or h.layout != torch.strided):
+                return None
+        return bridge
+
+    @torch.compiler.disable
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        x = input.data if packed else input
+        bridge = self._bridge_for(x, hx) if isinstance(x, torch.Tensor) else None
+        if bridge is None:
+            return super().forward(input, hx)
+        lstm = self._FASTBPTT is _model.LSTM
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self.check_input(data, batch_sizes)
+            sizes = batch_sizes.numpy()
+            T, B = len(sizes), int(sizes[0])
+            mask = np.arange(B)[None, :] < sizes[:, None]
+            layout = "packed"
+            if hx is not None:
+                self.check_forward_args(data, hx, batch_sizes)
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            mask = None
+            if batched:
+                layout = "btd" if self.batch_first else "tbd"
+                T, B = (input.shape[1], input.shape[0]) if self.batch_first else input.shape[:2]
+            else:
+                layout, (T, B) = "td", (input.shape[0], 1)
+            shaped = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+            if hx is None:
+                self.check_input(shaped, None)
+            else:
+                parts = hx if lstm else (hx,)
+                if (lstm and not (isinstance(hx, tuple) and len(hx) == 2)) \
+                        or not all(isinstance(h, torch.Tensor) for h in parts):
+                    raise TypeError(f"{type(self).__name__}: hx must be "
+                                    + ("a tuple (h_0, c_0) of Tensors" if lstm else "a Tensor")
+                                    + f", got {type(hx).__name__}")
+                want = 3 if batched else 2
+                if any(h.dim() != want for h in parts):
+                    raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx "
+                                       f"should also be {want}-D but got "
+                                       f"({', '.join(f'{h.dim()}-D' for h in parts)}) tensors")
+                self.check_forward_args(shaped, tuple(h if batched else h.unsqueeze(1) for h in parts)
+                                        if lstm else (hx if batched else hx.unsqueeze(1)), None)
+            unsorted_indices = None
+        call = _Call(self, bridge, layout, int(T), int(B), mask)
+        h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
+        weights = self._flat_weights
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
+                                        or any(h is not None and h.requires_grad for h in (h0, c0))):
+            outs = _Sweep.apply(call, x, h0, c0, *weights)
+        else:
+            outs = call.forward(x, h0, c0)
+            call.lease.release()
+        out, states = outs[0], outs[1:]
+        if packed:
+            out = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
+            states = self.permute_hidden(states if lstm else states[0], unsorted_indices)
+            return out, states
+        return out, (tuple(states) if lstm else states[0])
+
+
+class RNN(_FastRNNBase, nn.RNN):
+    """``torch.nn.RNN`` (Elman, ``nonlinearity="tanh"`` or ``"relu"``) running fastbptt's kernels.
+
+    Same constructor, parameters and ``forward`` as ``torch.nn.RNN``; keyword-only ``method``
+    and ``parallel`` as in ``fastbptt.torch.modules._FastRNNBase``.
+    """
+
+    _FASTBPTT = _model.RNN
+
+    def __init__(self, *args, method: str = "auto", parallel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fastbptt_init(method, parallel)
+
+
+class GRU(_FastRNNBase, nn.GRU):
+    """``torch.nn.GRU`` running fastbptt's kernels (same constructor, parameters and ``forward``)."""
+
+    _FASTBPTT = _model.GRU
+
+    def __init__(self, *args, method: str = "auto", parallel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fastbptt_init(method, parallel)
+
+
+class LSTM(_FastRNNBase, nn.LSTM):
+    """``torch.nn.LSTM`` running fastbptt's kernels (same constructor, parameters and ``forward``;
+    ``proj_size`` is refused)."""
+
+    _FASTBPTT = _model.LSTM
+
+    def __init__(self, *args, method: str = "auto", parallel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fastbptt_init(method, parallel)
