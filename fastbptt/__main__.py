@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbptt [profile|bench|train|warmup] ...``.
+"""Command line: ``python -m fastbptt [profile|bench|bench-torch|train|warmup] ...``.
 
 With no subcommand it runs ``profile``: fastbptt against the NumPy reference over a
 small grid of T and H. ``python -m fastbptt SUBCOMMAND --help`` tells each one's flags.
@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS = {
     "profile": ("fastbptt.benchmarking.profile", "time one training step against the NumPy reference"),
     "bench": ("fastbptt.benchmarking.benchmark", "the benchmark grid, side by side with PyTorch and JAX"),
+    "bench-torch": ("fastbptt.benchmarking.torch_step", "a PyTorch training step: fastbptt.torch against torch.nn"),
     "train": ("fastbptt.training.charrnn", "train a character-level RNN, GRU or LSTM language model"),
     "warmup": ("fastbptt.training.warmup", "compile every kernel into Numba's on-disk cache ahead of time"),
 }
@@ -30,7 +31,7 @@ def main(argv=None):
     if argv and argv[0] in ("-h", "--help"):
         print(HELP)                          # plain text: the module docstring is reST
         for name, (_, text) in SUBCOMMANDS.items():
-            print(f"  {name:<8} {text}")
+            print(f"  {name:<11} {text}")
         return 0
     name = argv[0] if argv and not argv[0].startswith("-") else "profile"
     if argv and argv[0] == name:
