@@ -1033,3 +1033,40 @@ def layer_backward(model, dH, dstate_T=None, *, workspace, parallel=False, check
         _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, carry, dstate_T)
         ws.last_backward = "layer"
     return ws.grads, (ws.dX_buffer() if return_dX else None), _state_grad0(model, ws)
+
+
+# ----------------------------------------------------------------------------- bridges
+
+
+def _trusted_layer_forward(model, ws, X, state, lengths, parallel, method):
+    """``layer_forward`` for a bridge that has checked its arguments itself (``fastbptt.torch``).
+
+    Nothing is checked here, so the caller guarantees: ``ws`` made for ``model`` and (T, B);
+    X (T, B, D) of the model's dtype (any strides, not overlapping ``ws``); ``state`` as
+    ``layer_forward`` takes it (after its checks) or None; ``lengths`` a (B,) intp array in
+    [1, T] or None; ``method`` one of ``METHODS``. Returns views into ``ws``, as ``layer_forward``.
+    """
+    method = _check_method(method, ws.B, model, lengths, ws.T)
+    parallel = _threads(parallel, method)
+    with _claim(ws):
+        _begin(model, ws, state, lengths)
+        X = _take_inputs(ws, "dense", X, keep=True)
+        _layer_forward(model, ws, "dense", X, parallel, method)
+        ws.forward_kind = "dense"
+    return _caller_order(ws, _readout_input(model, ws).reshape(ws.T, ws.B, -1), "H_caller"), \
+        _state_T(model, ws)
+
+
+def _trusted_layer_backward(model, ws, dH, dstate_T, parallel, method, return_dX):
+    """``layer_backward`` (no carry) after ``_trusted_layer_forward`` on ``ws``, for a caller that has
+    checked dH (T, B, dirs·H) and ``dstate_T`` (as ``layer_backward`` takes it, or None) itself;
+    neither may overlap ``ws``."""
+    method = _check_method(method, ws.B, model, ws.lengths if ws.has_lengths else None, ws.T)
+    parallel = _threads(parallel, method)
+    with _claim(ws):
+        kind = ws.forward_kind
+        _into_rows(ws, _top_grad_buffer(model, ws), dH)
+        ws.forward_kind = None
+        _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, None, dstate_T)
+        ws.last_backward = "layer"
+    return ws.grads, (ws.dX_buffer() if return_dX else None), _state_grad0(model, ws)

@@ -182,16 +182,16 @@ class _Bridge:
                     name = roles[_ROLE[torch_name]]
                     if name is None:                 # the Elman cell's bias_ih: into b_h
                         name = roles["b_hh"]
-                    self.grads.append((i, offsets[name], tuple(weights[i].shape)))
+                    self.grads.append((i, offsets[name], weights[i].numel(), tuple(weights[i].shape)))
                 if cls is _model.RNN and module.bias:
                     self.elman_bias.append((by_name["bias_ih" + sfx], by_name["bias_hh" + sfx],
                                             model.params[roles["b_hh"]]))
         elman = {i for ih, hh, _ in self.elman_bias for i in (ih, hh)}
         with torch.no_grad():
-            for i, offset, shape in self.grads:
+            for i, offset, size, shape in self.grads:
                 if i in elman:
                     continue
-                view = flat[offset:offset + int(np.prod(shape))]
+                view = flat[offset:offset + size]
                 view.copy_(weights[i].detach().reshape(-1))
                 # a tensor of its own over the buffer's memory (its own storage and version counter)
                 weights[i].data = torch.from_numpy(view.numpy().reshape(shape))
@@ -227,7 +227,7 @@ class _Call:
     def __init__(self, module, bridge, layout, T, B, mask):
         self.module, self.bridge, self.layout, self.T, self.B = module, bridge, layout, T, B
         self.mask = mask                               # (T, B) bool for packed sequences, else None
-        self.lengths = None if mask is None else mask.sum(axis=0)
+        self.lengths = None if mask is None else mask.sum(axis=0, dtype=np.intp)
         self.training = module.training
         self.seed = None
         if module.training and module.dropout > 0 and module.num_layers > 1:
@@ -287,8 +287,8 @@ class _Call:
             state = self.state_in(h0)
             if c0 is not None:
                 state = (state, self.state_in(c0))
-        H, state_T = _api.layer_forward(model, X, state, lengths=self.lengths, workspace=self.lease.ws,
-                                        parallel=self.parallel, check_finite=False, method=self.method)
+        H, state_T = _api._trusted_layer_forward(model, self.lease.ws, X, state, self.lengths, self.parallel,
+                                                 self.method)
         if isinstance(state_T, tuple):
             return (self.caller(H),) + tuple(self.state_out(s) for s in state_T)
         return self.caller(H), self.state_out(state_T)
@@ -303,9 +303,9 @@ class _Call:
             dstate = self.state_in(dh)
             if dc is not None:
                 dstate = (dstate, self.state_in(dc))
-        grads, dX, d0 = _api.layer_backward(bridge.model, dH, dstate, workspace=ws, parallel=self.parallel,
-                                            check_finite=False, method=self.method, return_dX=want_x)
-        G = torch.from_numpy(ws.grad_flat.copy())
+        grads, dX, d0 = _api._trusted_layer_backward(bridge.model, ws, dH, dstate, self.parallel, self.method,
+                                                     want_x)
+        G = ws.grad_flat.copy()                        # fresh: the gradients outlive the workspace
         dx = self.caller(dX) if want_x else None
         dh0 = dc0 = None
         if want_h0:
@@ -338,11 +338,11 @@ class _Sweep(torch.autograd.Function):
         G, dx, dh0, dc0 = call.backward(dout, dh, dc, want[1], want[2] or want[3])
         wgrads = [None] * len(weights)
         seen = set()
-        for i, offset, shape in call.bridge.grads:
+        for i, offset, size, shape in call.bridge.grads:
             if want[4 + i]:
-                g = G[offset:offset + int(np.prod(shape))].view(shape)
-                # two parameters never get the same tensor (the Elman biases share b_h's gradient)
-                wgrads[i] = g.clone() if offset in seen else g
+                g = G[offset:offset + size].reshape(shape)
+                # two parameters never get the same memory (the Elman biases share b_h's gradient)
+                wgrads[i] = torch.from_numpy(g.copy() if offset in seen else g)
             seen.add(offset)
         return (None, dx, dh0 if want[2] else None, dc0 if want[3] else None, *wgrads)
 
@@ -429,6 +429,12 @@ class _FastRNNBase:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self.check_input(data, batch_sizes)
             sizes = batch_sizes.numpy()
+            if sizes.ndim != 1 or len(sizes) == 0 or sizes[-1] < 1 or np.any(sizes[1:] > sizes[:-1]) \
+                    or int(sizes.sum()) != data.shape[0]:
+                raise ValueError(f"{type(self).__name__}: a PackedSequence's batch_sizes must be positive, "
+                                 f"non-increasing and sum to its data's rows ({data.shape[0]}), got "
+                                 f"{sizes.tolist()}; make it with torch.nn.utils.rnn.pack_padded_sequence "
+                                 f"or pack_sequence")
             T, B = len(sizes), int(sizes[0])
             mask = np.arange(B)[None, :] < sizes[:, None]
             layout = "packed"
