@@ -328,8 +328,22 @@ class _Sweep(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dh, dc=None):
+        if not torch.is_grad_enabled():
+            return _Sweep._backward(ctx, dout, dh, dc)
+        # create_graph=True: the gradients are right, but differentiating them again is not
+        # supported, so they raise if that is tried (as @once_differentiable's do)
+        with torch.no_grad():
+            grads = _Sweep._backward(ctx, dout, dh, dc)
+        err = torch._C._functions.DelayedError(
+            b"fastbptt.torch modules do not support double backward (differentiating their gradients, "
+            b"create_graph=True); use torch.nn's module for that", sum(g is not None for g in grads))
+        live = [g.detach().requires_grad_() for g in grads if g is not None]
+        live = iter(err(*live) if len(live) > 1 else (err(*live),))
+        return tuple(None if g is None else next(live) for g in grads)
+
+    @staticmethod
+    def _backward(ctx, dout, dh, dc):
         call = ctx.call
         x, h0, c0, *weights = ctx.saved_tensors
         if call.lease is None or call.lease.ws is None:    # a second backward (retain_graph=True)
