@@ -84,7 +84,8 @@ def test_selection_of_rows():
                                   ["--layers", "2"], ["--lengths", "packed"], ["--directions", "2"],
                                   ["--config", "5,2,3,4,3", "--directions", "3"],
                                   ["--config", "5,2,3,4,3", "--lengths", "sorted"], ["--overhead-T", "0,2"],
-                                  ["--optimizer", "adam"], ["--json", "/no/such/dir/x.json"]])
+                                  ["--optimizer", "adam"], ["--json", "/no/such/dir/x.json"],
+                                  ["--wait-quiet", "-1"]])
 def test_bad_arguments_are_refused_before_anything_runs(argv, capsys, monkeypatch):
     monkeypatch.setattr(ts, "run", lambda *a, **k: pytest.fail("ran despite a bad flag"))
     with pytest.raises(SystemExit) as exc:
@@ -130,6 +131,33 @@ def test_summary_is_the_median_of_the_rounds():
     s = ts._summary([0.003, 0.001, 0.002, 0.010])
     assert s["median_ms"] == pytest.approx(2.5) and s["best_ms"] == pytest.approx(1.0)
     assert s["rounds_ms"] == pytest.approx([3, 1, 2, 10])
+
+
+class FakeMonitor:
+    """A LoadMonitor whose windows are busy ``busy`` times, then quiet."""
+
+    available = True
+
+    def __init__(self, busy):
+        self.busy, self.windows = busy, 0
+
+    def sample(self):
+        return object()
+
+    def since(self, sample):
+        self.windows += 1
+        disturbed = self.windows <= self.busy
+        return type("L", (), {"disturbed": lambda self, threshold: disturbed})()
+
+
+def test_wait_quiet_waits_for_a_quiet_window_or_gives_up():
+    m = FakeMonitor(busy=3)
+    ts.wait_quiet(m, 0.1, max_wait=60, window=0, sleep=lambda s: None)
+    assert m.windows == 4                                  # three busy windows, then a quiet one
+    m = FakeMonitor(busy=10**9)
+    assert ts.wait_quiet(m, 0.1, max_wait=0.02, window=0.005) >= 0.02 and m.windows >= 2
+    m = FakeMonitor(busy=10**9)
+    assert ts.wait_quiet(m, 0.1, max_wait=0) == 0 and m.windows == 0
 
 
 # ----------------------------------------------------------------------------- with PyTorch
@@ -208,7 +236,7 @@ def test_quick_run_report(tmp_path, capsys):
             medians[name] = e["median_ms"]
         assert row["ratio"] == pytest.approx(medians["torch.nn"] / medians["fastbptt.torch"])
         assert row["met"] == (row["ratio"] >= row["goal"]) and row["head_ms"] > 0
-        assert ("positions" in row) == case.packed
+        assert ("positions" in row) == case.packed and row["waited_s"] == 0
     assert [(r["cell"], r["T"]) for r in report["overhead"]] == [(c, 1) for c in ts.CELLS]
     for r in report["overhead"]:
         e = r["impls"]

@@ -633,6 +633,26 @@ def load_lines(rows, threshold):
     return lines
 
 
+def wait_quiet(monitor, threshold=DEFAULT_THRESHOLD, max_wait=0.0, window=0.5, sleep=time.sleep):
+    """Wait until other processes use at most ``threshold`` of the machine over a ``window``, or ``max_wait`` s.
+
+    On a shared machine a row timed beside someone else's test run is slowed unevenly
+    (PyTorch's OpenMP threads wait for a core at every parallel region), so a run can wait
+    for a quiet spell before each row. Returns the seconds waited (0 when ``max_wait`` is 0
+    or the load cannot be measured).
+    """
+    if max_wait <= 0 or monitor is None or not monitor.available:
+        return 0.0
+    start = time.perf_counter()
+    while True:
+        sample = monitor.sample()
+        sleep(window)
+        load = monitor.since(sample)
+        waited = time.perf_counter() - start
+        if load is None or not load.disturbed(threshold) or waited >= max_wait:
+            return waited
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -761,6 +781,9 @@ row sets (--configs, default {','.join(DEFAULT_SETS)}; about ten minutes on 2 co
                      help="seconds a round lasts at least (default 0.05)")
     tim.add_argument("--pause", type=float, default=0.03, metavar="SECONDS",
                      help="seconds of sleep before each round, for the thread pools to go idle (default 0.03)")
+    tim.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                     help="before each row, wait up to this long for half a second in which other processes "
+                          "use at most --busy-threshold of the machine (default 0: do not wait)")
     tim.add_argument("--busy-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="FRACTION",
                      help=f"share of the machine other processes may use while a row runs before it is "
                           f"marked as disturbed (default {DEFAULT_THRESHOLD})")
@@ -776,7 +799,7 @@ def check_args(args, parser):
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    for flag in ("min_time", "pause"):
+    for flag in ("min_time", "pause", "wait_quiet"):
         value = getattr(args, flag)
         if not value >= 0 or value == float("inf"):
             parser.error(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -864,14 +887,16 @@ def run(args, argv=None, out=None):
             warm_up(cases, (args.cell or CELLS) if Ts else (), options, enabled=not args.no_progress)
             for case in cases:
                 progress.step(case.label)
-                rows.append(run_case(case, args.repeats, args.min_time, args.pause, args.optimizer, options,
-                                     monitor, args.busy_threshold, args.breakdown))
+                waited = wait_quiet(monitor, args.busy_threshold, args.wait_quiet)
+                rows.append(dict(run_case(case, args.repeats, args.min_time, args.pause, args.optimizer, options,
+                                          monitor, args.busy_threshold, args.breakdown), waited_s=waited))
             for cell in args.cell or CELLS:
                 for T in Ts:
                     progress.step(f"overhead {cell} T={T}")
-                    overhead.append(run_overhead(cell, T, rounds=args.repeats, min_time=args.min_time,
-                                                 pause=args.pause, options=options, monitor=monitor,
-                                                 threshold=args.busy_threshold))
+                    waited = wait_quiet(monitor, args.busy_threshold, args.wait_quiet)
+                    overhead.append(dict(run_overhead(cell, T, rounds=args.repeats, min_time=args.min_time,
+                                                      pause=args.pause, options=options, monitor=monitor,
+                                                      threshold=args.busy_threshold), waited_s=waited))
         finally:
             progress.close()
         elapsed = time.perf_counter() - started
@@ -892,7 +917,8 @@ def run(args, argv=None, out=None):
     return {"command": _command(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": info,
             "readme_command": README_COMMAND, "threads": args.threads, "dtype": args.dtype,
             "optimizer": args.optimizer, "options": options, "repeats": args.repeats,
-            "min_time_s": args.min_time, "pause_s": args.pause, "goals": GOALS, "latency_bound": LATENCY_BOUND,
+            "min_time_s": args.min_time, "pause_s": args.pause, "wait_quiet_s": args.wait_quiet,
+            "goals": GOALS, "latency_bound": LATENCY_BOUND,
             "overhead_goal_us": OVERHEAD_GOAL_US, "elapsed_s": elapsed,
             "load": {"measured": monitor.available, "why_not": monitor.why_unavailable,
                      "threshold": args.busy_threshold},
