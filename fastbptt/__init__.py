@@ -10,6 +10,8 @@ recurrent layer alone, ``layer_forward``/``layer_backward`` (∂L/∂H in, for a
 (d2l's character corpus and minibatches), ``optim`` (clipping and optimizers over
 the flat buffer), ``training`` (truncated BPTT steps and epochs), ``diagnostics``
 (gradient flow through time), ``checkpoint`` (save and resume), ``predict``.
+From PyTorch: ``fastbptt.torch.RNN``, ``GRU``, ``LSTM``, drop-ins for ``torch.nn``'s (PyTorch
+is optional: ``import fastbptt`` never imports it).
 """
 
 from . import core, training

@@ -431,7 +431,7 @@ class _FastRNNBase:
                 return None
         return bridge
 
-    @torch.compiler.disable
+    @torch.compiler.disable                    # torch.compile: runs eagerly, a graph break at the module
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
