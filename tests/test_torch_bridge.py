@@ -596,6 +596,132 @@ def test_inplace_change_of_output_before_backward():
     assert_same_grads(ref, fb, TOL64, [x], [x2])
 
 
+def test_double_backward_refused_or_exact():
+    """A gradient penalty (create_graph=True, then backward through the gradient): torch.nn
+    differentiates twice; fastbptt must do the same or raise — never treat the gradient as a constant."""
+    ref, fb = both("gru", L=1, bidir=False)
+    xs = []
+    for m in (ref, fb):
+        x = randn(5, 2, 3)
+        out, h = m(x)
+        g, = torch.autograd.grad(loss_of((out, h)), x, create_graph=True)
+        try:
+            g.square().sum().backward()
+        except RuntimeError as e:
+            assert m is fb, e
+            assert "differentiat" in str(e) or "create_graph" in str(e) or "twice" in str(e), str(e)
+            return
+        xs.append(x)
+    assert_same_grads(ref, fb, TOL64, [xs[0]], [xs[1]])
+
+
+def test_autograd_grad_wrt_input_only():
+    """torch.autograd.grad(loss, x): the input's gradient, and no parameter's .grad is touched."""
+    ref, fb = both("lstm")
+    got = []
+    for m in (ref, fb):
+        x = randn(5, 3, 3)
+        got.append(torch.autograd.grad(loss_of(m(x)), x)[0])
+        assert all(p.grad is None for p in m.parameters())
+    assert_close("dL/dx", got[1], got[0], TOL64)
+
+
+def test_full_backward_hook_and_forward_hook():
+    ref, fb = both("gru", L=1, bidir=False)
+    seen = {}
+    def forward_hook(mod, inp, out):
+        seen[id(mod), "fwd"] = out[0].detach().clone()      # returns None: the output is kept
+
+    def backward_hook(mod, grad_input, grad_output):
+        seen[id(mod), "bwd"] = [None if g is None else g.clone() for g in grad_input]
+
+    for m in (ref, fb):
+        m.register_forward_hook(forward_hook)
+        m.register_full_backward_hook(backward_hook)
+        loss_of(m(randn(5, 3, 3))).backward()
+    assert_close("forward hook output", seen[(id(fb), "fwd")], seen[(id(ref), "fwd")], TOL64)
+    for a, b in zip(seen[(id(fb), "bwd")], seen[(id(ref), "bwd")]):
+        assert_close("grad_input of the backward hook", a, b, TOL64)
+
+
+def test_autocast_runs_torch_in_bfloat16():
+    ref, fb = both("lstm")
+    x = randn(5, 3, 3, grad=False).float()
+    for m in (ref, fb):
+        m.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x), fb(x)
+    assert got[0].dtype == want[0].dtype
+    assert_same_results(got, want, 1e-2)
+
+
+def test_threads_share_a_module():
+    """Four threads calling one module at once (the kernels release the GIL) get serial results."""
+    import threading
+    ref, fb = both("rnn_tanh")
+    xs = [randn(6, 4, 3, grad=False, seed=i) for i in range(8)]
+    with torch.no_grad():
+        want = [ref(x)[0] for x in xs]
+    got, errors = [None] * len(xs), []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                x = xs[i].clone().requires_grad_()
+                out, h = fb(x)
+                (out.sum() + h.sum()).backward()
+                got[i] = out.detach()
+        except Exception as e:          # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"thread {i}", g, w, TOL64)
+
+
+def workspace_cache(module):
+    caches = [v for v in vars(module).values() if isinstance(v, ft.WorkspaceCache)]
+    assert len(caches) == 1, "a module keeps one WorkspaceCache"
+    return caches[0]
+
+
+def test_workspace_cache_is_bounded_and_graphs_give_workspaces_back():
+    _, fb = both("gru")
+    cache = workspace_cache(fb)
+    for T in range(1, 12):                          # more shapes than the cache keeps
+        loss_of(fb(randn(T, 3, 3, seed=T))).backward()
+    assert 0 < len(cache) <= cache.max_count and cache.nbytes <= cache.max_bytes
+    made = cache.made
+    for i in range(20):                             # graphs dropped without a backward pass
+        out, h = fb(randn(5, 3, 3, seed=i))
+        del out, h
+    assert cache.made <= made + 1, "dropped graphs keep their workspaces"
+    cache.max_bytes = 1
+    loss_of(fb(randn(5, 3, 3))).backward()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [6, 6, 6], [6], [1]], ids=["all1", "allT", "B1T", "B1one"])
+def test_packed_edge_lengths(lengths):
+    ref, fb = both("lstm")
+    B = len(lengths)
+    x = randn(6, B, 3)
+    res, lv = [], []
+    for m in (ref, fb):
+        xm = x.detach().clone().requires_grad_()
+        r = call(m, xm, None, lengths)
+        loss_of(r).backward()
+        res.append(r)
+        lv.append([xm])
+    assert_same_results(res[1], res[0], TOL64)
+    assert_same_grads(ref, fb, TOL64, lv[0], lv[1])
+
+
 # ---------------------------------------------------------------- 4. parameters
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -832,6 +958,19 @@ def test_save_and_load_state_dict_both_ways():
     fb2.load_state_dict(roundtrip(ref.state_dict(), "torch.save state_dict"))
     check_pair(ref2, fb2)
     check_pair(ref2, fb)
+
+
+def test_load_state_dict_with_assign():
+    """load_state_dict(assign=True) replaces the parameters by the state_dict's tensors."""
+    ref, fb = build("lstm", 3, 4, L=2)
+    src = copy.deepcopy(ref)
+    randomize(src, 9)
+    for m in (ref, fb):
+        m.load_state_dict(copy.deepcopy(src.state_dict()), assign=True)
+    check_pair(ref, fb)
+    for o in [torch.optim.SGD(m.parameters(), lr=0.2) for m in (ref, fb)]:
+        o.step()
+    check_pair(ref, fb, seed=1)
 
 
 def test_flatten_parameters_and_share_memory():
