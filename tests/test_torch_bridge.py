@@ -443,6 +443,50 @@ def test_backward_twice_with_retain_graph(between):
     assert_same_grads(ref, fb, TOL64, xs[0], xs[1])
 
 
+def test_retain_graph_with_dropout_repeats_the_masks():
+    """A second backward recomputes the forward with the first call's masks, even after eval()."""
+    _, fb = both("gru", dropout=0.5)
+    fb.train()
+    x = randn(6, 3, 3)
+    torch.manual_seed(4)
+    loss_of(fb(x)).backward()
+    once = [p.grad.clone() for p in fb.parameters()] + [x.grad.clone()]
+    fb.zero_grad()
+    x.grad = None
+    torch.manual_seed(4)
+    loss = loss_of(fb(x))
+    loss.backward(retain_graph=True)
+    fb.eval()
+    torch.manual_seed(99)
+    loss.backward()
+    for i, (g, w) in enumerate(zip([p.grad for p in fb.parameters()] + [x.grad], once)):
+        assert_close(f"gradient {i} after two passes", g, 2 * w, TOL64)
+
+
+def test_parameters_moved_while_a_graph_is_held():
+    """A parameter replaced between a forward and its backward: the backward uses the values the
+    forward saw (or refuses), and later calls of the same shape use the new ones."""
+    ref, fb = build("lstm", 3, 4, L=2)
+    x = randn(5, 3, 3)
+    loss_of(ref(x)).backward()
+    want = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    loss = loss_of(fb(x2 := x.detach().clone().requires_grad_()))
+    new = randn(16, 4, grad=False, seed=5) * 0.3
+    fb.weight_hh_l1.data = new.clone()
+    with torch.no_grad():
+        fb(randn(5, 3, 3, grad=False))              # notices the change: a new buffer
+    try:
+        loss.backward()
+    except RuntimeError:
+        pass
+    else:
+        for n, p in fb.named_parameters():
+            assert_close(f"{n}.grad", p.grad, want[n], TOL64)
+        assert_close("x.grad", x2.grad, x.grad, TOL64)
+    ref.weight_hh_l1.data = new.clone()
+    check_pair(ref, fb)
+
+
 def test_second_backward_without_retain_graph_is_refused_or_exact():
     """torch.nn refuses; fastbptt must refuse too, or give exactly the gradients of a second pass."""
     ref, fb = both("gru")
