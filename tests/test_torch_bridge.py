@@ -407,10 +407,10 @@ def test_several_forwards_before_one_backward(shapes):
         results = [m(x) for x in xs]
         sum(loss_of(r, seed=i) for i, r in enumerate(results)).backward()
         got.append((xs, results))
-    for (xr, rr), (xf, rf) in zip([got[0]], [got[1]]):
-        for a, b in zip(rf, rr):
-            assert_same_results(a, b, TOL64)
-        assert_same_grads(ref, fb, TOL64, xr, xf)
+    (xr, rr), (xf, rf) = got
+    for a, b in zip(rf, rr):
+        assert_same_results(a, b, TOL64)
+    assert_same_grads(ref, fb, TOL64, xr, xf)
 
 
 def test_several_packed_forwards_before_one_backward():
@@ -909,14 +909,18 @@ def test_frozen_parameters():
     check_pair(ref, fb, seed=2)          # only the input and hx need gradients
 
 
-@pytest.mark.parametrize("which", ["old", "parametrizations"])
+@pytest.mark.parametrize("which", ["old", "parametrizations", "prune"])
 def test_weight_norm_on_a_recurrent_weight(which):
-    """torch.nn.utils.weight_norm (AWD-LSTM style): the weight is a new non-leaf tensor every call."""
+    """torch.nn.utils.weight_norm (AWD-LSTM style) and pruning: the weight is a new non-leaf tensor
+    computed at every call (by a forward pre-hook or a parametrization)."""
     ref, fb = build("lstm", 3, 4, L=1)
     for m in (ref, fb):
         if which == "old":
             with pytest.warns(FutureWarning):
                 torch.nn.utils.weight_norm(m, "weight_hh_l0")
+        elif which == "prune":
+            import torch.nn.utils.prune as prune
+            prune.l1_unstructured(m, "weight_hh_l0", amount=0.3)
         else:
             torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
     check_pair(ref, fb)
@@ -1015,6 +1019,15 @@ def test_load_state_dict_with_assign():
     for o in [torch.optim.SGD(m.parameters(), lr=0.2) for m in (ref, fb)]:
         o.step()
     check_pair(ref, fb, seed=1)
+
+
+def test_vector_to_parameters():
+    """torch.nn.utils.vector_to_parameters points every parameter's .data into one vector."""
+    ref, fb = build("gru", 3, 4, L=2, bidir=True)
+    vec = torch.nn.utils.parameters_to_vector(ref.parameters()).detach() * 0.7
+    for m in (ref, fb):
+        torch.nn.utils.vector_to_parameters(vec.clone(), m.parameters())
+    check_pair(ref, fb)
 
 
 def test_flatten_parameters_and_share_memory():
@@ -1334,6 +1347,6 @@ def test_the_torch_extra_exists():
     assert "torch" in extras and any(r.startswith("torch") for r in extras["torch"])
 
 
-def test_dev_shim_marker():
-    """Guard: the tests import the real package (fastbptt/torch/), not a stand-in."""
+def test_imports_the_package_of_this_repository():
+    """The tests run the package in this checkout (fastbptt/torch/), not an installed or stand-in one."""
     assert Path(ft.__file__).resolve().parent == ROOT / "fastbptt" / "torch", textwrap.shorten(ft.__file__, 80)
