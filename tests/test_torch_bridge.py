@@ -1141,6 +1141,20 @@ def test_half_precision_runs_torch(dtype, cell):
     assert_same_grads(ref, fb, 1e-2, [res[0][1]], [res[1][1]])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the fallback to torch's CUDA code)")
+def test_cuda_runs_torch_and_moves_back():
+    """On a CUDA device the module runs torch's implementation; moved back it runs fastbptt's again."""
+    ref, fb = build("lstm", 3, 4, L=2, bidir=True)
+    for m in (ref, fb):
+        m.cuda()
+    x = randn(5, 3, 3, grad=False).cuda()
+    with torch.no_grad():
+        assert_same_results(fb(x), ref(x), 1e-6)
+    for m in (ref, fb):
+        m.cpu()
+    check_pair(ref, fb)
+
+
 def test_proj_size_refused():
     with pytest.raises(ValueError, match="proj_size"):
         ft.LSTM(3, 4, proj_size=2)
