@@ -144,13 +144,14 @@ class _Lease:
 class _Bridge:
     """What a module keeps for fastbptt, rebuilt by ``flatten_parameters``.
 
-    model: the fastbptt model over ``flat`` (a torch tensor's memory); ptrs: the data pointers
-    its parameters had when shared; arrays: NumPy views of the parameters, in ``_flat_weights``
-    order; grads: for each parameter, (offset, shape) of its gradient in the workspace's
+    model: the fastbptt model over ``flat`` (a torch tensor's memory); shared: the indices (in
+    ``_flat_weights``) of the parameters that are views of ``flat``, and key where they lie;
+    copied: (index, view) of parameters computed at each call (parametrizations), copied in;
+    grads: for each parameter, (index, offset, size, shape) of its gradient in the workspace's
     grad_flat; elman_bias: (index of bias_ih, index of bias_hh, b_h view) per (layer, direction).
     """
 
-    __slots__ = ("model", "flat", "ptrs", "arrays", "grads", "elman_bias", "dtype", "cache")
+    __slots__ = ("model", "flat", "key", "shared", "copied", "grads", "elman_bias", "dtype", "cache")
 
     def __init__(self, module, weights, cache):
         dtype = weights[0].dtype
@@ -187,23 +188,45 @@ class _Bridge:
                     self.elman_bias.append((by_name["bias_ih" + sfx], by_name["bias_hh" + sfx],
                                             model.params[roles["b_hh"]]))
         elman = {i for ih, hh, _ in self.elman_bias for i in (ih, hh)}
-        with torch.no_grad():
+        self.shared, self.copied = [], []
+        with torch.no_grad(), torch.inference_mode(False):   # never inference tensors, whatever the caller's mode
             for i, offset, size, shape in self.grads:
                 if i in elman:
                     continue
-                view = flat[offset:offset + size]
-                view.copy_(weights[i].detach().reshape(-1))
-                # a tensor of its own over the buffer's memory (its own storage and version counter)
-                weights[i].data = torch.from_numpy(view.numpy().reshape(shape))
+                view = flat[offset:offset + size].numpy().reshape(shape)
+                if weights[i].is_leaf:
+                    view[...] = weights[i].detach().numpy()
+                    # a tensor of its own over the buffer's memory (its own storage and version counter)
+                    weights[i].data = torch.from_numpy(view)
+                    self.shared.append(i)
+                else:            # computed at each call (a parametrization: weight_norm, ...): copied in
+                    self.copied.append((i, view))
         self.grads.sort()
         self.model, self.flat, self.dtype, self.cache = model, flat, dtype, cache
-        self.ptrs = tuple(w.data_ptr() for w in weights)
-        self.arrays = [w.detach().numpy() for w in weights]
+        self.key = self._key(weights)
 
-    def sync(self):
-        """Before a call: the Elman cell's b_h = bias_ih + bias_hh."""
+    def _key(self, weights):
+        """Where the shared parameters lie (data pointer and strides): inside ``flat``, which is alive,
+        so no other tensor can have the same pointer."""
+        return tuple((weights[i].data_ptr(), weights[i].stride()) for i in self.shared)
+
+    def current(self, weights):
+        """Whether ``weights`` are still what this bridge was built for: the shared ones where
+        they were, the copied ones plain CPU tensors of the dtype."""
+        if self._key(weights) != self.key:
+            return False
+        for i, _ in self.copied:
+            w = weights[i]
+            if w.dtype != self.dtype or w.device.type != "cpu" or w.layout != torch.strided:
+                return False
+        return True
+
+    def sync(self, weights):
+        """Before a call: the copied parameters, and the Elman cell's b_h = bias_ih + bias_hh."""
+        for i, view in self.copied:
+            np.copyto(view, weights[i].detach().numpy())
         for ih, hh, b_h in self.elman_bias:
-            np.add(self.arrays[ih], self.arrays[hh], out=b_h)
+            np.add(weights[ih].detach().numpy(), weights[hh].detach().numpy(), out=b_h)
 
 
 def _eligible_weights(weights):
@@ -272,11 +295,11 @@ class _Call:
         return torch.from_numpy((a[:, 0, :] if self.layout == "td" else a).copy())
 
     # -- the passes
-    def forward(self, x, h0, c0):
+    def forward(self, x, h0, c0, weights):
         """Run the recurrence into a held workspace; return the output and the final states as tensors."""
         bridge = self.bridge
         model = bridge.model
-        bridge.sync()
+        bridge.sync(weights)
         model._training, model._dropout = self.training, float(self.module.dropout)
         if self.seed is not None:
             model._generator = np.random.default_rng(self.seed)
@@ -322,7 +345,7 @@ class _Sweep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, x, h0, c0, *weights):
-        outs = call.forward(x, h0, c0)
+        outs = call.forward(x, h0, c0, weights)
         ctx.call = call
         ctx.save_for_backward(x, h0, c0, *weights)     # PyTorch then refuses in-place changes to them
         return outs
@@ -347,7 +370,7 @@ class _Sweep(torch.autograd.Function):
         call = ctx.call
         x, h0, c0, *weights = ctx.saved_tensors
         if call.lease is None or call.lease.ws is None:    # a second backward (retain_graph=True)
-            call.forward(x, h0, c0)
+            call.forward(x, h0, c0, weights)
         want = ctx.needs_input_grad
         G, dx, dh0, dc0 = call.backward(dout, dh, dc, want[1], want[2] or want[3])
         wgrads = [None] * len(weights)
@@ -398,6 +421,8 @@ class _FastRNNBase:
             return                                    # still in torch.nn's constructor
         bridge = self.__dict__.get("_fastbptt")
         if bridge is not None:
+            if _eligible_weights(weights) and bridge.current(weights):
+                return                                # nothing moved (a parametrization's call, .to() as is)
             bridge.cache.clear()
         self.__dict__["_fastbptt"] = None
         if _eligible_weights(weights):
@@ -415,9 +440,10 @@ class _FastRNNBase:
 
     def _bridge_for(self, x, hx):
         """The bridge when fastbptt can run this call, else None (PyTorch's implementation runs)."""
+        self._update_flat_weights()                    # as torch.nn's forward: parametrizations, replacements
         bridge = self.__dict__.get("_fastbptt")
         weights = self._flat_weights
-        if bridge is None or bridge.ptrs != tuple(w.data_ptr() for w in weights):
+        if bridge is None or not bridge.current(weights):
             self.flatten_parameters()
             bridge = self.__dict__.get("_fastbptt")
             if bridge is None:
@@ -443,9 +469,9 @@ class _FastRNNBase:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self.check_input(data, batch_sizes)
             sizes = batch_sizes.numpy()
-            if sizes.ndim != 1 or len(sizes) == 0 or sizes[-1] < 1 or np.any(sizes[1:] > sizes[:-1]) \
+            if sizes.ndim != 1 or len(sizes) == 0 or sizes[0] < 1 or sizes[-1] < 0 or np.any(sizes[1:] > sizes[:-1]) \
                     or int(sizes.sum()) != data.shape[0]:
-                raise ValueError(f"{type(self).__name__}: a PackedSequence's batch_sizes must be positive, "
+                raise ValueError(f"{type(self).__name__}: a PackedSequence's batch_sizes must be non-negative, "
                                  f"non-increasing and sum to its data's rows ({data.shape[0]}), got "
                                  f"{sizes.tolist()}; make it with torch.nn.utils.rnn.pack_padded_sequence "
                                  f"or pack_sequence")
@@ -490,7 +516,7 @@ class _FastRNNBase:
                                         or any(h is not None and h.requires_grad for h in (h0, c0))):
             outs = _Sweep.apply(call, x, h0, c0, *weights)
         else:
-            outs = call.forward(x, h0, c0)
+            outs = call.forward(x, h0, c0, weights)
             call.lease.release()
         out, states = outs[0], outs[1:]
         if packed:
