@@ -85,7 +85,7 @@ def test_selection_of_rows():
                                   ["--config", "5,2,3,4,3", "--directions", "3"],
                                   ["--config", "5,2,3,4,3", "--lengths", "sorted"], ["--overhead-T", "0,2"],
                                   ["--optimizer", "adam"], ["--json", "/no/such/dir/x.json"],
-                                  ["--wait-quiet", "-1"]])
+                                  ["--wait-quiet", "-1"], ["--retries", "-1"]])
 def test_bad_arguments_are_refused_before_anything_runs(argv, capsys, monkeypatch):
     monkeypatch.setattr(ts, "run", lambda *a, **k: pytest.fail("ran despite a bad flag"))
     with pytest.raises(SystemExit) as exc:
@@ -158,6 +158,24 @@ def test_wait_quiet_waits_for_a_quiet_window_or_gives_up():
     assert ts.wait_quiet(m, 0.1, max_wait=0.02, window=0.005) >= 0.02 and m.windows >= 2
     m = FakeMonitor(busy=10**9)
     assert ts.wait_quiet(m, 0.1, max_wait=0) == 0 and m.windows == 0
+
+
+def test_disturbed_rows_are_retried_and_the_least_disturbed_kept():
+    fractions = iter([0.5, 0.3, 0.6, 0.05, 0.9])
+
+    def row():
+        f = next(fractions)
+        return {"load": {"others_fraction": f}, "disturbed": f > 0.1, "f": f}
+    got = ts.least_disturbed(row, retries=10)
+    assert got["f"] == 0.05 and got["attempts"] == 4 and got["waited_s"] == 0
+    fractions = iter([0.5, 0.3, 0.6])
+    got = ts.least_disturbed(row, retries=2)
+    assert got["f"] == 0.3 and got["attempts"] == 3
+    fractions = iter([0.5, 0.3])
+    assert ts.least_disturbed(row)["f"] == 0.5                  # no retries by default
+    calls = []
+    assert "error" in ts.least_disturbed(lambda: calls.append(1) or {"error": "x", "disturbed": True}, retries=3)
+    assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------- with PyTorch
@@ -236,7 +254,7 @@ def test_quick_run_report(tmp_path, capsys):
             medians[name] = e["median_ms"]
         assert row["ratio"] == pytest.approx(medians["torch.nn"] / medians["fastbptt.torch"])
         assert row["met"] == (row["ratio"] >= row["goal"]) and row["head_ms"] > 0
-        assert ("positions" in row) == case.packed and row["waited_s"] == 0
+        assert ("positions" in row) == case.packed and row["waited_s"] == 0 and row["attempts"] == 1
     assert [(r["cell"], r["T"]) for r in report["overhead"]] == [(c, 1) for c in ts.CELLS]
     for r in report["overhead"]:
         e = r["impls"]
