@@ -129,6 +129,70 @@ def test_functional_call_uses_the_tensors_it_is_given(cell):
         close_all("own parameters afterwards", tensors(fb(x)), tensors(ref(x)))
 
 
+def test_functional_call_leaves_the_callers_tensors_alone():
+    """The tensors given to functional_call are the caller's: still views of the caller's vector
+    after the call, so that an in-place update of that vector is what the next call uses."""
+    x = rnd(5, 3, 3, seed=1)
+    got = []
+    for m in pair("GRU"):
+        vec = rnd(sum(p.numel() for p in m.parameters()), seed=2, scale=0.4)
+        params, at = {}, 0
+        for n, p in m.named_parameters():
+            params[n] = vec[at:at + p.numel()].view(p.shape)
+            at += p.numel()
+        where = [t.data_ptr() for t in params.values()]
+        first = torch.func.functional_call(m, params, (x,))[0]
+        assert [t.data_ptr() for t in params.values()] == where, "the caller's tensors were moved"
+        with torch.no_grad():
+            vec.mul_(0.5)
+        got.append([first, torch.func.functional_call(m, params, (x,))[0]])
+    close_all("calls before and after the vector's update", got[1], got[0])
+
+
+class _Scaled(nn.Module):
+    """A parametrization whose value changes between calls (as weight drop's masks do)."""
+
+    k = 1.0
+
+    def forward(self, w):
+        return w * self.k
+
+
+@pytest.mark.parametrize("how", ["parametrization, two calls in one graph",
+                                 "parametrization, a no_grad call before the backward",
+                                 "functional_call of computed weights, three calls in one graph"])
+def test_computed_weights_of_several_calls_in_one_graph(how):
+    """Weights computed at each call (a parametrization such as AWD-LSTM's weight drop, or a
+    hypernetwork's output through functional_call), different at each call, several calls
+    before one backward: each call's backward uses the weights that call saw."""
+    x = rnd(5, 2, 3, seed=1)
+    got = []
+    for m in pair("GRU"):
+        if how.startswith("parametrization"):
+            torch.nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", _Scaled())
+            scale = m.parametrizations.weight_hh_l0[0]
+            scale.k = 1.0
+            first = m(x)
+            scale.k = 2.0
+            if "no_grad" in how:
+                with torch.no_grad():
+                    m(x)
+                total = weighted(first)
+            else:
+                total = weighted(first) + weighted(m(x), seed=8)
+            total.backward()
+            got.append(grads(m))
+        else:
+            base = {n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()}
+            total = 0
+            for i, k in enumerate((1.0, 0.5, -0.7)):
+                params = {n: b * k for n, b in base.items()}
+                total = total + weighted(torch.func.functional_call(m, params, (x,)), seed=i)
+            total.backward()
+            got.append([b.grad for b in base.values()])
+    close_all(how, got[1], got[0])
+
+
 @pytest.mark.parametrize("how", ["register_parameter", "_parameters"])
 def test_parameter_registered_without_setattr_is_used(how):
     """A parameter put in place without module.__setattr__ (register_parameter after del, or the
@@ -194,26 +258,40 @@ def test_weights_tied_across_two_modules():
     close_all("after 3 Adam steps", outs[1], outs[0], 1e-9)
 
 
-@pytest.mark.parametrize("how", ["Parameter", ".data", "bias", "None"])
+class _FirstRow(nn.Module):
+    """A parametrization of the wrong shape (registered with unsafe=True)."""
+
+    def forward(self, w):
+        return w[:1]
+
+
+@pytest.mark.parametrize("how", ["Parameter", ".data", "bias", "sliced .data (same pointer and strides)",
+                                 "parametrization", "None"])
 def test_parameter_of_the_wrong_shape_raises_like_torch(how):
     """A parameter replaced by one of another shape (or None): torch.nn raises; fastbptt must raise,
-    not run over the neighbouring parameters' memory, and must leave the caller's tensor as it was."""
+    not run over the neighbouring parameters' memory (nor broadcast a row, nor keep using the
+    rows a slice left out), and must leave the caller's tensor as it was."""
     ref, fb = pair("GRU", 3, 4, num_layers=2)
     x = rnd(5, 3, 3, seed=1)
     new = {}
     for name, m in (("ref", ref), ("fb", fb)):
+        m(x)                                        # a first call: the module has seen its parameters
         if how == "Parameter":
             m.weight_hh_l0 = nn.Parameter(rnd(12, 5, seed=2))
         elif how == ".data":
             m.weight_hh_l0.data = rnd(12, 5, seed=2)
         elif how == "bias":
             m.bias_hh_l0.data = rnd(11, seed=2)
+        elif how.startswith("sliced"):
+            m.weight_hh_l0.data = m.weight_hh_l0.data[:6]
+        elif how == "parametrization":
+            torch.nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", _FirstRow(), unsafe=True)
         else:
             m.weight_hh_l0 = None
         w = m.bias_hh_l0 if how == "bias" else m.weight_hh_l0
         new[name] = None if w is None else w.detach().clone()
     raises_like_torch(lambda: ref(x), lambda: fb(x))
-    if how != "None":
+    if how not in ("None", "parametrization"):
         w = fb.bias_hh_l0 if how == "bias" else fb.weight_hh_l0
         assert torch.equal(w.detach(), new["fb"]), "the caller's parameter was overwritten"
 
