@@ -716,14 +716,15 @@ def test_meta_device_then_to_empty_and_reset_parameters():
 # ---------------------------------------------------------------- 6. threads and processes
 
 def test_threads_on_a_module_whose_first_call_rebuilds_its_buffer():
-    """Four threads at once, on a module whose parameter was just replaced (so the first calls
-    rebuild the shared buffer concurrently), with packed and dense batches of other shapes:
-    each thread gets the serial results."""
+    """Eight threads released at once (a barrier), on a module whose parameter was just replaced
+    (so the first calls rebuild the shared buffer concurrently), with packed and dense batches of
+    two shapes, three rounds each: every round of every thread gets the serial results."""
     ref, fb = pair("LSTM", num_layers=2, bidirectional=True)
     new = rnd(16, 4, seed=9, scale=0.5)
     for m in (ref, fb):
         m.weight_hh_l1 = nn.Parameter(new.clone())
-    jobs = [(rnd(6, 3 + i % 2, 3, seed=i), None if i % 2 else [6, 2, 5, 1][: 3 + i % 2]) for i in range(8)]
+    T = 40
+    jobs = [(rnd(T, 3 + i % 2, 3, seed=i), None if i % 2 else [T, 2, 25, 1][: 3 + i % 2]) for i in range(8)]
 
     def run(m, x, lengths):
         x = x.detach().clone().requires_grad_()
@@ -732,11 +733,14 @@ def test_threads_on_a_module_whose_first_call_rebuilds_its_buffer():
         return tensors(r) + list(torch.autograd.grad(weighted(r), [x, *m.parameters()]))
 
     want = [run(ref, *j) for j in jobs]
-    got, errors = [None] * len(jobs), []
+    got, errors = [[] for _ in jobs], []
+    barrier = threading.Barrier(len(jobs))
 
     def work(i):
         try:
-            got[i] = run(fb, *jobs[i])
+            barrier.wait(timeout=30)
+            for _ in range(3):
+                got[i].append(run(fb, *jobs[i]))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -747,7 +751,8 @@ def test_threads_on_a_module_whose_first_call_rebuilds_its_buffer():
         t.join()
     assert not errors, errors
     for i in range(len(jobs)):
-        close_all(f"thread {i}", got[i], want[i])
+        for k, res in enumerate(got[i]):
+            close_all(f"thread {i} round {k}", res, want[i])
 
 
 def _child_run(module, x, queue):
