@@ -162,8 +162,6 @@ class _Bridge:
                                      L, dirs)
         n = sum(int(np.prod(shape)) for _, shape in layout)
         flat = torch.zeros(n, dtype=dtype)
-        if any(w.is_shared() for w in weights):     # share_memory(): keep the parameters shareable
-            flat.share_memory_()
         model = cls._over(flat.numpy(), module.input_size, module.hidden_size, 1, module.bias,
                           num_layers=L, bidirectional=dirs == 2, **kwargs)
         offsets, at = {}, 0
@@ -183,23 +181,29 @@ class _Bridge:
                     name = roles[_ROLE[torch_name]]
                     if name is None:                 # the Elman cell's bias_ih: into b_h
                         name = roles["b_hh"]
-                    self.grads.append((i, offsets[name], weights[i].numel(), tuple(weights[i].shape)))
+                    shape = tuple(dict(layout)[name])
+                    self.grads.append((i, offsets[name], int(np.prod(shape)), shape))
                 if cls is _model.RNN and module.bias:
                     self.elman_bias.append((by_name["bias_ih" + sfx], by_name["bias_hh" + sfx],
                                             model.params[roles["b_hh"]]))
         elman = {i for ih, hh, _ in self.elman_bias for i in (ih, hh)}
         self.shared, self.copied = [], []
+        seen = set()
         with torch.no_grad(), torch.inference_mode(False):   # never inference tensors, whatever the caller's mode
             for i, offset, size, shape in self.grads:
                 if i in elman:
                     continue
                 view = flat[offset:offset + size].numpy().reshape(shape)
-                if weights[i].is_leaf:
+                # only the module's own parameters move into the buffer, each once: a tensor passed by
+                # torch.func.functional_call stays the caller's, a parameter tied to two places, a
+                # weight computed at each call (a parametrization: weight_norm, ...) are copied in
+                if isinstance(weights[i], nn.Parameter) and weights[i].is_leaf and id(weights[i]) not in seen:
+                    seen.add(id(weights[i]))
                     view[...] = weights[i].detach().numpy()
                     # a tensor of its own over the buffer's memory (its own storage and version counter)
                     weights[i].data = torch.from_numpy(view)
                     self.shared.append(i)
-                else:            # computed at each call (a parametrization: weight_norm, ...): copied in
+                else:
                     self.copied.append((i, view))
         self.grads.sort()
         self.model, self.flat, self.dtype, self.cache = model, flat, dtype, cache
@@ -208,16 +212,20 @@ class _Bridge:
     def _key(self, weights):
         """Where the shared parameters lie (data pointer and strides): inside ``flat``, which is alive,
         so no other tensor can have the same pointer."""
-        return tuple((weights[i].data_ptr(), weights[i].stride()) for i in self.shared)
+        return tuple((weights[i].data_ptr(), weights[i].stride(), weights[i].shape) for i in self.shared)
 
     def current(self, weights):
         """Whether ``weights`` are still what this bridge was built for: the shared ones where
         they were, the copied ones plain CPU tensors of the dtype."""
-        if self._key(weights) != self.key:
+        try:
+            if self._key(weights) != self.key:
+                return False
+        except AttributeError:                         # a parameter set to None
             return False
-        for i, _ in self.copied:
+        for i, view in self.copied:
             w = weights[i]
-            if w.dtype != self.dtype or w.device.type != "cpu" or w.layout != torch.strided:
+            if not isinstance(w, torch.Tensor) or w.dtype != self.dtype or w.device.type != "cpu" \
+                    or w.layout != torch.strided or w.shape != view.shape:
                 return False
         return True
 
@@ -229,13 +237,25 @@ class _Bridge:
             np.add(weights[ih].detach().numpy(), weights[hh].detach().numpy(), out=b_h)
 
 
-def _eligible_weights(weights):
-    """Whether fastbptt can run these parameters: plain CPU tensors of one float dtype."""
+def _transformed():
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) or forward-mode AD is active: PyTorch's
+    implementation runs then (fastbptt's node has neither a vmap rule nor a jvp)."""
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch is not None and functorch():
+        return True
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def _eligible_weights(weights, shapes):
+    """Whether fastbptt can run these parameters: CPU tensors of one float dtype and of the shapes
+    the module's sizes give, not in shared memory (``share_memory()``: Hogwild training shares the
+    parameters' own storage between processes, which PyTorch's implementation keeps)."""
     if not weights or any(not isinstance(w, torch.Tensor) for w in weights):
         return False
     dtype = weights[0].dtype
     return dtype in _FLOATS and all(w.dtype == dtype and w.device.type == "cpu" and w.layout == torch.strided
-                                    and not w.is_sparse for w in weights)
+                                    and tuple(w.shape) == shape and not w.is_shared()
+                                    for w, shape in zip(weights, shapes))
 
 
 class _Call:
@@ -310,8 +330,9 @@ class _Call:
             state = self.state_in(h0)
             if c0 is not None:
                 state = (state, self.state_in(c0))
-        H, state_T = _api._trusted_layer_forward(model, self.lease.ws, X, state, self.lengths, self.parallel,
-                                                 self.method)
+        with np.errstate(all="ignore"):        # inf and NaN propagate quietly, as in PyTorch
+            H, state_T = _api._trusted_layer_forward(model, self.lease.ws, X, state, self.lengths,
+                                                     self.parallel, self.method)
         if isinstance(state_T, tuple):
             return (self.caller(H),) + tuple(self.state_out(s) for s in state_T)
         return self.caller(H), self.state_out(state_T)
@@ -326,8 +347,9 @@ class _Call:
             dstate = self.state_in(dh)
             if dc is not None:
                 dstate = (dstate, self.state_in(dc))
-        grads, dX, d0 = _api._trusted_layer_backward(bridge.model, ws, dH, dstate, self.parallel, self.method,
-                                                     want_x)
+        with np.errstate(all="ignore"):
+            grads, dX, d0 = _api._trusted_layer_backward(bridge.model, ws, dH, dstate, self.parallel,
+                                                         self.method, want_x)
         G = ws.grad_flat.copy()                        # fresh: the gradients outlive the workspace
         dx = self.caller(dX) if want_x else None
         dh0 = dc0 = None
@@ -352,18 +374,13 @@ class _Sweep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh, dc=None):
-        if not torch.is_grad_enabled():
-            return _Sweep._backward(ctx, dout, dh, dc)
-        # create_graph=True: the gradients are right, but differentiating them again is not
-        # supported, so they raise if that is tried (as @once_differentiable's do)
-        with torch.no_grad():
-            grads = _Sweep._backward(ctx, dout, dh, dc)
-        err = torch._C._functions.DelayedError(
-            b"fastbptt.torch modules do not support double backward (differentiating their gradients, "
-            b"create_graph=True); use torch.nn's module for that", sum(g is not None for g in grads))
-        live = [g.detach().requires_grad_() for g in grads if g is not None]
-        live = iter(err(*live) if len(live) > 1 else (err(*live),))
-        return tuple(None if g is None else next(live) for g in grads)
+        if torch.is_grad_enabled():
+            # create_graph=True asks for gradients that can be differentiated again, which fastbptt's
+            # node cannot give: refuse rather than return gradients without their second-order terms
+            raise RuntimeError("fastbptt.torch modules do not support double backward (create_graph=True "
+                               "through the module: gradient penalties, higher-order gradients); use "
+                               "torch.nn's module for that, or leave create_graph False")
+        return _Sweep._backward(ctx, dout, dh, dc)
 
     @staticmethod
     def _backward(ctx, dout, dh, dc):
@@ -371,6 +388,8 @@ class _Sweep(torch.autograd.Function):
         x, h0, c0, *weights = ctx.saved_tensors
         if call.lease is None or call.lease.ws is None:    # a second backward (retain_graph=True)
             call.forward(x, h0, c0, weights)
+        else:       # the weights copied in at each call: this graph's own (a later call may have copied others)
+            call.bridge.sync(weights)
         want = ctx.needs_input_grad
         G, dx, dh0, dc0 = call.backward(dout, dh, dc, want[1], want[2] or want[3])
         wgrads = [None] * len(weights)
@@ -410,6 +429,21 @@ class _FastRNNBase:
         self.flatten_parameters()
 
     # -- the shared buffer
+    def _shapes(self):
+        """The shape of each of ``_flat_weights``, from the module's sizes (as torch.nn makes them)."""
+        G = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}[self.mode]
+        H, dirs = self.hidden_size, 2 if self.bidirectional else 1
+        shapes = []
+        for name in self._flat_weights_names:
+            k = int(name.split("_l")[1].split("_")[0])
+            if name.startswith("weight_ih"):
+                shapes.append((G * H, self.input_size if k == 0 else dirs * H))
+            elif name.startswith("weight_hh"):
+                shapes.append((G * H, H))
+            else:
+                shapes.append((G * H,))
+        return shapes
+
     def flatten_parameters(self) -> None:
         """Put every parameter into one buffer that fastbptt's kernels read (PyTorch's name for
         the same on the GPU). Called by the constructor, ``.to()``/``.double()``, unpickling, and
@@ -419,13 +453,15 @@ class _FastRNNBase:
         if "workspaces" not in self.__dict__ or weights is None \
                 or len(weights) != len(self._flat_weights_names):
             return                                    # still in torch.nn's constructor
+        if _transformed():                            # torch.func's wrapped tensors: PyTorch's code runs
+            return
         bridge = self.__dict__.get("_fastbptt")
         if bridge is not None:
-            if _eligible_weights(weights) and bridge.current(weights):
+            if _eligible_weights(weights, self._shapes()) and bridge.current(weights):
                 return                                # nothing moved (a parametrization's call, .to() as is)
             bridge.cache.clear()
         self.__dict__["_fastbptt"] = None
-        if _eligible_weights(weights):
+        if _eligible_weights(weights, self._shapes()):
             self.__dict__["_fastbptt"] = _Bridge(self, weights, self.workspaces)
 
     def __getstate__(self):
@@ -440,6 +476,8 @@ class _FastRNNBase:
 
     def _bridge_for(self, x, hx):
         """The bridge when fastbptt can run this call, else None (PyTorch's implementation runs)."""
+        if _transformed():
+            return None
         self._update_flat_weights()                    # as torch.nn's forward: parametrizations, replacements
         bridge = self.__dict__.get("_fastbptt")
         weights = self._flat_weights
@@ -467,6 +505,8 @@ class _FastRNNBase:
         lstm = self._FASTBPTT is _model.LSTM
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            if batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
+                return super().forward(input, hx)          # PyTorch's own error
             self.check_input(data, batch_sizes)
             sizes = batch_sizes.numpy()
             if sizes.ndim != 1 or len(sizes) == 0 or sizes[0] < 1 or sizes[-1] < 0 or np.any(sizes[1:] > sizes[:-1]) \
@@ -476,6 +516,11 @@ class _FastRNNBase:
                                  f"{sizes.tolist()}; make it with torch.nn.utils.rnn.pack_padded_sequence "
                                  f"or pack_sequence")
             T, B = len(sizes), int(sizes[0])
+            for name, idx in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
+                if idx is not None and tuple(idx.shape) != (B,):
+                    raise ValueError(f"{type(self).__name__}: a PackedSequence's {name} must have batch_sizes[0] "
+                                     f"= {B} entries, got shape {tuple(idx.shape)}; make it with "
+                                     f"torch.nn.utils.rnn.pack_padded_sequence or pack_sequence")
             mask = np.arange(B)[None, :] < sizes[:, None]
             layout = "packed"
             if hx is not None:
