@@ -76,9 +76,11 @@ class WorkspaceCache:
         self.made = 0
         self.reused = 0
 
-    def take(self, model, T: int, B: int) -> Workspace:
-        """An idle workspace for ``model`` and (T, B), or a new one."""
-        sig = model_signature(model)
+    def take(self, model, T: int, B: int, sig=None) -> Workspace:
+        """An idle workspace for ``model`` and (T, B), or a new one (``sig``: the model's signature,
+        when the caller knows it)."""
+        if sig is None:
+            sig = model_signature(model)
         with self._lock:
             for key in reversed(self._idle):
                 ws = self._idle[key]
@@ -151,7 +153,8 @@ class _Bridge:
     grad_flat; elman_bias: (index of bias_ih, index of bias_hh, b_h view) per (layer, direction).
     """
 
-    __slots__ = ("model", "flat", "key", "shared", "copied", "grads", "elman_bias", "dtype", "cache")
+    __slots__ = ("model", "flat", "key", "shared", "copied", "bias", "grads", "elman_bias", "dtype", "cache",
+                 "signature")
 
     def __init__(self, module, weights, cache):
         dtype = weights[0].dtype
@@ -187,13 +190,18 @@ class _Bridge:
                     self.elman_bias.append((by_name["bias_ih" + sfx], by_name["bias_hh" + sfx],
                                             model.params[roles["b_hh"]]))
         elman = {i for ih, hh, _ in self.elman_bias for i in (ih, hh)}
-        self.shared, self.copied = [], []
+        self.shared, self.copied, self.bias = [], [], {}
         seen = set()
+        # the Elman cell's biases lie in a buffer of their own (fastbptt's flat buffer holds their sum)
+        extra = torch.zeros(sum(size for i, _, size, _ in self.grads if i in elman), dtype=dtype)
+        at = 0
         with torch.no_grad(), torch.inference_mode(False):   # never inference tensors, whatever the caller's mode
             for i, offset, size, shape in self.grads:
                 if i in elman:
-                    continue
-                view = flat[offset:offset + size].numpy().reshape(shape)
+                    view = extra[at:at + size].numpy().reshape(shape)
+                    at += size
+                else:
+                    view = flat[offset:offset + size].numpy().reshape(shape)
                 # only the module's own parameters move into the buffer, each once: a tensor passed by
                 # torch.func.functional_call stays the caller's, a parameter tied to two places, a
                 # weight computed at each call (a parametrization: weight_norm, ...) are copied in
@@ -203,11 +211,14 @@ class _Bridge:
                     # a tensor of its own over the buffer's memory (its own storage and version counter)
                     weights[i].data = torch.from_numpy(view)
                     self.shared.append(i)
-                else:
+                    if i in elman:
+                        self.bias[i] = view
+                elif i not in elman:
                     self.copied.append((i, view))
         self.grads.sort()
         self.model, self.flat, self.dtype, self.cache = model, flat, dtype, cache
         self.key = self._key(weights)
+        self.signature = model_signature(model)
 
     def _key(self, weights):
         """Where the shared parameters lie (data pointer and strides): inside ``flat``, which is alive,
@@ -233,8 +244,10 @@ class _Bridge:
         """Before a call: the copied parameters, and the Elman cell's b_h = bias_ih + bias_hh."""
         for i, view in self.copied:
             np.copyto(view, weights[i].detach().numpy())
+        bias = self.bias
         for ih, hh, b_h in self.elman_bias:
-            np.add(weights[ih].detach().numpy(), weights[hh].detach().numpy(), out=b_h)
+            np.add(bias[ih] if ih in bias else weights[ih].detach().numpy(),
+                   bias[hh] if hh in bias else weights[hh].detach().numpy(), out=b_h)
 
 
 def _transformed():
@@ -323,7 +336,7 @@ class _Call:
         model._training, model._dropout = self.training, float(self.module.dropout)
         if self.seed is not None:
             model._generator = np.random.default_rng(self.seed)
-        self.lease = _Lease(bridge.cache, bridge.cache.take(model, self.T, self.B))
+        self.lease = _Lease(bridge.cache, bridge.cache.take(model, self.T, self.B, bridge.signature))
         X = self.dense(x.detach().numpy())
         state = None
         if h0 is not None:
@@ -429,6 +442,18 @@ class _FastRNNBase:
         self.flatten_parameters()
 
     # -- the shared buffer
+    def _refresh_weights(self):
+        """``_flat_weights`` up to date, as torch.nn's forward makes it (``_update_flat_weights``), at a
+        tenth of the cost for a module without parametrizations: its weights are its parameters."""
+        if "parametrizations" in self._modules:
+            self._update_flat_weights()
+            return
+        params = self._parameters
+        for name, w in zip(self._flat_weights_names, self._flat_weights):
+            if params.get(name) is not w:
+                self._update_flat_weights()
+                return
+
     def _shapes(self):
         """The shape of each of ``_flat_weights``, from the module's sizes (as torch.nn makes them)."""
         G = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}[self.mode]
@@ -478,7 +503,7 @@ class _FastRNNBase:
         """The bridge when fastbptt can run this call, else None (PyTorch's implementation runs)."""
         if _transformed():
             return None
-        self._update_flat_weights()                    # as torch.nn's forward: parametrizations, replacements
+        self._refresh_weights()
         bridge = self.__dict__.get("_fastbptt")
         weights = self._flat_weights
         if bridge is None or not bridge.current(weights):
