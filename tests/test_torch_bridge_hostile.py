@@ -782,3 +782,36 @@ def test_forked_child_gets_the_parents_results(parallel):
                 proc.kill()
     assert proc.exitcode == 0
     close_all("child", [torch.from_numpy(a) for a in got], [t.detach() for t in want], 0)
+
+
+def test_a_workspace_cache_assigned_is_the_one_used():
+    """module.workspaces = WorkspaceCache(...) takes effect (the newcomer's finding: it was ignored)."""
+    m = ft.GRU(4, 8)
+    cache = ft.WorkspaceCache(max_count=1)
+    m.workspaces = cache
+    with torch.no_grad():
+        for T in (3, 4, 5):
+            m(torch.randn(T, 2, 4))
+    assert m.workspaces is cache and cache.made == 3 and len(cache) == 1
+    with pytest.raises(TypeError, match="WorkspaceCache"):
+        m.workspaces = {}
+
+
+def test_extras_checked_when_set():
+    m = ft.LSTM(3, 4)
+    with pytest.raises(TypeError, match="parallel must be a bool"):
+        m.parallel = "yes"
+    with pytest.raises(ValueError, match="method must be"):
+        m.method = "bogus"
+    m.method, m.parallel = "blas", True
+    assert (m.method, m.parallel) == ("blas", True)
+
+
+def test_lstm_hx_not_a_pair_gets_torchs_exception():
+    x, hx = torch.randn(3, 2, 4), torch.zeros(2, 2, 5)
+    errors = []
+    for m in (torch.nn.LSTM(4, 5), ft.LSTM(4, 5)):
+        with pytest.raises(Exception) as e:
+            m(x, hx)
+        errors.append(type(e.value))
+    assert errors[0] is errors[1]

@@ -13,7 +13,7 @@ How a module maps onto fastbptt
   (H numbers); both biases get its gradient.
 - A parameter that no longer lies in the buffer (replaced by hand, ``.data`` reassigned,
   unpickled, ``copy.deepcopy``, ``.double()``) is noticed at the next call by its data
-  pointer, and ``flatten_parameters()`` (PyTorch's own name for this) makes a new buffer and
+  pointer, strides and shape, and ``flatten_parameters()`` (PyTorch's own name for this) makes a new buffer and
   points every parameter into it again.
 - CPU float32/float64 tensors run through one ``torch.autograd.Function`` (``_Sweep``); any
   other device, dtype or tensor subclass, and autocast, run PyTorch's implementation
@@ -153,10 +153,10 @@ class _Bridge:
     grad_flat; elman_bias: (index of bias_ih, index of bias_hh, b_h view) per (layer, direction).
     """
 
-    __slots__ = ("model", "flat", "key", "shared", "copied", "bias", "grads", "elman_bias", "dtype", "cache",
+    __slots__ = ("model", "flat", "key", "shared", "copied", "bias", "grads", "elman_bias", "dtype",
                  "signature")
 
-    def __init__(self, module, weights, cache):
+    def __init__(self, module, weights):
         dtype = weights[0].dtype
         cls = module._FASTBPTT
         L, dirs = module.num_layers, 2 if module.bidirectional else 1
@@ -216,7 +216,7 @@ class _Bridge:
                 elif i not in elman:
                     self.copied.append((i, view))
         self.grads.sort()
-        self.model, self.flat, self.dtype, self.cache = model, flat, dtype, cache
+        self.model, self.flat, self.dtype = model, flat, dtype
         self.key = self._key(weights)
         self.signature = model_signature(model)
 
@@ -336,7 +336,8 @@ class _Call:
         model._training, model._dropout = self.training, float(self.module.dropout)
         if self.seed is not None:
             model._generator = np.random.default_rng(self.seed)
-        self.lease = _Lease(bridge.cache, bridge.cache.take(model, self.T, self.B, bridge.signature))
+        cache = self.module.workspaces
+        self.lease = _Lease(cache, cache.take(model, self.T, self.B, bridge.signature))
         X = self.dense(x.detach().numpy())
         state = None
         if h0 is not None:
@@ -433,13 +434,43 @@ class _FastRNNBase:
         if getattr(self, "proj_size", 0):
             raise ValueError(f"fastbptt.torch.{type(self).__name__} has no proj_size (fastbptt's cells have "
                              f"no projection); use torch.nn.LSTM for proj_size={self.proj_size}")
-        if method not in ("auto", "fused", "blas"):
-            raise ValueError(f"method must be 'auto', 'fused' or 'blas', got {method!r}")
-        if not isinstance(parallel, bool):
-            raise TypeError(f"parallel must be a bool, got {parallel!r}")
         self.method, self.parallel = method, parallel
         self.workspaces = WorkspaceCache()
         self.flatten_parameters()
+
+    # -- the extras, checked when set
+    @property
+    def method(self) -> str:
+        """How fastbptt runs the recurrence: "auto" (by shape), "fused" or "blas"."""
+        return self.__dict__["_method"]
+
+    @method.setter
+    def method(self, value):
+        if value not in ("auto", "fused", "blas"):
+            raise ValueError(f"method must be 'auto', 'fused' or 'blas', got {value!r}")
+        self.__dict__["_method"] = value
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the fused method spreads the batch over Numba's threads (bitwise the same results)."""
+        return self.__dict__["_parallel"]
+
+    @parallel.setter
+    def parallel(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"parallel must be a bool, got {value!r}")
+        self.__dict__["_parallel"] = value
+
+    @property
+    def workspaces(self) -> WorkspaceCache:
+        """The module's ``WorkspaceCache`` (its bounds are settable; a new cache may be assigned)."""
+        return self.__dict__["_workspaces"]
+
+    @workspaces.setter
+    def workspaces(self, value):
+        if not isinstance(value, WorkspaceCache):
+            raise TypeError(f"workspaces must be a fastbptt.torch.WorkspaceCache, got {type(value).__name__}")
+        self.__dict__["_workspaces"] = value
 
     # -- the shared buffer
     def _refresh_weights(self):
@@ -475,7 +506,7 @@ class _FastRNNBase:
         by ``forward`` when a parameter was replaced; a no-op for parameters fastbptt cannot run
         (another device or dtype)."""
         weights = getattr(self, "_flat_weights", None)
-        if "workspaces" not in self.__dict__ or weights is None \
+        if "_workspaces" not in self.__dict__ or weights is None \
                 or len(weights) != len(self._flat_weights_names):
             return                                    # still in torch.nn's constructor
         if _transformed():                            # torch.func's wrapped tensors: PyTorch's code runs
@@ -484,10 +515,10 @@ class _FastRNNBase:
         if bridge is not None:
             if _eligible_weights(weights, self._shapes()) and bridge.current(weights):
                 return                                # nothing moved (a parametrization's call, .to() as is)
-            bridge.cache.clear()
+            self.workspaces.clear()
         self.__dict__["_fastbptt"] = None
         if _eligible_weights(weights, self._shapes()):
-            self.__dict__["_fastbptt"] = _Bridge(self, weights, self.workspaces)
+            self.__dict__["_fastbptt"] = _Bridge(self, weights)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -495,6 +526,7 @@ class _FastRNNBase:
         return state
 
     def __setstate__(self, state):
+        """Unpickling (``torch.load`` of a module, ``copy.deepcopy``): the parameters go into a new buffer."""
         super().__setstate__(state)
         self.__dict__["_fastbptt"] = None
         self.flatten_parameters()
@@ -568,9 +600,7 @@ class _FastRNNBase:
                 parts = hx if lstm else (hx,)
                 if (lstm and not (isinstance(hx, tuple) and len(hx) == 2)) \
                         or not all(isinstance(h, torch.Tensor) for h in parts):
-                    raise TypeError(f"{type(self).__name__}: hx must be "
-                                    + ("a tuple (h_0, c_0) of Tensors" if lstm else "a Tensor")
-                                    + f", got {type(hx).__name__}")
+                    return super().forward(input, hx)      # PyTorch's own error (or its own handling)
                 want = 3 if batched else 2
                 if any(h.dim() != want for h in parts):
                     raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx "
@@ -596,12 +626,40 @@ class _FastRNNBase:
         return out, (tuple(states) if lstm else states[0])
 
 
-class RNN(_FastRNNBase, nn.RNN):
-    """``torch.nn.RNN`` (Elman, ``nonlinearity="tanh"`` or ``"relu"``) running fastbptt's kernels.
+_EXTRAS = """
 
-    Same constructor, parameters and ``forward`` as ``torch.nn.RNN``; keyword-only ``method``
-    and ``parallel`` as in ``fastbptt.torch.modules._FastRNNBase``.
-    """
+    On CPU float32/float64 tensors it runs fastbptt's compiled recurrence and reverse sweep
+    through one ``torch.autograd`` node; on any other device or dtype, under autocast,
+    ``torch.func`` transforms or forward-mode AD, and with parameters in shared memory, it runs
+    PyTorch's implementation with the same parameters. Parameters, ``state_dict``, ``forward``
+    and its shapes are ``torch.nn``'s (below). ``proj_size`` is refused. Double backward
+    (``create_graph=True`` through the module) raises. Dropout masks are fastbptt's own (from a
+    seed drawn from PyTorch's generator), not the ones ``torch.nn`` would draw.
+
+    Extra keyword-only arguments, also attributes (checked when set):
+
+    method : {"auto", "fused", "blas"}
+        How fastbptt runs the recurrence (``fastbptt.api.choose_method``): one compiled loop
+        over t per sequence, or one GEMM per step over the batch. Same results up to rounding.
+    parallel : bool
+        Spread the batch of the fused method over Numba's threads (bitwise the same results;
+        wants threadpoolctl).
+
+    Attributes
+    ----------
+    workspaces : WorkspaceCache
+        The buffers of this module's calls, by (T, B), reused (bounds ``max_count``,
+        ``max_bytes``; ``made``/``reused`` count them: both stay 0 when PyTorch's
+        implementation ran). See ``fastbptt.torch.modules``.
+
+    PyTorch's documentation of ``torch.nn.{name}`` follows.
+    -------------------------------------------------------
+"""
+
+
+class RNN(_FastRNNBase, nn.RNN):
+    __doc__ = ("``torch.nn.RNN`` (Elman, ``nonlinearity='tanh'`` or ``'relu'``) running fastbptt's kernels."
+               + _EXTRAS.replace("{name}", "RNN") + (nn.RNN.__doc__ or ""))
 
     _FASTBPTT = _model.RNN
 
@@ -611,7 +669,7 @@ class RNN(_FastRNNBase, nn.RNN):
 
 
 class GRU(_FastRNNBase, nn.GRU):
-    """``torch.nn.GRU`` running fastbptt's kernels (same constructor, parameters and ``forward``)."""
+    __doc__ = "``torch.nn.GRU`` running fastbptt's kernels." + _EXTRAS.replace("{name}", "GRU") + (nn.GRU.__doc__ or "")
 
     _FASTBPTT = _model.GRU
 
@@ -621,8 +679,7 @@ class GRU(_FastRNNBase, nn.GRU):
 
 
 class LSTM(_FastRNNBase, nn.LSTM):
-    """``torch.nn.LSTM`` running fastbptt's kernels (same constructor, parameters and ``forward``;
-    ``proj_size`` is refused)."""
+    __doc__ = "``torch.nn.LSTM`` running fastbptt's kernels." + _EXTRAS.replace("{name}", "LSTM") + (nn.LSTM.__doc__ or "")
 
     _FASTBPTT = _model.LSTM
 
