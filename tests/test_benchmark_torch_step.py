@@ -238,7 +238,7 @@ def test_quick_run_report(tmp_path, capsys):
         assert text in out
     report = json.loads(path.read_text())
     assert report["command"][:4] == ["python", "-m", "fastbptt", "bench-torch"]
-    assert report["readme_command"] == ts.README_COMMAND and report["threads"] == 2
+    assert report["readme_command"] == ts.README_COMMAND and report["threads"] == 2 and not report["interrupted"]
     assert set(report["machine"]["openblas_forcing"]) == set(ts.FORCING)
     assert report["machine"]["torch"]["version"]
     assert len(report["rows"]) == len(ts.QUICK)
@@ -279,3 +279,23 @@ def test_a_run_restores_the_thread_count_and_sgd_steps_change_the_weights(capsys
     assert torch.equal(parts[1].weight_hh_l0, w)
     ts.make_step(parts[1], parts[3], x, y, optimizer="sgd")()
     assert not torch.equal(parts[1].weight_hh_l0, w)
+
+
+@needs_bridge
+def test_rows_print_as_they_are_done_and_an_interrupted_run_keeps_them(tmp_path, capsys, monkeypatch):
+    real, calls = ts.run_case, []
+
+    def run_case(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ts, "run_case", run_case)
+    path = tmp_path / "r.json"
+    assert ts.main(["--configs", "quick", "--json", str(path)] + FAST) == 130
+    out = capsys.readouterr().out
+    assert "1 rows and 0 overhead rows" in out and "interrupted" in out
+    table = [line.split() for line in out.splitlines() if line.split()[:1] in (["rnn"], ["gru"], ["lstm"])]
+    assert [r[:2] for r in table] == [["rnn", "5"]] and "torch.nn ms" in out    # the header and the row done
+    report = json.loads(path.read_text())
+    assert report["interrupted"] and len(report["rows"]) == 1 and report["overhead"] == []

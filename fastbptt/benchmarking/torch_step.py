@@ -910,7 +910,13 @@ def run(args, argv=None, out=None):
                 f"the two steps' rounds in turn", file=out, flush=True)
         progress = Progress(len(cases) + len(Ts) * len(args.cell or CELLS), enabled=not args.no_progress)
         rows, overhead = [], []
+        interrupted = False
         started = time.perf_counter()
+
+        def show(fmt, row, first):                   # each row as it is done: a long run killed keeps them
+            lines = fmt([row]).splitlines()
+            progress.write(("\n" + lines[0] + "\n" if first else "") + lines[1], file=out)
+
         try:
             warm_up(cases, (args.cell or CELLS) if Ts else (), options, enabled=not args.no_progress)
             retry = dict(monitor=monitor, threshold=args.busy_threshold, wait=args.wait_quiet, retries=args.retries)
@@ -919,6 +925,7 @@ def run(args, argv=None, out=None):
                 rows.append(least_disturbed(
                     lambda case=case: run_case(case, args.repeats, args.min_time, args.pause, args.optimizer,
                                                options, monitor, args.busy_threshold, args.breakdown), **retry))
+                show(format_table, rows[-1], len(rows) == 1)
             for cell in args.cell or CELLS:
                 for T in Ts:
                     progress.step(f"overhead {cell} T={T}")
@@ -926,17 +933,17 @@ def run(args, argv=None, out=None):
                         lambda cell=cell, T=T: run_overhead(cell, T, rounds=args.repeats, min_time=args.min_time,
                                                             pause=args.pause, options=options, monitor=monitor,
                                                             threshold=args.busy_threshold), **retry))
+                    show(format_overhead, overhead[-1], len(overhead) == 1)
+        except KeyboardInterrupt:                    # report (and write) what was done
+            interrupted = True
         finally:
             progress.close()
         elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(before)
-    if rows:
-        print("\n" + format_table(rows), file=out)
-    if overhead:
-        print("\n" + format_overhead(overhead), file=out)
-    print(f"\n{len(rows)} rows and {len(overhead)} overhead rows in {elapsed:.0f} s; ms = median time per step; "
-          f"× = torch.nn's median / fastbptt.torch's", file=out)
+    print(f"\n{len(rows)} rows and {len(overhead)} overhead rows in {elapsed:.0f} s"
+          + (" (interrupted: the rest were not run)" if interrupted else "")
+          + "; ms = median time per step; × = torch.nn's median / fastbptt.torch's", file=out)
     for line in goal_lines(rows, overhead) + load_lines(rows + overhead, args.busy_threshold):
         print(line, file=out)
     again = [r for r in rows + overhead if r.get("attempts", 1) > 1]
@@ -956,7 +963,7 @@ def run(args, argv=None, out=None):
             "overhead_goal_us": OVERHEAD_GOAL_US, "elapsed_s": elapsed,
             "load": {"measured": monitor.available, "why_not": monitor.why_unavailable,
                      "threshold": args.busy_threshold},
-            "rows": rows, "overhead": overhead}
+            "interrupted": interrupted, "rows": rows, "overhead": overhead}
 
 
 def failures(report):
@@ -991,7 +998,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.json}")
-    return 1 if failed else 0
+    return 130 if report["interrupted"] else 1 if failed else 0
 
 
 if __name__ == "__main__":
