@@ -1,4 +1,4 @@
-"""A PyTorch training step with ``fastbptt.torch`` and with ``torch.nn``: ``pytest bench/test_bench_torch_step.py --benchmark-only``.
+"""A PyTorch step with ``fastbptt.torch`` and ``torch.nn``: ``pytest bench/test_bench_torch_step.py --benchmark-only``.
 
 The rows of ``python -m fastbptt bench-torch`` (``fastbptt.benchmarking.torch_step``: the
 sets latency, large, bidirectional and packed), each timed twice by pytest-benchmark:
@@ -62,7 +62,8 @@ def prepared(case):
 def test_torch_step(benchmark, case, impl):
     steps, checked = prepared(case)
     assert checked["ok"], (f"fastbptt.torch disagrees with torch.nn: max gradient error "
-                           f"{checked['max_grad_error']:.2e} ({checked['worst']}), loss error {checked['loss_error']:.2e}")
+                           f"{checked['max_grad_error']:.2e} ({checked['worst']}), "
+                           f"loss error {checked['loss_error']:.2e}")
     benchmark.group = f"torch step: {case.label}"
     benchmark.extra_info.update(impl=impl, kind=case.kind, goal=case.goal, B_H=case.B * case.H,
                                 max_grad_error=checked["max_grad_error"], **{k: getattr(case, k) for k in (

@@ -47,7 +47,6 @@ import numpy as np
 
 from .._paths import check_output_path
 from .._progress import Progress, compiling
-from . import _machine
 from ._load import DEFAULT_THRESHOLD, Load, LoadMonitor, describe, total
 from .timing import calibrate, positive_ints
 
@@ -904,7 +903,7 @@ def run(args, argv=None, out=None):
         monitor = LoadMonitor()
         if not monitor.available:
             print(f"machine load: not measured ({monitor.why_unavailable})", file=out)
-        print(f"one step: zero_grad (to None) + module forward + nn.Linear + F.cross_entropy + backward()"
+        print("one step: zero_grad (to None) + module forward + nn.Linear + F.cross_entropy + backward()"
               + (" + SGD step" if args.optimizer == "sgd" else " (no optimizer step)")
               + f", {args.dtype}; median of {args.repeats} rounds of >= {args.min_time:g} s, "
                 f"the two steps' rounds in turn", file=out, flush=True)
