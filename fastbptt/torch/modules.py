@@ -34,7 +34,6 @@ workspace goes back at once.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections import OrderedDict
 
 import numpy as np
