@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from .profile import _cells          # --cell, parsed as `profile` parses it
 from .._paths import check_output_path
 from .._progress import Progress, compiling
 from ._load import DEFAULT_THRESHOLD, Load, LoadMonitor, describe, total
@@ -686,16 +687,6 @@ def _set_names(text):
     return values
 
 
-def _cell_names(text):
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if "all" in values:
-        values = list(CELLS)
-    bad = [v for v in values if v not in CELLS]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"unknown cell {bad or text!r}; choose from {', '.join(CELLS)} or all")
-    return [c for c in CELLS if c in values]
-
-
 def _shape(text):
     values = positive_ints(text)
     if len(values) != 5:
@@ -774,7 +765,7 @@ row sets (--configs, default {','.join(DEFAULT_SETS)}; about ten minutes on 2 co
     sel.add_argument("--config", type=_shape, action="append", metavar="T,B,D,H,O",
                      help="a shape of your own (repeat for several); replaces the sets; each in every "
                           "cell of --cell, layer count of --layers, --directions and --lengths")
-    sel.add_argument("--cell", type=_cell_names, default=None, metavar="rnn,gru,lstm|all",
+    sel.add_argument("--cell", type=_cells, default=None, metavar="rnn,gru,lstm|all",
                      help="keep the rows of these cells (default all)")
     sel.add_argument("--layers", type=positive_ints, default=None, metavar="L1,...",
                      help="with --config: num_layers of each row (default 1)")
