@@ -23,7 +23,7 @@ size-based one either. Limit BLAS to one thread (``threadpoolctl.threadpool_limi
 or ``OPENBLAS_NUM_THREADS=1``) when you train in several threads: every product then
 runs on one thread wherever it is called, and the bits agree everywhere.
 
-Without threadpoolctl (``pip install "fastbptt[parallel]"``) BLAS keeps its own
+threadpoolctl is a dependency of fastbptt. Without it (an install that lacks it) BLAS keeps its own
 setting for every product: results are still deterministic, but small products may
 use several threads and slow down on a busy machine.
 
