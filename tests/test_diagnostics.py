@@ -181,3 +181,37 @@ def test_readme_describes_the_signature(func):
                      else f"{p.name}={'np.float64' if p.default is np.float64 else repr(p.default)}"
                      for p in params)
     assert shown == [want] * len(shown), f"README shows {func.__name__}({shown[0]}), the signature is ({want})"
+
+
+@pytest.mark.parametrize("norms, log", [
+    (np.geomspace(1e-3, 2e-3, 30), True),          # minor tick labels 2×10^-3 ...
+    (np.geomspace(1e-30, 1.0, 35), True),          # vanishing over 30 decades
+    (np.linspace(1e-4, 3e-4, 40), False),          # wide linear tick labels 0.00025
+    (np.linspace(12345.0, 123456.0, 40), False),
+    (np.geomspace(1.0, 1e12, 40)[:, None] * np.ones(3), True),
+])
+def test_plot_grad_norms_keeps_its_labels_inside_the_figure(norms, log):
+    """A new figure's labels and tick labels lie inside the figure, drawn as shown or saved (Agg)."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ax = diagnostics.plot_grad_norms(norms, log=log)
+    fig = ax.figure
+    try:
+        for save in (False, True):
+            if save:
+                fig.savefig(io.BytesIO(), format="png")       # the layout as written to a file
+            else:
+                fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            figure = fig.bbox
+            # each label, and each axis with the tick labels it draws (major and minor)
+            boxes = [ax.yaxis.label.get_window_extent(renderer), ax.xaxis.label.get_window_extent(renderer),
+                     ax.yaxis.get_tightbbox(renderer), ax.xaxis.get_tightbbox(renderer)]
+            for box in boxes:
+                assert box.x0 >= figure.x0 and box.x1 <= figure.x1, (box, figure)
+                assert box.y0 >= figure.y0 and box.y1 <= figure.y1, (box, figure)
+    finally:
+        plt.close(fig)

@@ -352,7 +352,8 @@ def plot_grad_norms(norms, ax=None, log=True, label=None):
     norms : array (T,) or (T, B)
         From ``hidden_grad_norms``; with (T, B), one line per sequence.
     ax : matplotlib Axes, optional
-        Drawn into; a new figure's when None.
+        Drawn into; when None, a new figure's, with constrained layout so that the axis
+        labels and tick labels fit inside it (shown or saved).
     log : bool
         Logarithmic y axis, where vanishing and exploding are straight lines.
     label : str, optional
@@ -369,7 +370,9 @@ def plot_grad_norms(norms, ax=None, log=True, label=None):
     if norms.ndim not in (1, 2) or norms.shape[0] == 0:
         raise ValueError(f"norms must have shape (T,) or (T, B) with T >= 1, got {norms.shape}")
     if ax is None:
-        _, ax = plt.subplots()
+        # the default margins clip the y-label left of wide tick labels (10^-3 with minor
+        # ticks, 0.0001): the constrained layout makes room at each draw
+        _, ax = plt.subplots(layout="constrained")
     t = np.arange(1, norms.shape[0] + 1)
     ax.plot(t, norms, label=label)
     if log:
