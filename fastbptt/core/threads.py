@@ -68,14 +68,29 @@ _readers = 0                         # other threads' products running now (with
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
+def _internal_dirs():
+    """The folders whose frames a warning walks out of: fastbptt's, and PyTorch's once it is imported
+    (``fastbptt.torch`` runs the core from ``torch.autograd.Function`` and ``nn.Module.__call__``)."""
+    dirs = [_PACKAGE_DIR]
+    torch = sys.modules.get("torch")
+    path = getattr(torch, "__file__", None)
+    if path:
+        dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    return tuple(dirs)
+
+
 def caller_stacklevel():
-    """The ``stacklevel`` for ``warnings.warn`` that points at the first caller outside fastbptt.
+    """The ``stacklevel`` for ``warnings.warn`` that points at the first caller outside fastbptt
+    (and outside PyTorch, whose frames lie between a ``fastbptt.torch`` module and its caller).
 
     Counted, not fixed, so the warning points at the user's line however deep the call
-    (``loss_and_grad`` or ``layer_forward``, through the training tools or not).
+    (``loss_and_grad`` or ``layer_forward``, through the training tools, a ``fastbptt.torch``
+    module's forward or its backward run by ``loss.backward()``). ``warnings.warn``'s
+    ``skip_file_prefixes`` would do this from Python 3.12 on; fastbptt supports 3.10.
     """
+    internal = _internal_dirs()
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
     return level
 
