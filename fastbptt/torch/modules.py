@@ -33,7 +33,6 @@ workspace goes back at once.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import OrderedDict
 
@@ -49,7 +48,6 @@ from ..core.workspace import Workspace, model_signature
 _FLOATS = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)
 _ROLE = {"weight_ih": "W_ih", "weight_hh": "W_hh", "bias_ih": "b_ih", "bias_hh": "b_hh"}
-_NO_LOCK = contextlib.nullcontext()
 
 
 class WorkspaceCache:
@@ -155,7 +153,7 @@ class _Bridge:
     """
 
     __slots__ = ("model", "flat", "key", "shared", "copied", "bias", "grads", "elman_bias", "dtype",
-                 "signature", "lock", "stacked")
+                 "signature")
 
     def __init__(self, module, weights):
         dtype = weights[0].dtype
@@ -220,8 +218,6 @@ class _Bridge:
         self.model, self.flat, self.dtype = model, flat, dtype
         self.key = self._key(weights)
         self.signature = model_signature(model)
-        self.stacked = L > 1                           # dropout can apply: calls take the lock
-        self.lock = threading.Lock()
 
     def _key(self, weights):
         """Where the shared parameters lie (data pointer and strides): inside ``flat``, which is alive,
@@ -262,33 +258,11 @@ def _transformed():
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
-_functorch = getattr(torch._C, "_functorch", None)
-_BATCHED = tuple(f for f in (getattr(_functorch, "is_batchedtensor", None),
-                             getattr(_functorch, "is_legacy_batchedtensor", None)) if f is not None)
-_tracing_state = torch._C._get_tracing_state
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-
-
-def _capturing():
-    """Whether a graph is being captured: ``torch.jit.trace`` (and the TorchScript ONNX exporter),
-    ``torch.compile``/``torch.export`` (dynamo, or export's FakeTensor/FunctionalTensor modes), or any
-    ``TorchDispatchMode`` (fake tensors, FlopCounterMode, ...): PyTorch's implementation runs then, so
-    that the capture sees its operators (fastbptt's compiled code is invisible to it)."""
-    return _tracing_state() is not None or _dispatch_modes() > 0 or torch.compiler.is_compiling()
-
-
-def _plain(t):
-    """Whether ``t`` is a plain CPU strided tensor fastbptt can read (not a subclass, not batched by
-    ``vmap``/``is_grads_batched``)."""
-    return type(t) in _PLAIN and t.device.type == "cpu" and t.layout == torch.strided \
-        and not any(batched(t) for batched in _BATCHED)
-
-
 def _eligible_weights(weights, shapes):
     """Whether fastbptt can run these parameters: CPU tensors of one float dtype and of the shapes
     the module's sizes give, not in shared memory (``share_memory()``: Hogwild training shares the
     parameters' own storage between processes, which PyTorch's implementation keeps)."""
-    if not weights or any(not isinstance(w, torch.Tensor) or type(w) not in _PLAIN for w in weights):
+    if not weights or any(not isinstance(w, torch.Tensor) for w in weights):
         return False
     dtype = weights[0].dtype
     return dtype in _FLOATS and all(w.dtype == dtype and w.device.type == "cpu" and w.layout == torch.strided
@@ -302,23 +276,19 @@ class _Call:
     layout: "tbd" (sequence first), "btd" (batch first), "td" (unbatched) or "packed".
     """
 
-    __slots__ = ("bridge", "layout", "T", "B", "mask", "lengths", "training", "dropout", "seed",
-                 "lease", "method", "parallel", "cache")
+    __slots__ = ("module", "bridge", "layout", "T", "B", "mask", "lengths", "training", "seed",
+                 "lease", "method", "parallel")
 
     def __init__(self, module, bridge, layout, T, B, mask):
-        # everything the passes read is taken from the module here, at the forward: a second backward
-        # (retain_graph=True) re-runs this call as it was, whatever the module's attributes are by then
-        self.bridge, self.layout, self.T, self.B = bridge, layout, T, B
+        self.module, self.bridge, self.layout, self.T, self.B = module, bridge, layout, T, B
         self.mask = mask                               # (T, B) bool for packed sequences, else None
         self.lengths = None if mask is None else mask.sum(axis=0, dtype=np.intp)
         self.training = module.training
-        self.dropout = float(module.dropout)
         self.seed = None
-        if module.training and self.dropout > 0 and module.num_layers > 1:
+        if module.training and module.dropout > 0 and module.num_layers > 1:
             # dropout masks from a seed drawn from PyTorch's generator: torch.manual_seed repeats them
             self.seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
         self.method, self.parallel = module.method, module.parallel
-        self.cache = module.workspaces
         self.lease = None
 
     # -- layouts
@@ -361,7 +331,11 @@ class _Call:
         """Run the recurrence into a held workspace; return the output and the final states as tensors."""
         bridge = self.bridge
         model = bridge.model
-        cache = self.cache
+        bridge.sync(weights)
+        model._training, model._dropout = self.training, float(self.module.dropout)
+        if self.seed is not None:
+            model._generator = np.random.default_rng(self.seed)
+        cache = self.module.workspaces
         self.lease = _Lease(cache, cache.take(model, self.T, self.B, bridge.signature))
         X = self.dense(x.detach().numpy())
         state = None
@@ -369,13 +343,7 @@ class _Call:
             state = self.state_in(h0)
             if c0 is not None:
                 state = (state, self.state_in(c0))
-        # the model's dropout settings and generator are the call's while it runs: with stacked layers
-        # (where they matter) one call at a time sets and reads them (threads, a backward's re-run)
-        with bridge.lock if bridge.stacked else _NO_LOCK, np.errstate(all="ignore"):   # inf/NaN quietly
-            bridge.sync(weights)
-            model._training, model._dropout = self.training, self.dropout
-            if self.seed is not None:
-                model._generator = np.random.default_rng(self.seed)
+        with np.errstate(all="ignore"):        # inf and NaN propagate quietly, as in PyTorch
             H, state_T = _api._trusted_layer_forward(model, self.lease.ws, X, state, self.lengths,
                                                      self.parallel, self.method)
         if isinstance(state_T, tuple):
@@ -580,8 +548,8 @@ class _FastRNNBase:
 
     def _bridge_for(self, x, hx):
         """The bridge when fastbptt can run this call, else None (PyTorch's implementation runs)."""
-        if _transformed() or _capturing() or type(x) not in _PLAIN:
-            return None                                # before the weights are read: they may be fake
+        if _transformed():
+            return None
         self._refresh_weights()
         bridge = self.__dict__.get("_fastbptt")
         weights = self._flat_weights
@@ -599,13 +567,8 @@ class _FastRNNBase:
                 return None
         return bridge
 
-    def forward(self, input, hx=None):
-        if torch.compiler.is_compiling():     # dynamo tracing this call (export, allow_rnn): torch.nn's code
-            return super().forward(input, hx)
-        return self._forward(input, hx)
-
     @torch.compiler.disable                    # torch.compile: runs eagerly, a graph break at the module
-    def _forward(self, input, hx=None):
+    def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
         bridge = self._bridge_for(x, hx) if isinstance(x, torch.Tensor) else None
