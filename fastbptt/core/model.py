@@ -187,7 +187,7 @@ class RNNBase:
         self.reset_parameters(seed=seed, init=init, scale=scale)
 
     def _setup(self, input_size, hidden_size, output_size, bias, dtype, num_layers=1,
-               bidirectional=False, dropout=0.0, seed=0):
+               bidirectional=False, dropout=0.0, seed=0, buffer=None):
         D = _positive_int(input_size, "input_size")
         H = _positive_int(hidden_size, "hidden_size")
         O = _positive_int(output_size, "output_size")
@@ -198,7 +198,7 @@ class RNNBase:
             raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
         check_seed(seed)
         self._stack = (L, 2 if bidirectional else 1)
-        self._build(D, H, O, bool(bias), check_dtype(dtype), np.zeros(0))
+        self._build(D, H, O, bool(bias), check_dtype(dtype), np.zeros(0), buffer=buffer)
         self.dropout = dropout
         self.training = True
         self.generator = dropout_generator(seed)
@@ -528,8 +528,8 @@ class RNNBase:
         contiguous 1-D float32 or float64 array of the layout's size."""
         model = cls.__new__(cls)
         dtype = check_dtype(buffer.dtype)
-        model._setup(input_size, hidden_size, output_size, bias, dtype, num_layers, bidirectional)
-        model._build(*model._sizes, dtype, np.zeros(0), buffer=buffer)
+        model._setup(input_size, hidden_size, output_size, bias, dtype, num_layers, bidirectional,
+                     buffer=buffer)             # the layout is built once, over the buffer: no copy
         if cls._CELL is _elman:
             model.activation = activation
         return model

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
+import struct
+import tokenize
 import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -35,7 +39,7 @@ from .._paths import check_output_path
 from ..core.cells import CELLS as CELL_MODULES
 from ..core.model import ACTIVATIONS, CELLS, RNNBase
 from .data import check_text_file
-from .optim import Optimizer, optimizer_from_state_dict
+from .optim import OPTIMIZERS, Optimizer
 from .optim import check_config as check_optimizer
 
 FORMAT = "fastbptt-checkpoint-1"
@@ -73,13 +77,16 @@ def _describe(config):
             f"bias={config['bias']}, dtype={config['dtype']}{stack})")
 
 
-def _build(config):
-    """A new model of the (checked) configuration; its parameters are overwritten by the caller."""
+def _build(config, flat):
+    """A model of the (checked) configuration whose parameters are ``flat`` itself (read from the
+    file): nothing is drawn at random, allocated or copied for its parameters."""
     cls = CELLS[config["cell"]]
     kwargs = {"activation": config["activation"]} if config["cell"] == "rnn" else {}
-    return cls(config["input_size"], config["hidden_size"], config["output_size"], bias=config["bias"],
-               dtype=config["dtype"], num_layers=config["num_layers"],
-               bidirectional=config["bidirectional"], dropout=config["dropout"], **kwargs)
+    model = cls._over(flat, config["input_size"], config["hidden_size"], config["output_size"],
+                      config["bias"], num_layers=config["num_layers"],
+                      bidirectional=config["bidirectional"], **kwargs)
+    model.dropout = config["dropout"]
+    return model
 
 
 def save(path, model, optimizer=None, extra=None):
@@ -110,21 +117,42 @@ def save(path, model, optimizer=None, extra=None):
         arrays["optim.config"] = np.array(json.dumps({"name": sd["name"], "hyper": sd["hyper"], "t": sd["t"]}))
         for name, value in sd["state"].items():
             arrays[f"optim.state.{name}"] = value
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict (of JSON-serializable values) or None, got {type(extra).__name__}")
     try:
         arrays["extra"] = np.array(json.dumps({} if extra is None else extra))
     except TypeError as exc:
         raise TypeError(f"extra must be JSON-serializable: {exc}") from None
     path = check_output_path(path, "path", replace=True)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastbptt-", suffix=".npz.tmp")
+    fd, tmp = _new_file(folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            try:                                 # replacing a file keeps its permissions
+                mode = stat.S_IMODE(os.stat(path).st_mode) & 0o777
+            except FileNotFoundError:
+                mode = None                      # a new file: the umask's (0666 & ~umask), as open() gives
+            if mode is not None:
+                os.chmod(tmp, mode)
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _new_file(folder):
+    """A new, empty temporary file in ``folder`` (opened for writing), created with mode 0666 less
+    the umask, as ``open(path, "w")`` would (``tempfile.mkstemp`` makes 0600 whatever the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".fastbptt-{secrets.token_hex(8)}.npz.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder!r}")
 
 
 def _plain(value):
@@ -149,9 +177,26 @@ _TEXT_LIMITS = {"format": 1 << 10, "model.config": 1 << 16, "model.generator": 1
 _MAX_DEFLATE_RATIO = 1100
 """Deflate expands data by at most about 1032:1; a member that claims more is damaged."""
 
+_MIN_LAYER_BYTES = 8
+"""Bytes of ``model.flat`` a layer and direction takes at the least (two float32 weights: an Elman
+layer of H = 1 without bias); a file must hold that many per layer and direction in ``model.flat``
+as stored (compressed or not), which bounds the objects a model's layout makes per byte of the file."""
+
+_READ_CHUNK = 1 << 20
+"""Bytes read from a member at a time, straight into the array (no copy of the whole member)."""
+
+_DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, EOFError, OSError,
+            NotImplementedError, RuntimeError)
+"""What the zip and zlib layers raise on a damaged archive (bad headers, data, flags, sizes)."""
+
 
 def _fail(path, what):
     return CheckpointError(f"{path!r} is not a fastbptt checkpoint, or is damaged: {what}")
+
+
+def _why(exc):
+    """An exception's message, with its type unless it is a plain ValueError (ours, or NumPy's)."""
+    return str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}"
 
 
 def _open_members(path, zf):
@@ -170,8 +215,11 @@ def _open_members(path, zf):
             raise _fail(path, f"member {info.filename!r} appears twice")
         if key not in _TEXT_LIMITS and key != "model.flat" and not key.startswith("optim.state."):
             raise _fail(path, f"unexpected member {info.filename!r}")
-        if info.header_offset + info.compress_size > size:
+        if info.header_offset < 0 or info.compress_size < 0 or info.file_size < 0 \
+                or info.header_offset + info.compress_size > size:
             raise _fail(path, f"member {info.filename!r} declares more data than the file holds")
+        if info.flag_bits & 0x1:
+            raise _fail(path, f"member {info.filename!r} is encrypted")
         if info.compress_type == zipfile.ZIP_STORED:
             if info.compress_size != info.file_size:
                 raise _fail(path, f"member {info.filename!r} declares two different sizes")
@@ -194,8 +242,9 @@ def _header(path, zf, info, dtype=None, shape=None, kind=None):
 
     Returns the open stream, positioned at the data, and the dtype and shape.
     """
-    fp = zf.open(info)
+    fp = None
     try:
+        fp = zf.open(info)
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
             shp, fortran, dt = np.lib.format.read_array_header_1_0(fp)
@@ -212,28 +261,32 @@ def _header(path, zf, info, dtype=None, shape=None, kind=None):
             raise ValueError(f"declares {fp.tell() + nbytes} bytes, but the archive says {info.file_size}")
         if kind is not None and nbytes > _TEXT_LIMITS[info.filename[:-4]]:
             raise ValueError(f"declares a string of {nbytes} bytes")
-    except (ValueError, EOFError, SyntaxError, TypeError, OverflowError, zipfile.BadZipFile, OSError) as exc:
-        fp.close()
-        raise _fail(path, f"member {info.filename!r}: {exc}") from None
+    except (ValueError, SyntaxError, TypeError, OverflowError, RecursionError, tokenize.TokenError,
+            *_DAMAGED) as exc:                  # what a damaged .npy header makes numpy's parser raise
+        if fp is not None:
+            fp.close()
+        raise _fail(path, f"member {info.filename!r}: {_why(exc)}") from None
     return fp, dt, shp
 
 
-def _read_data(path, fp, info, dt, shp):
-    """Read the array a header announced, to the end of the member (which checks its CRC)."""
+def _read_data(path, fp, info, dt, shp, out=None):
+    """Read the array a header announced, to the end of the member (which checks its CRC), into
+    ``out`` (a new array when None), a chunk at a time, so that nothing holds a second copy."""
     try:
         with fp:
-            out = np.empty(shp, dtype=dt)
+            if out is None:
+                out = np.empty(shp, dtype=dt)
             view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
             got = 0
             while got < len(view):
-                n = fp.readinto(view[got:])
+                n = fp.readinto(view[got:got + _READ_CHUNK])
                 if not n:
                     break
                 got += n
             if got != len(view) or fp.read(1):
                 raise ValueError("its data has the wrong length")
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise _fail(path, f"member {info.filename!r}: {exc}") from None
+    except (ValueError, *_DAMAGED) as exc:
+        raise _fail(path, f"member {info.filename!r}: {_why(exc)}") from None
     return out
 
 
@@ -251,16 +304,20 @@ def _read_json(path, zf, members, key):
         raise _fail(path, f"member {key + '.npy'!r} is not JSON: {exc}") from None
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_model_config(path, config):
     """The saved cell and constructor arguments, each of the right type, as a new dict (with
     ``cell``, "rnn" for the files of the Elman-only release, and ``STACK_DEFAULTS`` for the files
     written before there were stacks); and the parameter count they give."""
     if not isinstance(config, dict):
-        raise _fail(path, f"model.config must be a JSON object, got {config!r}")
+        raise _fail(path, f"model.config must be a JSON object, got {str(config)[:100]!r}")
     config = dict(config)
     cell = config.setdefault("cell", "rnn")          # written before there were other cells
     if not isinstance(cell, str) or cell not in CELLS:
-        raise _fail(path, f"model.config cell {cell!r} is not one of {sorted(CELLS)}")
+        raise _fail(path, f"model.config cell {str(cell)[:100]!r} is not one of {sorted(CELLS)}")
     keys = {"cell", "input_size", "hidden_size", "output_size", "bias", "dtype"}
     if cell == "rnn":
         keys.add("activation")
@@ -268,25 +325,26 @@ def _check_model_config(path, config):
         config.update(STACK_DEFAULTS)
     if set(config) != keys | STACK_DEFAULTS.keys():
         raise _fail(path, f"model.config of a {cell!r} cell must hold exactly {sorted(keys)} and "
-                          f"{sorted(STACK_DEFAULTS)} (or none of these three), got {config!r}")
+                          f"{sorted(STACK_DEFAULTS)} (or none of these three), got {sorted(config)}")
     for key in ("input_size", "hidden_size", "output_size"):
         v = config[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _fail(path, f"model.config {key} must be a positive int, got {v!r}")
-    if cell == "rnn" and config["activation"] not in ACTIVATIONS:
-        raise _fail(path, f"model.config activation {config['activation']!r} is not one of "
-                          f"{sorted(ACTIVATIONS)}")
+        if not _is_int(v) or v < 1:
+            raise _fail(path, f"model.config {key} must be a positive int, got {str(v)[:100]!r}")
+    act = config.get("activation")
+    if cell == "rnn" and (not isinstance(act, str) or act not in ACTIVATIONS):
+        raise _fail(path, f"model.config activation {str(act)[:100]!r} is not one of {sorted(ACTIVATIONS)}")
     if not isinstance(config["bias"], bool):
-        raise _fail(path, f"model.config bias must be true or false, got {config['bias']!r}")
-    if config["dtype"] not in ("float32", "float64"):
-        raise _fail(path, f"model.config dtype must be 'float32' or 'float64', got {config['dtype']!r}")
+        raise _fail(path, f"model.config bias must be true or false, got {str(config['bias'])[:100]!r}")
+    if not isinstance(config["dtype"], str) or config["dtype"] not in ("float32", "float64"):
+        raise _fail(path, f"model.config dtype must be 'float32' or 'float64', got {str(config['dtype'])[:100]!r}")
     L, p = config["num_layers"], config["dropout"]
-    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
-        raise _fail(path, f"model.config num_layers must be a positive int, got {L!r}")
+    if not _is_int(L) or L < 1:
+        raise _fail(path, f"model.config num_layers must be a positive int, got {str(L)[:100]!r}")
     if not isinstance(config["bidirectional"], bool):
-        raise _fail(path, f"model.config bidirectional must be true or false, got {config['bidirectional']!r}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise _fail(path, f"model.config dropout must be a number in [0, 1), got {p!r}")
+        raise _fail(path, f"model.config bidirectional must be true or false, "
+                          f"got {str(config['bidirectional'])[:100]!r}")
+    if not (_is_int(p) or isinstance(p, float)) or not 0 <= p <= 1:     # torch.nn's range: [0, 1]
+        raise _fail(path, f"model.config dropout must be a number in [0, 1], got {str(p)[:100]!r}")
     config["dropout"] = float(p)
     return config, _n_params(config)
 
@@ -304,13 +362,42 @@ def _n_params(config):
     return dirs * layer(D) + (config["num_layers"] - 1) * dirs * layer(dirs * H) + readout
 
 
+def _check_optim_config(path, opt_config):
+    """The saved optimizer's name, hyperparameters and step count, of JSON types the optimizer
+    takes (checked further by ``optim.check_config``); returns the names of its state arrays."""
+    if not isinstance(opt_config, dict) or set(opt_config) != {"name", "hyper", "t"}:
+        got = sorted(opt_config) if isinstance(opt_config, dict) else str(opt_config)[:100]
+        raise _fail(path, f"optim.config must hold name, hyper and t, got {got!r}")
+    name, hyper, t = opt_config["name"], opt_config["hyper"], opt_config["t"]
+    if not isinstance(name, str):
+        raise _fail(path, f"optim.config name must be a string, got {str(name)[:100]!r}")
+    if not isinstance(hyper, dict):
+        raise _fail(path, f"optim.config hyper must be a JSON object, got {str(hyper)[:100]!r}")
+
+    def number(v):          # what float() takes without OverflowError
+        return isinstance(v, float) or (_is_int(v) and abs(v) < 2 ** 1000)
+    for key, v in hyper.items():
+        if not (number(v) or (isinstance(v, list) and len(v) <= 8 and all(map(number, v)))):
+            raise _fail(path, f"optim.config hyper {key!r} must be a number or a list of numbers, "
+                              f"got {str(v)[:100]!r}")
+    if not _is_int(t):
+        raise _fail(path, f"optim.config: the step count t must be an int, got {str(t)[:100]!r}")
+    try:
+        return check_optimizer(name, hyper, t)
+    except (ValueError, TypeError) as exc:
+        raise _fail(path, f"optim.config: {exc}") from None
+
+
 def load(path, model=None):
     """Read a checkpoint written by ``save``.
 
     Nothing is built, allocated or decompressed before the file has been checked from
     its zip directory and the headers of its arrays: every member must be one ``save``
     writes (an unknown one is refused by name, unread), and every declared dtype, shape
-    and size must agree with the saved configuration and with the size of the file.
+    and size must agree with the saved configuration and with the size of the file. A
+    new model is built over the array read from the file (nothing drawn, nothing copied),
+    so loading costs about the bytes the file declares; a structure out of proportion to
+    the file (more layers than its parameters' bytes could hold) is refused before it is built.
 
     Parameters
     ----------
@@ -335,14 +422,15 @@ def load(path, model=None):
     CheckpointError
         (a ``ValueError``) The file is not a fastbptt checkpoint, or is damaged: a member
         missing, unknown or of the wrong dtype or shape, a declared size the file cannot
-        hold, a tampered configuration or step count.
+        hold, a tampered configuration, step count or generator state, a damaged zip
+        header or deflate stream. Never another exception for what a file holds.
     ValueError
         ``model`` has another layout than the saved one.
     """
     if model is not None and not isinstance(model, RNNBase):
         raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, or None, got {type(model).__name__}")
     path, zf = _open_zip(path)
-    with zf:
+    with zf, _damage_is_checkpoint_error(path):
         return _load(path, zf, model)
 
 
@@ -361,25 +449,53 @@ def read_config(path):
         written before there were stacks) and, for the Elman cell, ``activation``.
     """
     path, zf = _open_zip(path)
-    with zf:
+    with zf, _damage_is_checkpoint_error(path):
         return _read_model_config(path, zf, _open_members(path, zf))[0]
+
+
+
+
+class _damage_is_checkpoint_error:
+    """The last resort around a parse: what the zip and zlib layers raise on a damaged archive,
+    wherever it comes from, becomes a ``CheckpointError`` (the member-level reads name their
+    member; this names the layer). Other exceptions are bugs and pass."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, _DAMAGED) and not issubclass(kind, CheckpointError):
+            raise _fail(self.path, f"its zip structure is damaged ({kind.__name__}: {exc})") from exc
+        return False
 
 
 def _open_zip(path):
     path = check_text_file(path, "checkpoint")
     try:
         return path, zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path!r} is not a fastbptt checkpoint: not a .npz (zip) archive ({exc}); "
-                              f"pass a file written by fastbptt.checkpoint.save or "
-                              f"'python -m fastbptt train --save'") from None
+    except (ValueError, OverflowError, *_DAMAGED) as exc:
+        raise CheckpointError(f"{path!r} is not a fastbptt checkpoint: not a .npz (zip) archive "
+                              f"({type(exc).__name__}: {exc}); pass a file written by "
+                              f"fastbptt.checkpoint.save or 'python -m fastbptt train --save'") from None
 
 
 def _read_model_config(path, zf, members):
     """The format, then the checked model configuration and its parameter count."""
     if _read_text(path, zf, members, "format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a fastbptt checkpoint (format {FORMAT!r})")
-    return _check_model_config(path, _read_json(path, zf, members, "model.config"))
+    config, n = _check_model_config(path, _read_json(path, zf, members, "model.config"))
+    stacks = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    stored = members["model.flat"].compress_size
+    if stacks * _MIN_LAYER_BYTES > stored:
+        raise _fail(path, f"model.config declares {config['num_layers']} layers"
+                          f"{' in both directions' if config['bidirectional'] else ''}, but member "
+                          f"'model.flat.npy' takes only {stored} bytes of the file, not the "
+                          f"{_MIN_LAYER_BYTES} per layer and direction that any such model's "
+                          f"parameters take at the least")
+    return config, n
 
 
 def _load(path, zf, model):
@@ -392,68 +508,132 @@ def _load(path, zf, model):
         raise ValueError(f"checkpoint {path!r} holds {_describe(config)}, but the model is "
                          f"{_describe(model_config(model))}{hint}")
     dtype = np.dtype(config["dtype"])
+    prefix = "optim.state."
+    saved_states = {k[len(prefix):] for k in members if k.startswith(prefix)}
+    opt_config = None
+    if "optim.config" in members:
+        opt_config = _read_json(path, zf, members, "optim.config")
+        names = _check_optim_config(path, opt_config)
+        missing, unknown = set(names) - saved_states, saved_states - set(names)
+        if missing:
+            raise _fail(path, f"optimizer state {sorted(missing)} is missing")
+    else:
+        unknown = saved_states
+    if unknown:
+        raise _fail(path, f"unexpected member {prefix + min(unknown) + '.npy'!r}")
+    extra = _read_json(path, zf, members, "extra")
+    if not isinstance(extra, dict):
+        raise _fail(path, f"member 'extra.npy' must hold a JSON object, got {str(extra)[:100]!r}")
+    generator = None
+    if "model.generator" in members:                # written before there were stacks: absent
+        generator = _generator(path, _read_json(path, zf, members, "model.generator"))
+    # every header before any data: a member of the wrong dtype or shape is refused unread
     headers = {"model.flat": _header(path, zf, members["model.flat"], dtype, (n,))}
     try:
-        opt_config = None
-        prefix = "optim.state."
-        saved_states = {k[len(prefix):] for k in members if k.startswith(prefix)}
-        if "optim.config" in members:
-            opt_config = _read_json(path, zf, members, "optim.config")
-            if not isinstance(opt_config, dict) or set(opt_config) != {"name", "hyper", "t"}:
-                raise _fail(path, f"optim.config must hold name, hyper and t, got {opt_config!r}")
-            try:
-                names = check_optimizer(opt_config["name"], opt_config["hyper"], opt_config["t"])
-            except ValueError as exc:
-                raise _fail(path, f"optim.config: {exc}") from None
-            missing, unknown = set(names) - saved_states, saved_states - set(names)
-            if missing:
-                raise _fail(path, f"optimizer state {sorted(missing)} is missing")
-        else:
-            unknown = saved_states
-        if unknown:
-            raise _fail(path, f"unexpected member {prefix + sorted(unknown)[0] + '.npy'!r}")
         for name in sorted(saved_states):
             headers[prefix + name] = _header(path, zf, members[prefix + name], dtype, (n,))
-        extra = _read_json(path, zf, members, "extra")
-        generator = None
-        if "model.generator" in members:            # written before there were stacks: absent
-            generator = _generator(path, _read_json(path, zf, members, "model.generator"))
-        arrays = {}
-        for key in list(headers):                  # everything checked: now read the data
-            fp, dt, shp = headers.pop(key)
-            arrays[key] = _read_data(path, fp, members[key], dt, shp)
+        # the data, read straight into the arrays the model and optimizer keep (no copies): the
+        # model given is changed only once everything has been read
+        fp, dt, shp = headers.pop("model.flat")
+        flat = _read_data(path, fp, members["model.flat"], dt, shp)
+        new = _build(config, flat) if model is None else None
+        optimizer = None
+        if opt_config is not None:
+            optimizer = _optimizer(path, new if new is not None else model, opt_config)
+            for name in sorted(saved_states):
+                fp, dt, shp = headers.pop(prefix + name)
+                _read_data(path, fp, members[prefix + name], dt, shp, out=optimizer.state[name])
     finally:
         for fp, _, _ in headers.values():
             fp.close()
-    if model is None:
-        model = _build(config)
-    optimizer = None
-    if opt_config is not None:
-        sd = dict(opt_config, state={k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-        try:
-            optimizer = optimizer_from_state_dict(model, sd)
-        except (TypeError, ValueError) as exc:
-            raise _fail(path, f"optimizer state: {exc}") from None
-    model.flat[...] = arrays["model.flat"]
+    if new is None:
+        model.flat[...] = flat
+    else:
+        model = new
     if generator is not None:
         _restore_generator(model, generator)
     return Checkpoint(model, optimizer, extra)
 
 
-_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+def _optimizer(path, model, opt_config):
+    """A new optimizer of the (checked) configuration bound to ``model``, in the saved step count
+    and hyperparameters; its state arrays are read into by the caller."""
+    try:
+        optimizer = OPTIMIZERS[opt_config["name"]](model, **opt_config["hyper"])
+        optimizer.load_state_dict(dict(opt_config, state=dict(optimizer.state)))   # t, hyper; no copy
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, f"optim.config: {exc}") from None
+    return optimizer
+
+
+_U32, _U64, _U128 = 2 ** 32 - 1, 2 ** 64 - 1, 2 ** 128 - 1
+_FLAGS = {"has_uint32": (0, 1), "uinteger": (0, _U32)}
+_PCG = {"state": {"state": (0, _U128), "inc": (0, _U128)}, **_FLAGS}
+GENERATOR_STATES = {
+    "PCG64": _PCG,
+    "PCG64DXSM": _PCG,
+    "MT19937": {"state": {"key": (0, _U32, 624), "pos": (0, 624)}},
+    "Philox": {"state": {"counter": (0, _U64, 4), "key": (0, _U64, 2)}, "buffer": (0, _U64, 4),
+               "buffer_pos": (0, 4), **_FLAGS},
+    "SFC64": {"state": {"state": (0, _U64, 4)}, **_FLAGS},
+}
+"""The state of every bit generator NumPy ships, as its ``.state`` holds it (besides
+``bit_generator``): a dict is a dict of exactly those keys; ``(low, high)`` an int in that range
+(the C struct's word, or the position in a buffer: MT19937's ``pos`` indexes its 624-word key,
+624 meaning "regenerate"; Philox's ``buffer_pos`` its 4-word buffer, 4 meaning "refill");
+``(low, high, n)`` n such ints. NumPy's setters take values out of these ranges and the next draw
+reads outside the state (a crash), so a saved state is checked against this first."""
+
+
+def _checked_state(value, spec, where):
+    if isinstance(spec, dict):
+        if not isinstance(value, dict) or set(value) != set(spec):
+            got = sorted(map(str, value)) if isinstance(value, dict) else str(value)[:100]
+            raise ValueError(f"{where} must hold exactly {sorted(spec)}, got {got!r}")
+        return {key: _checked_state(value[key], sub, f"{where}[{key!r}]") for key, sub in spec.items()}
+    low, high, *length = spec
+    if length:
+        if isinstance(value, np.ndarray) and value.dtype.kind in "iu" and value.ndim == 1:
+            value = value.tolist()
+        if not isinstance(value, list) or len(value) != length[0]:
+            raise ValueError(f"{where} must be a list of {length[0]} ints, got {str(value)[:100]!r}")
+        for i, v in enumerate(value):
+            _checked_state(v, (low, high), f"{where}[{i}]")
+        return np.array(value, dtype=np.uint32 if high == _U32 else np.uint64)
+    if isinstance(value, np.integer):
+        value = int(value)
+    if not _is_int(value) or not low <= value <= high:
+        raise ValueError(f"{where} must be an int in [{low}, {high}], got {str(value)[:100]!r}")
+    return value
+
+
+def check_generator_state(state, what="the generator's state"):
+    """``state`` (a bit generator's ``.state``, as JSON gives it back: arrays as lists) checked in
+    full against what its bit generator holds (``GENERATOR_STATES``: every key, type and range),
+    as a new dict that the bit generator it names can be set to.
+
+    Raises
+    ------
+    ValueError
+        Naming the first key that does not fit. (NumPy's own setters take out-of-range
+        positions, and the next draw reads outside the generator's state.)
+    """
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if not isinstance(name, str) or name not in GENERATOR_STATES:
+        raise ValueError(f"{what} must be the state of one of numpy's bit generators "
+                         f"{sorted(GENERATOR_STATES)}, got {str(state)[:100]!r}")
+    rest = {key: value for key, value in state.items() if key != "bit_generator"}
+    return {"bit_generator": name, **_checked_state(rest, GENERATOR_STATES[name], what)}
 
 
 def _generator(path, state):
     """A new Generator in the saved state (checked on it, so the model's is never half set)."""
-    name = state.get("bit_generator") if isinstance(state, dict) else None
-    if name not in _BIT_GENERATORS:
-        raise _fail(path, f"model.generator must be the state of one of numpy's bit generators "
-                          f"{list(_BIT_GENERATORS)}, got {str(state)[:100]!r}")
-    bit = getattr(np.random, name)()
     try:
+        state = check_generator_state(state, "model.generator")
+        bit = getattr(np.random, state["bit_generator"])()
         bit.state = state
-    except (TypeError, ValueError, KeyError, OverflowError) as exc:
-        raise _fail(path, f"model.generator: the state of a {name} cannot be restored ({exc!r})") from None
+    except (TypeError, ValueError, KeyError, OverflowError, IndexError) as exc:
+        raise _fail(path, str(exc)) from None
     return np.random.Generator(bit)
 
 
