@@ -2,8 +2,8 @@
 
 A carriage-return bar written into a file or a CI log is a mess of partial lines, so a
 bar is drawn only when the stream is a terminal and tqdm is installed; otherwise each
-stage is one plain line. ``compiling()`` tells about the first compilation of the kernels,
-the one long silent wait of a first run.
+stage is one plain line. ``compiling()`` tells about a compilation of the kernels (Numba's
+compile events: a warm cache shows nothing), the one long silent wait of a first run.
 """
 
 from __future__ import annotations
@@ -95,13 +95,43 @@ class Progress:
 
 
 @contextlib.contextmanager
-def compiling(enabled=True, stream=None, after=0.5, text=COMPILE_TEXT):
-    """Say that the kernels are compiling when the block takes longer than ``after`` seconds.
+def _watching_compiles():
+    """An Event set once Numba starts a compilation within the block.
 
-    A warm on-disk cache loads them in a fraction of a second, and then nothing is shown.
-    Otherwise a terminal gets a tqdm line with the elapsed time (a background thread
-    refreshes it: Numba and LLVM let it run), and anything else one line when the wait
-    starts and one when it ends.
+    Numba fires ``numba:compile`` only when it compiles: a kernel loaded from the on-disk
+    cache (or already in memory) fires nothing.
+    """
+    started = threading.Event()
+    try:
+        from numba.core import event
+    except ImportError:                 # pragma: no cover - every supported Numba has it
+        yield started
+        return
+
+    class Watch(event.Listener):
+        def on_start(self, ev):
+            started.set()
+
+        def on_end(self, ev):
+            pass
+
+    watch = Watch()
+    event.register("numba:compile", watch)
+    try:
+        yield started
+    finally:
+        event.unregister("numba:compile", watch)
+
+
+@contextlib.contextmanager
+def compiling(enabled=True, stream=None, after=0.5, text=COMPILE_TEXT):
+    """Say that the kernels are compiling, when Numba compiles one and the block has taken ``after`` seconds.
+
+    A kernel loaded from the on-disk cache is not a compilation (Numba fires its compile
+    event only on a cache miss), so a warm run shows nothing however long loading takes.
+    When Numba does compile, a terminal gets a tqdm line with the elapsed time (a background
+    thread refreshes it: Numba and LLVM let it run), and anything else one line when the
+    notice starts and one when the block ends.
 
     Parameters
     ----------
@@ -110,7 +140,7 @@ def compiling(enabled=True, stream=None, after=0.5, text=COMPILE_TEXT):
     stream : file, optional
         Default ``sys.stderr``.
     after : float
-        Seconds of silence before anything is shown.
+        Seconds of silence before anything is shown (a compile must also have started).
     text : str
         What is being waited for.
     """
@@ -123,8 +153,11 @@ def compiling(enabled=True, stream=None, after=0.5, text=COMPILE_TEXT):
     tqdm = _tqdm() if is_terminal(stream) else None
     started = time.perf_counter()
 
-    def notice():
-        if done.wait(after):
+    def notice(compile_started):
+        while not done.wait(0.05):      # until a compile has started and `after` has passed
+            if compile_started.is_set() and time.perf_counter() - started >= after:
+                break
+        else:
             return
         shown.set()
         if tqdm is None:
@@ -135,12 +168,13 @@ def compiling(enabled=True, stream=None, after=0.5, text=COMPILE_TEXT):
             bar.refresh()
         bar.close()
 
-    thread = threading.Thread(target=notice, name="fastbptt-compile-notice", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        if shown.is_set():
-            print(f"kernels ready after {time.perf_counter() - started:.1f} s", file=stream, flush=True)
+    with _watching_compiles() as watch:
+        thread = threading.Thread(target=notice, args=(watch,), name="fastbptt-compile-notice", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+    if shown.is_set():
+        print(f"kernels ready after {time.perf_counter() - started:.1f} s", file=stream, flush=True)

@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 
+import numba
 import pytest
 
 from fastbptt import _load, _loadbench, _machine, _progress, benchmark
@@ -321,6 +322,7 @@ def test_compiling_tells_about_a_long_wait(terminal, monkeypatch):
         pytest.importorskip("tqdm")
     stream = Terminal() if terminal else io.StringIO()
     with _progress.compiling(stream=stream, after=0):
+        numba.njit(lambda x: x + 1)(1)          # a compilation (a cache hit would show nothing)
         # wait (not time) until the notice is out
         for _ in range(500):
             if "compiling kernels" in stream.getvalue():

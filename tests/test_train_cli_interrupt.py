@@ -1,0 +1,168 @@
+"""``python -m fastbptt train``, Ctrl-C: the last whole step is saved (exit 130) and ``--resume`` continues bit for bit.
+
+Every run is float64. The reference is the same run never interrupted; an interrupted run,
+resumed, must end with exactly its file: parameters, optimizer state, both generators, and
+every stored setting.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastbptt import charrnn, checkpoint, optim
+
+SMALL = ["--hidden", "16", "--steps", "10", "--batch", "4", "--max-tokens", "3000", "--dtype", "float64"]
+CONFIGS = {
+    "rnn-adam-truncation": ["--optimizer", "adam", "--lr", "0.01", "--random-truncation", "0.7"],
+    "lstm-stack-dropout": ["--cell", "lstm", "--layers", "2", "--dropout", "0.3", "--optimizer", "momentum",
+                           "--lr", "0.5"],
+    "gru-random-sampling": ["--cell", "gru", "--sampling", "random", "--optimizer", "adagrad", "--lr", "0.1",
+                            "--clip-value", "5"],
+}
+BATCHES = 74            # per epoch here, for either sampling and every offset
+
+
+def members(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def assert_same_file(a, b):
+    a, b = members(a), members(b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def extra(path):
+    return checkpoint.load(path).extra
+
+
+def reference(tmp_path, flags, epochs):
+    path = tmp_path / "reference.npz"
+    code = charrnn.main([*SMALL, *flags, "--quiet", "--epochs", str(epochs), "--save", str(path), "--prefix", ""])
+    assert code == 0
+    return path
+
+
+def cli(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "fastbptt", "train", *args], capture_output=True, text=True,
+                          check=False, timeout=300, env={**os.environ, **(env or {})}, **kwargs)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_ctrl_c_mid_epoch_saves_the_last_step_and_resume_continues_bitwise(capsys, tmp_path, config):
+    flags = CONFIGS[config]
+    ref = reference(tmp_path, flags, 3)
+    path = tmp_path / "run.npz"
+    step = BATCHES + 20                     # within the second epoch
+    proc = cli(*SMALL, *flags, "--quiet", "--epochs", "3", "--save", str(path),
+               env={charrnn.SIGINT_HOOK: str(step)})
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    assert f"of epoch 2/3; saved it to {path}: continue with --resume {path}" in proc.stderr
+    saved = extra(path)
+    done = saved["epoch"] * BATCHES + saved["position"]["batch"]
+    assert saved["epoch"] == 1 and done == step             # the step Ctrl-C came in is whole and saved
+    assert checkpoint.load(path).optimizer.state_dict()["t"] == step
+    code = charrnn.main(["--resume", str(path), "--save", str(path), "--quiet", "--prefix", ""])
+    capsys.readouterr()
+    assert code == 0
+    assert_same_file(ref, path)
+
+
+def test_ctrl_c_from_outside_at_any_moment_resumes_to_the_same_end(tmp_path):
+    """A real Ctrl-C (SIGINT from another process) sent once training is under way: wherever it lands
+    (in a kernel, in the optimizer's update, between steps), the resumed run ends where an unbroken one does."""
+    flags = CONFIGS["lstm-stack-dropout"]
+    epochs = 30
+    ref = reference(tmp_path, flags, epochs)
+    path = tmp_path / "run.npz"
+    proc = subprocess.Popen([sys.executable, "-m", "fastbptt", "train", *SMALL, *flags, "--epochs", str(epochs),
+                             "--save", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:            # progress, not time: the third epoch line is out
+            if line.startswith(f"epoch     6/{epochs}"):
+                proc.send_signal(signal.SIGINT)
+                break
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"saved it to {path}" in err
+    assert 6 <= extra(path)["epoch"] < epochs
+    code = charrnn.main(["--resume", str(path), "--save", str(path), "--quiet", "--prefix", ""])
+    assert code == 0
+    assert_same_file(ref, path)
+
+
+def test_ctrl_c_inside_the_optimizers_update_is_deferred_to_the_end_of_the_step(capsys, tmp_path, monkeypatch):
+    """The dangerous place: SIGINT arriving after the step count has moved and before the parameters have."""
+    flags = CONFIGS["rnn-adam-truncation"]
+    ref = reference(tmp_path, flags, 2)
+    update, calls = optim.Adam._update, []
+
+    def update_hit_by_ctrl_c(self, p, g):
+        if p.size > 100:                            # not the warm-up's scratch model
+            calls.append(1)
+            if len(calls) == 30:
+                os.kill(os.getpid(), signal.SIGINT)     # its Python handler runs here, within the update
+        update(self, p, g)
+    monkeypatch.setattr(optim.Adam, "_update", update_hit_by_ctrl_c)
+    path = tmp_path / "run.npz"
+    code = charrnn.main([*SMALL, *flags, "--quiet", "--epochs", "2", "--save", str(path)])
+    err = capsys.readouterr().err
+    assert code == 130 and "after step 30 of epoch 1/2" in err
+    monkeypatch.setattr(optim.Adam, "_update", update)
+    saved = checkpoint.load(path)
+    assert saved.optimizer.state_dict()["t"] == 30 and saved.extra["position"]["batch"] == 30
+    assert charrnn.main(["--resume", str(path), "--save", str(path), "--quiet", "--prefix", ""]) == 0
+    assert_same_file(ref, path)
+
+
+def test_ctrl_c_without_save_says_so_in_one_line(tmp_path):
+    proc = cli(*SMALL, "--quiet", "--epochs", "3", cwd=tmp_path, env={charrnn.SIGINT_HOOK: "5"})
+    assert proc.returncode == 130
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "interrupted after step 5 of epoch 1/3; nothing saved (pass --save PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_compiling_saves_nothing(tmp_path):
+    path = tmp_path / "run.npz"
+    proc = cli(*SMALL, "--epochs", "3", "--save", str(path), env={charrnn.SIGINT_HOOK: "0"})
+    assert proc.returncode == 130
+    assert proc.stderr.strip().splitlines()[-1] == ("python -m fastbptt train: interrupted before the first "
+                                                    "training step; nothing saved")
+    assert "Traceback" not in proc.stderr and not path.exists()
+
+
+def test_resume_of_a_tampered_place_in_the_epoch_exits_2(capsys, tmp_path):
+    path = tmp_path / "run.npz"
+    assert charrnn.main([*SMALL, "--quiet", "--epochs", "1", "--save", str(tmp_path / "whole.npz")]) == 0
+    saved = checkpoint.load(tmp_path / "whole.npz")
+    good = {"batch": 3, "rng_epoch": saved.extra["rng"], "total": 9.5, "tokens": 120,
+            "h": charrnn._encode_state(np.zeros((4, 16)))}
+    cases = {"beyond the epoch": (dict(good, batch=10 ** 6), "lies beyond the epoch's"),
+             "state of another shape": (dict(good, h=charrnn._encode_state(np.zeros((3, 16)))),
+                                        "carried hidden state is not a float64 array of shape (4, 16)"),
+             "state with NaN": (dict(good, h=charrnn._encode_state(np.full((4, 16), np.nan))), "holds NaN"),
+             "no state": (dict(good, h=None), "does not fit --sampling sequential"),
+             "a batch that is a string": (dict(good, batch="3"), "is not an int >= 1"),
+             "a missing key": ({k: v for k, v in good.items() if k != "total"}, "place in the epoch must hold"),
+             "a bad generator": (dict(good, rng_epoch={"bit_generator": "nonsense"}), "cannot be restored")}
+    for name, (position, message) in cases.items():
+        checkpoint.save(path, saved.model, saved.optimizer, extra=dict(saved.extra, position=position))
+        code = charrnn.main(["--resume", str(path), "--epochs", "2", "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and "is damaged" in err and message in err, (name, err)
+        assert "Traceback" not in err
+    checkpoint.save(path, saved.model, saved.optimizer, extra=dict(saved.extra, position=good))
+    assert charrnn.main(["--resume", str(path), "--epochs", "2", "--quiet", "--prefix", ""]) == 0
+    json.dumps(good)                                  # what a checkpoint holds is plain JSON
