@@ -437,8 +437,9 @@ def load(path, model=None):
 def read_config(path):
     """The cell and constructor arguments of the model a checkpoint holds, without loading it.
 
-    Only the file's zip directory, format and ``model.config`` are read, checked as
-    ``load`` checks them (a ``CheckpointError`` otherwise).
+    Only the file's zip directory, format, ``model.config`` and the header of ``model.flat``
+    are read, checked as ``load`` checks them (a ``CheckpointError`` otherwise): the
+    configuration returned is one whose parameters the file holds.
 
     Returns
     -------
@@ -450,7 +451,12 @@ def read_config(path):
     """
     path, zf = _open_zip(path)
     with zf, _damage_is_checkpoint_error(path):
-        return _read_model_config(path, zf, _open_members(path, zf))[0]
+        members = _open_members(path, zf)
+        config, n = _read_model_config(path, zf, members)
+        # the parameters the configuration declares must be the ones the file holds (whoever
+        # builds a model of this configuration builds one the file can fill)
+        _header(path, zf, members["model.flat"], np.dtype(config["dtype"]), (n,))[0].close()
+        return config
 
 
 
