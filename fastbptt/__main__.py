@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbptt [profile|bench|bench-torch|train|warmup] ...``.
+"""Command line: ``python -m fastbptt [profile|bench|bench-torch|train|predict|warmup] ...``.
 
 With no subcommand it runs ``profile``: fastbptt against the NumPy reference over a
 small grid of T and H. ``python -m fastbptt SUBCOMMAND --help`` tells each one's flags.
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "bench": ("fastbptt.benchmarking.benchmark", "the benchmark grid, side by side with PyTorch and JAX"),
     "bench-torch": ("fastbptt.benchmarking.torch_step", "a PyTorch training step: fastbptt.torch against torch.nn"),
     "train": ("fastbptt.training.charrnn", "train a character-level RNN, GRU or LSTM language model"),
+    "predict": ("fastbptt.training.predict", "generate text with a model saved by train --save"),
     "warmup": ("fastbptt.training.warmup", "compile every kernel into Numba's on-disk cache ahead of time"),
 }
 

@@ -26,9 +26,13 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
         Trained on token ids of ``vocab`` (input and output sizes ``len(vocab)``), with any
         number of layers, in one direction (a bidirectional model reads the whole sequence,
         so it cannot generate one token after another).
-    vocab : fastbptt.data.Vocab
+    vocab : fastbptt.data.Vocab, or a list or tuple of str
+        A sequence is the tokens by id, ``Vocab.idx_to_token`` (what ``python -m fastbptt
+        train`` saves as a checkpoint's ``extra["vocab"]``): distinct strings, one per
+        input of the model.
     prefix : str or list of str
-        A string is split into characters; unknown tokens map to ``<unk>``.
+        A string is split into characters; unknown tokens map to ``<unk>`` (a ``ValueError``
+        names them when the vocabulary has no ``"<unk>"`` at id 0).
     n : int >= 0
         Tokens to generate.
     temperature : float > 0, optional
@@ -46,8 +50,7 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     """
     if not isinstance(model, RNNBase):
         raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
-    if not isinstance(vocab, Vocab):
-        raise TypeError(f"vocab must be a fastbptt.data.Vocab, got {type(vocab).__name__}")
+    vocab = as_vocab(vocab)
     if model.bidirectional:
         raise ValueError("a bidirectional model's reverse direction reads the sequence from its end, "
                          "so it cannot generate text one token after another; train a model with "
@@ -74,6 +77,11 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     if not greedy and rng is None:
         rng = np.random.default_rng()
 
+    if vocab.idx_to_token[Vocab.unk] != "<unk>":
+        unknown = [t for t in dict.fromkeys(tokens) if t not in vocab.token_to_idx]
+        if unknown:
+            raise ValueError(f"prefix holds tokens the vocabulary lacks, and it has no '<unk>' to map them "
+                             f"to: {unknown[:10]!r}")
     was = model.training
     model.eval()
     try:
@@ -81,6 +89,35 @@ def predict(model, vocab, prefix, n, *, temperature=None, rng=None, sep=None):
     finally:
         model.train(was)
     return sep.join(tokens + vocab.to_tokens(out))
+
+
+def as_vocab(vocab, name="vocab"):
+    """``vocab`` as a ``fastbptt.data.Vocab``: itself, or the vocabulary whose tokens by id are the
+    list or tuple ``vocab`` (as a checkpoint's ``extra["vocab"]`` holds ``Vocab.idx_to_token``).
+
+    Raises a TypeError for anything else or for a token that is not a str, and a ValueError for an
+    empty sequence or a token that appears twice (ids would be ambiguous).
+    """
+    if isinstance(vocab, Vocab):
+        return vocab
+    if not isinstance(vocab, (list, tuple)):
+        raise TypeError(f"{name} must be a fastbptt.data.Vocab or a list of str (its tokens by id, as "
+                        f"Vocab.idx_to_token), got {type(vocab).__name__}")
+    for i, tok in enumerate(vocab):
+        if not isinstance(tok, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(tok).__name__} {str(tok)[:50]!r}")
+    if not vocab:
+        raise ValueError(f"{name} is empty: it must hold at least one token")
+    token_to_idx = {}
+    for i, tok in enumerate(vocab):
+        if token_to_idx.setdefault(tok, i) != i:
+            raise ValueError(f"{name} holds {tok!r} twice (ids {token_to_idx[tok]} and {i}): each token "
+                             f"must have one id")
+    out = Vocab.__new__(Vocab)              # the ids as given, not re-sorted by frequency
+    out.idx_to_token = list(vocab)
+    out.token_to_idx = token_to_idx
+    out.token_freqs = []                    # the counts of the corpus are not known
+    return out
 
 
 def _generate(model, ids, n, greedy, temperature, rng):
