@@ -146,3 +146,56 @@ def test_resume_with_a_tampered_epoch_count(capsys, tmp_path):
     checkpoint.save(tmp_path / "r.npz", saved.model, saved.optimizer, extra=extra)
     code = charrnn.main([*SMALL, "--epochs", "2", "--resume", str(tmp_path / "r.npz")])
     assert code == 2 and "generator cannot be restored" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- outputs against inputs
+
+
+PAIRS = [("--json", "--save"), ("--save", "--text"), ("--json", "--text"), ("--json", "--resume")]
+"""Every (output, other path) pair that must differ: --save may name --resume (the run continues in place)."""
+
+
+def name_the_same_file(tmp_path, monkeypatch, how):
+    """Two names of one existing file, ``how`` they are the same: (output's name, the other's name)."""
+    target = tmp_path / "file"
+    target.write_bytes(b"keep me")
+    if how == "same name":
+        return str(target), str(target)
+    if how == "relative and absolute":
+        monkeypatch.chdir(tmp_path)
+        return "./sub/../file", str(target)
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    if how == "symbolic link":
+        os.symlink(target, tmp_path / "sub" / "link")
+        return str(tmp_path / "sub" / "link"), str(target)
+    os.link(target, tmp_path / "hard")
+    return str(tmp_path / "hard"), str(target)
+
+
+@pytest.mark.parametrize("how", ["same name", "relative and absolute", "symbolic link", "hard link"])
+@pytest.mark.parametrize("pair", PAIRS, ids="-".join)
+def test_no_output_names_an_input_or_another_output(capsys, tmp_path, monkeypatch, no_training, pair, how):
+    (tmp_path / "sub").mkdir()
+    out_flag, other_flag = pair
+    out_path, other_path = name_the_same_file(tmp_path, monkeypatch, how)
+    code = charrnn.main([*SMALL, out_flag, out_path, other_flag, other_path])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{out_flag} and {other_flag} name the same file" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "file").read_bytes() == b"keep me"
+
+
+def test_two_outputs_through_a_link_to_a_file_not_yet_written(capsys, tmp_path, no_training):
+    os.symlink(tmp_path / "new.json", tmp_path / "link.npz")           # dangling until written
+    code = charrnn.main([*SMALL, "--save", str(tmp_path / "link.npz"), "--json", str(tmp_path / "new.json")])
+    assert code == 2 and "--json and --save name the same file" in capsys.readouterr().err
+
+
+def test_save_may_name_the_checkpoint_it_resumes(capsys, tmp_path):
+    path = tmp_path / "m.npz"
+    assert charrnn.main([*SMALL, "--save", str(path)]) == 0
+    os.symlink(path, tmp_path / "link.npz")
+    assert charrnn.main(["--resume", str(tmp_path / "link.npz"), "--save", str(path), "--epochs", "2", "--quiet",
+                         "--prefix", ""]) == 0
+    assert "saved" in capsys.readouterr().out
+    assert checkpoint.load(path).extra["epoch"] == 2 and os.path.islink(tmp_path / "link.npz")

@@ -116,7 +116,10 @@ def test_ctrl_c_inside_the_optimizers_update_is_deferred_to_the_end_of_the_step(
         update(self, p, g)
     monkeypatch.setattr(optim.Adam, "_update", update_hit_by_ctrl_c)
     path = tmp_path / "run.npz"
-    code = charrnn.main([*SMALL, *flags, "--quiet", "--epochs", "2", "--save", str(path)])
+    try:
+        code = charrnn.main([*SMALL, *flags, "--quiet", "--epochs", "2", "--save", str(path)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped train as a KeyboardInterrupt")
     err = capsys.readouterr().err
     assert code == 130 and "after step 30 of epoch 1/2" in err
     monkeypatch.setattr(optim.Adam, "_update", update)

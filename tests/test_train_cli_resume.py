@@ -20,6 +20,9 @@ OTHER = {"--cell": "lstm", "--hidden": "8", "--layers": "3", "--dropout": "0.1",
          "--max-tokens": "2500", "--steps": "5", "--batch": "2", "--sampling": "sequential", "--optimizer": "sgd",
          "--seed": "4", "--lr": "0.002", "--clip": "2", "--clip-value": "0.01", "--random-truncation": "0.9"}
 QUIET = ["--quiet", "--prefix", ""]
+FIXED = ["cell", "hidden", "layers", "dropout", "dtype", "max_tokens", "steps", "batch", "sampling", "optimizer",
+         "seed"]
+APPLIED = ["lr", "clip", "clip_value", "random_truncation"]          # and epochs
 
 
 def run(capsys, *args):
@@ -67,7 +70,7 @@ def test_the_learning_rate_is_the_checkpoints_not_the_default(capsys, tmp_path):
                                   members(tmp_path / "b.npz")["model.flat"])
 
 
-@pytest.mark.parametrize("flag", charrnn.RESUME_FIXED)
+@pytest.mark.parametrize("flag", FIXED)
 def test_a_fixed_setting_that_differs_is_refused(capsys, runs, flag):
     flag = "--" + flag.replace("_", "-")
     b = runs[1]
@@ -82,7 +85,7 @@ def test_a_fixed_setting_that_differs_is_refused(capsys, runs, flag):
     assert code == 0 and "differs" not in err and "applied" not in err.replace("--epochs 2 applied", "")
 
 
-@pytest.mark.parametrize("flag", [f for f in charrnn.RESUME_APPLIED if f != "epochs"])
+@pytest.mark.parametrize("flag", APPLIED)
 def test_a_setting_that_may_change_is_applied_and_reported(capsys, tmp_path, runs, flag):
     flag_name = "--" + flag.replace("_", "-")
     a, b = runs
@@ -97,6 +100,12 @@ def test_a_setting_that_may_change_is_applied_and_reported(capsys, tmp_path, run
     if flag == "lr":
         assert saved.optimizer.lr == float(OTHER[flag_name])
     assert not np.array_equal(members(a)["model.flat"], members(out_path)["model.flat"])
+
+
+def test_the_rule_covers_every_setting():
+    assert sorted(charrnn.RESUME_FIXED) == sorted(FIXED)
+    assert sorted(charrnn.RESUME_APPLIED) == sorted(APPLIED + ["epochs"])
+    assert sorted(charrnn.DEFAULTS) == sorted(FIXED + APPLIED + ["epochs"])
 
 
 def test_a_checkpoint_holds_every_setting_and_the_corpus(capsys, runs):

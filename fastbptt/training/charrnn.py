@@ -621,6 +621,8 @@ class _Run:
                 self.steps_in_epoch = done
                 if not math.isfinite(value):
                     raise _diverged(epoch, f"the loss is {value}", done)
+                if not math.isfinite(perplexity(value)):      # the epoch's mean would overflow too
+                    raise _diverged(epoch, f"the loss is {value:.4g}, and its perplexity overflows", done)
                 if not math.isfinite(norm):
                     raise _diverged(epoch, f"the gradient's norm is {norm}", done)
                 h = h_T
