@@ -6,7 +6,12 @@ it would have without stopping (given the same batches; keep what produces them,
 such as a random generator's state, in ``extra``). Files hold only arrays and
 JSON strings, and ``load`` checks a file's zip directory and array headers before it
 reads (or allocates) anything, so a damaged or hostile file is refused with a
-``CheckpointError`` (a ``ValueError``) that names the bad member.
+``CheckpointError`` (a ``ValueError``) that names the bad member. That is the contract for
+an untrusted file: it loads correctly or raises ``CheckpointError`` (never another
+exception, never a crash: a generator's state is checked in full before it is set), and
+loading it costs about the memory it declares (the model is built over the parameters
+read, and a structure out of proportion to the file's bytes is refused before it is built).
+``scripts/fuzz_checkpoint.py`` fuzzes this.
 
 Every cell is saved the same way. The model's configuration (``model.config``, JSON)
 names its cell: ``{"cell": "rnn", "input_size", "hidden_size", "output_size",
@@ -101,6 +106,9 @@ def save(path, model, optimizer=None, extra=None):
         Must be bound to ``model``.
     extra : dict, optional
         JSON-serializable metadata (epoch, a generator's ``bit_generator.state``, ...).
+
+    A new file gets the permissions ``open()`` gives (0666 less the umask); a file
+    replaced keeps its permission bits.
     """
     if not isinstance(model, RNNBase):
         raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
