@@ -140,8 +140,8 @@ def test_loss_weights_zero_on_every_valid_position_is_refused_even_if_padding_ha
         fastbptt.loss_and_grad(model, X, Y, lengths=lengths, loss_weights=w)
 
 
-@pytest.mark.parametrize("value,err", [(1.0, ValueError), (-0.1, ValueError), ("0.5", TypeError),
-                                       (True, TypeError)])
+@pytest.mark.parametrize("value,err", [(1.0000001, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+                                       ("0.5", TypeError), (True, TypeError)])
 def test_bad_dropout(value, err):
     with pytest.raises(err, match="dropout"):
         fastbptt.GRU(3, 4, 2, num_layers=2, dropout=value)

@@ -275,6 +275,10 @@ def _state_T(model, ws):
     T = ws.T
     if model.n_states == 1 and not ws._lengths_on:
         return (ws.hs[T], ws.cs[T]) if ws.cell == "lstm" else ws.hs[T]
+    if ws.B == 0:                                   # an empty batch: empty states, no kernel
+        if model.n_states == 1:
+            return (ws.state[0], ws.cstate[0]) if ws.cell == "lstm" else ws.state[0]
+        return (ws.state, ws.cstate) if ws.cell == "lstm" else ws.state
     _, inverse, lengths, _ = _plan(ws)
     dirs = model.num_directions
     for i in range(model.n_states):
@@ -434,13 +438,20 @@ def _kept_output(model, ws, k):
 
 
 def _draw_masks(model, ws):
-    """Draw every layer's dropout mask for this call (inverted dropout: 0 or 1/(1-p))."""
+    """Draw every layer's dropout mask for this call (inverted dropout: 0 or 1/(1-p)).
+
+    p = 1 drops every unit (as ``torch.nn``): the masks are zeros, nothing is drawn, and the
+    layers above get zeros (times the output, so an inf or NaN there stays NaN, as PyTorch's
+    ``input * 0``)."""
     ws._dropout_on = model._dropout_active()
     if not ws._dropout_on:
         return
     p = model.dropout
     for k in range(model.num_layers - 1):
         mask = ws._outputs[k][2]
+        if p >= 1.0:
+            mask[...] = 0
+            continue
         model.generator.random(dtype=mask.dtype, out=mask)          # u ~ U[0, 1)
         _sweep.dropout_mask(mask.reshape(-1), mask.dtype.type(p), mask.dtype.type(1.0 / (1.0 - p)))
 
@@ -773,18 +784,53 @@ def _forward_keeping_inputs(run, model, X, h0, lengths, workspace, parallel, che
     ``_layer_forward``) with the inputs kept in the workspace for the backward pass."""
     check_finite, parallel = _check_flags(check_finite=check_finite, parallel=parallel)
     check_model(model, check_finite)
-    kind, X, T, B, lengths = _check_inputs(model, X, check_finite, lengths)
+    kind, X, T, B, lengths = _check_inputs(model, X, check_finite, lengths, h0=h0)
     h0 = _check_h0(h0, model, B, check_finite)
     method = _check_method(method, B, model, lengths, T)
     ws = _check_workspace(workspace, model, T, B)
     parallel = _threads(parallel, method)
     with _claim(ws):
         X = _private(X, ws)
-        _begin(model, ws, h0, lengths)                    # first: h0 may be a view of the kept inputs
-        X = _take_inputs(ws, kind, X, keep=True)
-        run(model, ws, kind, X, parallel, method)
+        ws._forgotten()                                   # until this pass is complete
+        if B == 0:
+            _empty_forward(model, ws, kind)
+        else:
+            _begin(model, ws, h0, lengths)                # first: h0 may be a view of the kept inputs
+            X = _take_inputs(ws, kind, X, keep=True)
+            run(model, ws, kind, X, parallel, method)
         ws.forward_kind = kind
+        # backward comes later: it checks the model, and the parameters against a copy kept here
+        # unless the pass is so small that the copy would cost as much (a step of generation)
+        ws._filled_by(model, keep_params=T * B >= KEEP_PARAMS_MIN_POSITIONS)
     return ws
+
+
+#: ``forward``/``layer_forward`` over at least this many positions (T·B) keep a copy of the parameters
+#: for ``backward`` to compare with; a smaller pass (a step of generation, T·B = 1, for which the copy
+#: would cost about as much as the pass) keeps none, and a change of the parameters before its backward
+#: is not detected. The copy costs one read and one write of ``model.flat``; the pass reads it T·B times.
+KEEP_PARAMS_MIN_POSITIONS = 16
+
+
+def _empty_forward(model, ws, kind):
+    """A forward pass over B = 0 sequences: nothing to compute (no compiled code runs); the outputs
+    and states are the workspace's empty views, as torch.nn.RNN returns empty tensors."""
+    _set_lengths(ws, None)
+    ws._dropout_on = False
+    if kind == "dense":
+        ws.x_buffer()
+
+
+def _empty_backward(ws, want_dX):
+    """A backward pass over B = 0 sequences: every gradient is zero (a sum over no positions)."""
+    ws.grad_flat[...] = 0
+    if want_dX:
+        ws.dX_buffer()
+
+
+def _top_output(model, ws):
+    """The top layer's h_1 .. h_T as (T, B, dirs·H), in row order (shaped explicitly: B may be 0)."""
+    return _readout_input(model, ws).reshape(ws.T, ws.B, model.num_directions * model.hidden_size)
 
 
 # ----------------------------------------------------------------------------- public
@@ -864,7 +910,11 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, lengths=None, l
     check_finite, parallel, return_dh0, return_dX = _check_flags(
         check_finite=check_finite, parallel=parallel, return_dh0=return_dh0, return_dX=return_dX)
     check_model(model, check_finite)
-    kind, X, T, B, lengths = _check_inputs(model, X, check_finite, lengths)
+    kind, X, T, B, lengths = _check_inputs(model, X, check_finite, lengths, Y=Y, h0=h0)
+    if B == 0:
+        raise ValueError(f"X has B=0 sequences (shape {X.shape}): the loss is a mean over no positions "
+                         f"(0/0); skip empty batches (forward/backward and layer_forward/layer_backward "
+                         f"take B=0, as torch.nn.RNN does)")
     h0 = _check_h0(h0, model, B, check_finite)
     Y = _check_targets(Y, loss, model, T, B, check_finite, lengths)
     loss_weights = _check_loss_weights(loss_weights, T, B, model.dtype, lengths)
@@ -876,12 +926,14 @@ def loss_and_grad(model, X, Y, h0=None, loss="cross_entropy", *, lengths=None, l
     with _claim(ws):
         X, Y, carry = _private(X, ws), _private(Y, ws), _private(carry, ws)
         loss_weights = _private(loss_weights, ws)
+        ws._forgotten()
         _begin(model, ws, h0, lengths)
         X = _take_inputs(ws, kind, X, keep=False)
         _forward(model, ws, kind, X, parallel, method)
         ws.forward_kind = None                            # ws.out is about to hold ∂L/∂o, not o
         value = _loss(loss, ws, Y, parallel, loss_weights)
         _backward(model, ws, kind, X, parallel, method, return_dX, carry)
+        ws._filled_by(model)                              # for the diagnostics that read it after
     return (value, ws.grads, _state_T(model, ws)) + _extras(model, ws, return_dh0, return_dX)
 
 
@@ -919,7 +971,12 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
     """Gradients from a caller-supplied ∂L/∂o, after ``forward`` on the same workspace.
 
     Use it for any loss: compute ∂L/∂o from the outputs ``forward`` returned, then
-    call this. The parameters must not change in between.
+    call this. ``model`` must be the model object ``forward`` ran (another one, even of
+    the same shapes, is refused) and its parameters must not change in between: they are
+    compared bit for bit with a copy ``forward`` kept, and a change is refused (a ValueError),
+    as PyTorch refuses a backward after an in-place change of a saved weight. (A forward pass
+    over fewer than ``KEEP_PARAMS_MIN_POSITIONS`` = 16 positions T·B keeps no copy: there
+    the model is checked, its parameters are not.)
 
     Parameters
     ----------
@@ -954,7 +1011,11 @@ def backward(model, dO, *, workspace, parallel=False, return_dh0=False, return_d
         kind = ws.forward_kind
         _into_rows(ws, ws.out.reshape(ws.T, ws.B, model.output_size), dO)   # first: dO may overlap
         ws.forward_kind = None
-        _backward(model, ws, kind, ws._x, parallel, method, return_dX, carry)
+        if ws.B == 0:
+            _empty_backward(ws, return_dX)
+            ws.last_backward = "readout"
+        else:
+            _backward(model, ws, kind, ws._x, parallel, method, return_dX, carry)
     extras = _extras(model, ws, return_dh0, return_dX)
     return (ws.grads,) + extras if extras else ws.grads
 
@@ -977,8 +1038,7 @@ def layer_forward(model, X, h0=None, *, lengths=None, workspace=None, parallel=F
     """
     ws = _forward_keeping_inputs(_layer_forward, model, X, h0, lengths, workspace, parallel,
                                  check_finite, method)
-    return _caller_order(ws, _readout_input(model, ws).reshape(ws.T, ws.B, -1), "H_caller"), \
-        _state_T(model, ws)
+    return _caller_order(ws, _top_output(model, ws), "H_caller"), _state_T(model, ws)
 
 
 def layer_backward(model, dH, dstate_T=None, *, workspace, parallel=False, check_finite=True,
@@ -1030,7 +1090,10 @@ def layer_backward(model, dH, dstate_T=None, *, workspace, parallel=False, check
         for name in ("W_qh", "b_q"):
             if name in ws.grads:
                 ws.grads[name][...] = 0
-        _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, carry, dstate_T)
+        if B == 0:
+            _empty_backward(ws, return_dX)
+        else:
+            _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, carry, dstate_T)
         ws.last_backward = "layer"
     return ws.grads, (ws.dX_buffer() if return_dX else None), _state_grad0(model, ws)
 
@@ -1049,24 +1112,33 @@ def _trusted_layer_forward(model, ws, X, state, lengths, parallel, method):
     method = _check_method(method, ws.B, model, lengths, ws.T)
     parallel = _threads(parallel, method)
     with _claim(ws):
-        _begin(model, ws, state, lengths)
-        X = _take_inputs(ws, "dense", X, keep=True)
-        _layer_forward(model, ws, "dense", X, parallel, method)
+        ws._forgotten()
+        if ws.B == 0:
+            _empty_forward(model, ws, "dense")
+        else:
+            _begin(model, ws, state, lengths)
+            X = _take_inputs(ws, "dense", X, keep=True)
+            _layer_forward(model, ws, "dense", X, parallel, method)
         ws.forward_kind = "dense"
-    return _caller_order(ws, _readout_input(model, ws).reshape(ws.T, ws.B, -1), "H_caller"), \
-        _state_T(model, ws)
+        ws._filled_by(model)            # parameters not kept: PyTorch's version counters guard them
+    return _caller_order(ws, _top_output(model, ws), "H_caller"), _state_T(model, ws)
 
 
 def _trusted_layer_backward(model, ws, dH, dstate_T, parallel, method, return_dX):
     """``layer_backward`` (no carry) after ``_trusted_layer_forward`` on ``ws``, for a caller that has
     checked dH (T, B, dirs·H) and ``dstate_T`` (as ``layer_backward`` takes it, or None) itself;
-    neither may overlap ``ws``."""
+    neither may overlap ``ws``. ``model`` must be the one that ran the forward pass (checked: cheap)."""
+    from .validation import check_owner
+    check_owner(ws, model, "forward pass")
     method = _check_method(method, ws.B, model, ws.lengths if ws.has_lengths else None, ws.T)
     parallel = _threads(parallel, method)
     with _claim(ws):
         kind = ws.forward_kind
         _into_rows(ws, _top_grad_buffer(model, ws), dH)
         ws.forward_kind = None
-        _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, None, dstate_T)
+        if ws.B == 0:
+            _empty_backward(ws, return_dX)
+        else:
+            _layer_backward(model, ws, kind, ws._x, parallel, method, return_dX, None, dstate_T)
         ws.last_backward = "layer"
     return ws.grads, (ws.dX_buffer() if return_dX else None), _state_grad0(model, ws)

@@ -279,15 +279,17 @@ class RNNBase:
 
     @property
     def dropout(self):
-        """p, the probability of zeroing each element of a layer's output but the last's, while
-        ``training`` (inverted dropout, as ``torch.nn.RNN``'s ``dropout``). Settable."""
+        """p in [0, 1], the probability of zeroing each element of a layer's output but the last's,
+        while ``training`` (inverted dropout, as ``torch.nn.RNN``'s ``dropout``: the kept ones are
+        scaled by 1/(1-p)); p = 1 zeroes every one, so the layers above get zeros and the layers
+        below no gradient from them, as in ``torch.nn``. Settable."""
         return self._dropout
 
     @dropout.setter
     def dropout(self, value):
         p = _real(value, "dropout")
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {value!r}")
         if p > 0 and self._stack[0] == 1:
             warnings.warn("dropout applies between stacked layers (to every layer's output but the "
                           f"last), so with num_layers=1 dropout={p:g} changes nothing", UserWarning,

@@ -20,6 +20,15 @@ def positive_int(value, name):
     return int(value)
 
 
+def count(value, name):
+    """A count that may be zero (a batch of B = 0 sequences): an int >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+    return int(value)
+
+
 def check_dtype(dtype, name="dtype"):
     """Return ``dtype`` as a NumPy dtype if it is float32 or float64, else raise TypeError."""
     if dtype is None:   # np.dtype(None) would silently be float64
@@ -96,11 +105,21 @@ def check_float(a, name, dtype, shape, check_finite, lengths=None):
         raise TypeError(f"{name} has dtype {a.dtype} but the model is {dtype}; "
                         f"convert it with .astype(np.{dtype.name}) (nothing is cast silently)")
     if a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}{swapped_hint(name, a.shape, shape)}")
     if check_finite and not all_finite(a) and (
             lengths is None or not all_finite(a[valid_positions(lengths, shape[0])])):
         raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to let them propagate)")
     return np.ascontiguousarray(a)
+
+
+def swapped_hint(name, got, want):
+    """The end of a shape error when ``got`` is ``want`` with its first two axes (T, B) swapped:
+    a batch-first array, and how to make it time-major."""
+    if len(got) < 2 or len(got) != len(want) or got[0] == got[1] or (got[1], got[0]) + got[2:] != want:
+        return ""
+    how = f"{name}.T" if len(got) == 2 else f"{name}.transpose(1, 0, 2)"
+    return (f": {name} looks batch-first (B, T{', ...' if len(got) > 2 else ''}); fastbptt takes time-major "
+            f"arrays (T, B, ...), as torch.nn.RNN with batch_first=False: pass {how}")
 
 
 def check_ids(a, name, shape, upper, what, lengths=None):
@@ -113,7 +132,9 @@ def check_ids(a, name, shape, upper, what, lengths=None):
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer {what}, got dtype {a.dtype}")
     if a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}{swapped_hint(name, a.shape, shape)}")
+    if a.size == 0:
+        return a
     lo, hi = a.min(), a.max()
     valid = None
     if lengths is not None and (lo < 0 or hi >= upper):   # padding may hold anything: look closer
@@ -168,6 +189,8 @@ def check_lengths(lengths, T, B):
         raise TypeError(f"lengths must hold integers (one per sequence), got dtype {lengths.dtype}")
     if lengths.shape != (B,):
         raise ValueError(f"lengths must have shape (B,) = ({B},), one per sequence, got {lengths.shape}")
+    if B == 0:
+        return lengths.astype(np.intp)
     lo, hi = int(lengths.min()), int(lengths.max())
     if lo < 1 or hi > T:
         bad = lo if lo < 1 else hi
@@ -205,9 +228,15 @@ def check_loss_weights(weights, T, B, dtype, lengths):
     return np.ascontiguousarray((weights / np.float64(read.max())).astype(dtype))
 
 
-def check_inputs(model, X, check_finite, lengths=None):
+def check_inputs(model, X, check_finite, lengths=None, *, Y=None, h0=None):
     """Return (kind, X, T, B, lengths): kind "dense" with X (T, B, D) floats, or "tokens" with X (T, B)
-    ints; the lengths checked (``check_lengths``) against X's T and B."""
+    ints; the lengths checked (``check_lengths``) against X's T and B.
+
+    T = 0 is refused (as ``torch.nn.RNN`` refuses it); B = 0 is accepted (an empty batch, as
+    ``torch.nn.RNN`` takes it). ``Y``, ``h0`` and ``lengths`` (unchecked, as the caller gave them)
+    only serve to tell a batch-first X: when they agree with X's first two axes swapped, X is
+    blamed (``check_layout``) rather than them.
+    """
     X = as_array(X, "X")
     D = model.input_size
     if X.ndim == 2 and X.dtype.kind in "iu":
@@ -221,14 +250,66 @@ def check_inputs(model, X, check_finite, lengths=None):
         raise ValueError(f"X must have shape (T, B, D={D}) with floats or (T, B) with token ids, "
                          f"got shape {X.shape}")
     T, B = X.shape[:2]
-    if T == 0 or B == 0:
-        raise ValueError(f"X must have T >= 1 time steps and B >= 1 sequences, got shape {X.shape}")
+    if T == 0:
+        raise ValueError(f"X must have T >= 1 time steps (its first axis, as torch.nn.RNN expects a sequence "
+                         f"length larger than 0), got shape {X.shape}")
+    check_layout(model, X.shape, Y=Y, h0=h0, lengths=lengths)
     lengths = check_lengths(lengths, T, B)
     if kind == "tokens":
         X = check_ids(X, "X", (T, B), D, "token ids", lengths)
     else:
         X = check_float(X, "X", model.dtype, (T, B, D), check_finite, lengths)
     return kind, X, T, B, lengths
+
+
+def _shape_of(a):
+    """The shape of ``a`` when it is an array (or array-like with a shape), else None."""
+    shape = getattr(a, "shape", None)
+    return tuple(shape) if isinstance(shape, tuple) else None
+
+
+def check_layout(model, shape, *, Y=None, h0=None, lengths=None):
+    """Refuse an X of ``shape`` that looks batch-first, (B, T, ...), by what the other arguments say
+    (a ValueError that blames X and says how to transpose it).
+
+    fastbptt reads X's first axis as time: an X given batch-first makes every other argument look
+    wrong (``Y must have shape (B, T)``). With X's first two axes unequal, ``lengths`` with one
+    entry per row of X's first axis, or ``h0`` with one state per row of it, say X is batch-first;
+    a ``Y`` with X's first two axes swapped says X or Y is (which one, ``lengths`` or ``h0`` tell
+    when given; a batch-first Y is left to its own check, which says so).
+    """
+    T, B = shape[:2]
+    if T == B:
+        return
+    H = model.hidden_size
+    for_x, against = [], False
+    ls = _shape_of(lengths)
+    if ls == (T,):
+        for_x.append(f"lengths has {T} entries (one per sequence)")
+    against |= ls == (B,)
+    hs = _shape_of(h0[0] if model.cell == "lstm" and isinstance(h0, (tuple, list)) and h0 else h0)
+    if hs in ((T, H), (model.n_states, T, H)):
+        for_x.append(f"h0 has shape {hs} (B={T})")
+    against |= hs in ((B, H), (model.n_states, B, H))
+    ys = _shape_of(Y)
+    y_swapped = ys is not None and len(ys) >= 2 and ys[:2] == (B, T)
+    if against or not (for_x or y_swapped):
+        return
+    dense = len(shape) > 2
+    how = "X.transpose(1, 0, 2)" if dense else "X.T"
+    read = (f"X has shape {shape}, which fastbptt reads as time-major (T, B{', D' if dense else ''}): "
+            f"T={T} steps of B={B} sequences")
+    tail = ("fastbptt takes time-major arrays, as torch.nn.RNN with batch_first=False "
+            "(fastbptt.torch's modules take batch_first=True)")
+    if for_x:
+        if y_swapped:
+            for_x.append(f"Y has shape {ys} (T={B}, B={T})")
+        raise ValueError(f"{read}, but {' and '.join(for_x)}: X looks batch-first (B, T{', D' if dense else ''}). "
+                         f"{tail}: pass {how}")
+    y_how = "Y.T" if len(ys) == 2 else "Y.transpose(1, 0, 2)"
+    raise ValueError(f"{read}, but Y has shape {ys}: X's first two axes are Y's swapped, so one of them is "
+                     f"batch-first. {tail}: if X is batch-first (B, T{', D' if dense else ''}), pass {how}; "
+                     f"if Y is, pass {y_how}")
 
 
 # ----------------------------------------------------------------------------- models, states, workspaces
@@ -317,6 +398,28 @@ def check_targets(Y, loss, model, T, B, check_finite, lengths=None):
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
+def check_owner(workspace, model, what="last pass"):
+    """Refuse a ``model`` other than the one whose call filled ``workspace`` (a ValueError).
+
+    A workspace remembers (weakly) the model object its last forward pass, ``loss_and_grad`` or
+    ``layer_forward`` ran: another model of the same shapes would get gradients that match neither.
+    A workspace from a pickle or a copy does not know its model and takes any of its signature
+    (``backward`` still compares the parameters with those its forward pass kept).
+    """
+    ref = workspace._owner
+    if ref is None:
+        return
+    owner = ref()
+    if owner is model:
+        return
+    who = "a model that no longer exists" if owner is None else \
+        f"another {type(owner).__name__} object (id {id(owner):#x}) of the same shapes"
+    raise ValueError(f"workspace holds the {what} of {who}, not of this model (id {id(model):#x}): "
+                     f"its buffers would give gradients that match neither. Pass the model whose call "
+                     f"filled the workspace as model=, or run fastbptt.forward(model, X, workspace=workspace) "
+                     f"(or loss_and_grad) with this one first")
+
+
 def check_forward_workspace(workspace, model):
     """The workspace of a preceding forward pass of ``model``, its kept inputs checked again."""
     from .workspace import Workspace
@@ -327,6 +430,13 @@ def check_forward_workspace(workspace, model):
     if ws.forward_kind is None:
         raise ValueError("workspace holds no forward pass: call fastbptt.forward(model, X, "
                          "workspace=workspace) (or layer_forward) first, once per backward")
+    check_owner(ws, model, "forward pass")
+    if not ws._forward_params_match(model):
+        raise ValueError("model's parameters differ from those the workspace's forward pass ran with (changed "
+                         "in between, or another model's: model.flat is compared bit for bit with the copy "
+                         "forward kept), so the gradients would belong to neither: run "
+                         "fastbptt.forward(model, X, workspace=workspace) again after changing them (PyTorch "
+                         "likewise refuses a backward after an in-place change of a weight)")
     if ws.has_lengths:                  # the record of lengths the kernels index by: checked again
         from .workspace import _valid_plan
         if not ws._sealed() or not _valid_plan(ws.counts, ws.row_order, ws.inverse, ws.lengths, ws.T, ws.B):

@@ -11,15 +11,25 @@ an array again. Every buffer is made once, here; the kernels only write into the
 A workspace serves one call at a time: a call from a second thread while it is in
 use is refused (give each thread its own). ``copy.deepcopy`` and ``pickle`` give an
 independent workspace whose ``grads`` are views into its own ``grad_flat``.
+
+A workspace knows which model filled it: ``backward`` and ``layer_backward`` (and the
+diagnostics) refuse a model object other than the one whose ``forward``, ``layer_forward``
+or ``loss_and_grad`` ran last, even one of the same shapes, and ``backward`` refuses
+parameters changed since its ``forward`` (compared bit for bit with a copy ``forward``
+keeps when T·B >= ``api.KEEP_PARAMS_MIN_POSITIONS``), as PyTorch refuses a backward after
+an in-place change of a weight. A copy or a pickle does not know its model (it is not
+pickled): it takes any model of its signature whose parameters are those its forward
+pass kept (any model of its signature, when that pass kept none).
 """
 
 import threading
+import weakref
 
 import numpy as np
 
 from .cells import CELLS
 from .model import RNNBase, flat_views, stack_layout
-from .validation import check_dtype, positive_int
+from .validation import check_dtype, count, positive_int
 
 
 def model_signature(model):
@@ -189,7 +199,7 @@ class Workspace:
         if not isinstance(model, RNNBase):
             raise TypeError(f"model must be a fastbptt.RNN, GRU or LSTM, got {type(model).__name__}")
         self.T = positive_int(T, "T")
-        self.B = positive_int(B, "B")
+        self.B = count(B, "B")                        # B = 0: an empty batch (as torch.nn.RNN takes)
         self.signature = model_signature(model)
         self.cell, D, H, O, _, dtype, self.num_layers, self.num_directions = self.signature
         self.dtype = dtype
@@ -207,13 +217,49 @@ class Workspace:
         self._seal()
         self._full_plan()
         self._scratch = {}                            # buffers made on first use (ws.scratch)
+        self._owner = None                            # weakref to the model of the last forward pass
+        self._params = None                           # model.flat as forward() ran it (made on first use)
+        self._params_kept = False                     # ... and whether it holds the last forward's
+
+    def _filled_by(self, model, keep_params=False):
+        """Record that ``model`` ran the forward pass now in the workspace; with ``keep_params``,
+        keep a copy of its parameters (``forward``/``layer_forward``: backward comes later)."""
+        ref = self._owner
+        if ref is None or ref() is not model:
+            self._owner = weakref.ref(model)
+        if keep_params:
+            if self._params is None or self._params.shape != model.flat.shape:
+                self._params = np.empty_like(model.flat)
+            np.copyto(self._params, model.flat)
+        self._params_kept = keep_params
+
+    def _forgotten(self):
+        """A call is about to overwrite the buffers: they belong to no model until it ends."""
+        self._owner = None
+        self._params_kept = False
+        self.forward_kind = None
+
+    def _forward_params_match(self, model):
+        """Whether ``model.flat`` is bit for bit what the last forward pass kept (True when it kept none)."""
+        if not self._params_kept:
+            return True
+        a, b = model.flat, self._params
+        if a.shape != b.shape:
+            return False
+        bits = np.dtype(f"u{a.dtype.itemsize}")
+        return bool(np.array_equal(a.view(bits), b.view(bits)))
+
+    def _carve(self, declared):
+        """The block and a named view into it for each declared buffer (``carve``). A subclass may carve
+        them from memory it already holds (``fastbptt.torch``: a shorter T within a longer workspace's)."""
+        return carve(declared)
 
     def _make_buffers(self, n_params):
         """Every fixed buffer as a named view into one block (see ``declare``), the layers' views
         and the gradient views."""
         cell, D, H, O, bias, dtype, L, dirs = self.signature
         self._declared = declare(self.T, self.B, D, H, O, dtype, n_params, cell, L, dirs)
-        self._block, views = carve(self._declared)
+        self._block, views = self._carve(self._declared)
         vars(self).update({k: v for k, v in views.items() if "." not in k})
         self._views = tuple(views.items())                    # (name, view), for read_only_buffer
         layers = []
@@ -254,7 +300,7 @@ class Workspace:
 
     def dropout_masks(self):
         """The dropout masks of the last forward pass, one (T, B, dirs·H) array per layer below the
-        top, in the caller's batch order (copies); multipliers 0 or 1/(1-p). All ones when that pass
+        top, in the caller's batch order (copies); multipliers 0 or 1/(1-p) (all 0 for p = 1). All ones when that pass
         had no dropout (evaluation mode, p = 0) or before any forward pass."""
         masks = []
         for k in range(self.num_layers - 1):
@@ -282,12 +328,13 @@ class Workspace:
                 "dropout_on": self._dropout_on,
                 "x": self._x, "dX": self._dX, "forward_kind": self.forward_kind,
                 "last_backward": self.last_backward,
-                "last_carry_is_full": self.last_carry is self.carry_full}
+                "last_carry_is_full": self.last_carry is self.carry_full,
+                "params_at_forward": self._params.copy() if self._params_kept and self.forward_kind else None}
 
     def __setstate__(self, state):
         """Rebuild the block and copy the saved buffers in, after checking that each has its declared
         shape and dtype (a tampered pickle is refused, never handed to a kernel)."""
-        T, B = positive_int(state["T"], "T"), positive_int(state["B"], "B")
+        T, B = positive_int(state["T"], "T"), count(state["B"], "B")
         signature = tuple(state["signature"])
         old = len(signature) < 8                      # pickled by a one-layer release
         if len(signature) == 5:                       # pickled by the Elman-only release
@@ -367,6 +414,14 @@ class Workspace:
         if not isinstance(dropout_on, bool):
             raise ValueError(f"a pickled Workspace has dropout_on={dropout_on!r}")
         self._dropout_on = dropout_on
+        kept = state.get("params_at_forward")          # absent from older pickles: nothing to compare
+        if kept is not None:
+            kept = np.array(kept, copy=True)
+            if kept.shape != (n_params,) or kept.dtype != dtype or kind is None:
+                raise ValueError(f"a pickled Workspace's params_at_forward has shape {kept.shape} and dtype "
+                                 f"{kept.dtype}, not ({n_params},) and {dtype}, or no forward pass")
+        self._owner = None                             # not pickled: a copy takes any model of its signature
+        self._params, self._params_kept = kept, kept is not None
         self._seal()
 
     def _seal(self):
@@ -402,7 +457,8 @@ class Workspace:
 
     def buffers(self):
         """The arrays that hold the workspace's memory: the block, and the input and ∂L/∂X buffers once made."""
-        return [a for a in (self._block, self._x, self._dX) if a is not None] + list(self._scratch.values())
+        return [a for a in (self._block, self._x, self._dX, self._params) if a is not None] \
+            + list(self._scratch.values())
 
     def overlaps(self, a):
         """Whether the memory of array ``a`` may overlap the workspace's (bounds only, as ``np.may_share_memory``)."""

@@ -52,6 +52,7 @@ def _check(model, workspace):
                         f"got {type(workspace).__name__}")
     if workspace.signature != model_signature(model):
         raise ValueError("workspace was made for a different model")
+    validation.check_owner(workspace, model, "last call")
     if workspace.forward_kind is not None:
         raise ValueError("workspace holds a forward pass, not gradients: call loss_and_grad or "
                          "backward first")
@@ -294,6 +295,7 @@ def hidden_states(model, workspace, *, layer=None, direction=0):
                         f"got {type(workspace).__name__}")
     if workspace.signature != model_signature(model):
         raise ValueError("workspace was made for a different model")
+    validation.check_owner(workspace, model, "last call")
     k, d = _layer(model, layer, direction)
     order, lengths = _rows(workspace)
     return _caller_order(_in_time(workspace.layer(k, d).hs[1:], lengths, d), order)
