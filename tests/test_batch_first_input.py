@@ -74,8 +74,11 @@ def test_batch_first_gradients_are_named():
     with pytest.raises(ValueError, match=r"^dH must have shape \(20, 4, 16\), got \(4, 20, 16\): dH looks "
                                          r"batch-first"):
         fastbptt.layer_backward(model, np.zeros((B, T, 2 * H)), workspace=ws)
-    with pytest.raises(ValueError, match=r"^loss_weights must have shape"):
+    with pytest.raises(ValueError, match=r"^loss_weights must have shape .*loss_weights looks batch-first.*"
+                                         r"pass loss_weights.T"):
         fastbptt.loss_and_grad(model, X_tb, Y_tb, loss_weights=np.ones((B, T)))
+    with pytest.raises(ValueError, match=r"^carry must have shape .*carry looks batch-first.*pass carry.T"):
+        fastbptt.backward(model, np.zeros((T, B, O)), workspace=ws, carry=np.ones((B, T)))
 
 
 def test_a_plain_mismatch_names_its_argument_without_a_batch_first_hint():

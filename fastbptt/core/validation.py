@@ -170,7 +170,8 @@ def check_carry(carry, T, B, dtype):
     if carry.dtype.kind != "f":
         raise TypeError(f"carry must hold floats, got dtype {carry.dtype}")
     if carry.shape not in ((T,), (T, B)):
-        raise ValueError(f"carry must have shape ({T},) or ({T}, {B}), got {carry.shape}")
+        raise ValueError(f"carry must have shape ({T},) or ({T}, {B}), got {carry.shape}"
+                         f"{swapped_hint('carry', carry.shape, (T, B))}")
     if not all_finite(carry):
         raise ValueError("carry contains NaN or Inf")
     biggest = max(-float(carry.min()), float(carry.max())) if carry.size else 0.0
@@ -214,7 +215,8 @@ def check_loss_weights(weights, T, B, dtype, lengths):
     if weights.dtype.kind != "f":
         raise TypeError(f"loss_weights must hold floats, got dtype {weights.dtype}")
     if weights.shape != (T, B):
-        raise ValueError(f"loss_weights must have shape (T, B) = ({T}, {B}), got {weights.shape}")
+        raise ValueError(f"loss_weights must have shape (T, B) = ({T}, {B}), got {weights.shape}"
+                         f"{swapped_hint('loss_weights', weights.shape, (T, B))}")
     read = weights if lengths is None else weights[valid_positions(lengths, T)]
     if not all_finite(read):
         raise ValueError("loss_weights contains NaN or Inf")
