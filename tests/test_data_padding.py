@@ -100,7 +100,7 @@ def test_callers_sequences_are_copied_never_changed():
     ([[1, [2, 3]]], TypeError, r"sequences\[0\] must be a sequence"),
     ([np.ma.array([1, 2], mask=[0, 1])], TypeError, r"sequences\[0\] is a masked array"),
     (5, TypeError, r"sequences must be a list of sequences, got int"),
-    ([np.array([2 ** 64 - 1], dtype=np.uint64)], ValueError, r"beyond the int64 range"),
+    ([np.array([2 ** 64 - 1], dtype=np.uint64)], ValueError, r"outside the range of dtype int64"),
 ])
 def test_bad_sequences_are_refused_by_name(sequences, err, msg):
     with pytest.raises(err, match=msg):
@@ -127,6 +127,110 @@ def test_bad_options_are_refused_by_name(kwargs, err, msg):
 def test_floats_never_become_ids():
     with pytest.raises(TypeError, match="nothing is rounded silently"):
         data.pad_sequences([[0.5, 1.0]], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- values that fit the dtype
+
+
+INTEGER_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
+
+
+def edges(dt):
+    """(kept, refused): the dtype's own ends, and the values one past them (as int64 or uint64
+    arrays' values, or None where no integer array of NumPy holds them)."""
+    info = np.iinfo(dt)
+    below = info.min - 1 if info.min - 1 >= np.iinfo(np.int64).min else None
+    above = info.max + 1 if info.max + 1 <= np.iinfo(np.uint64).max else None
+    return (info.min, info.max), [v for v in (below, above) if v is not None]
+
+
+def ids(values, n=300, seed=0):
+    """A realistic sequence of ids with ``values`` placed inside it (in an array that holds them)."""
+    rng = np.random.default_rng(seed)
+    dt = np.uint64 if max(values) > np.iinfo(np.int64).max else np.int64
+    a = rng.integers(0, 100, n).astype(dt)
+    a[np.linspace(10, n - 10, len(values)).astype(int)] = values
+    return a
+
+
+@pytest.mark.parametrize("dt", INTEGER_DTYPES)
+def test_ids_at_the_ends_of_an_integer_dtype_are_kept_exactly(dt):
+    kept, _ = edges(dt)
+    seqs = [ids(kept, seed=s) for s in range(6)] + [np.array([1, 2, 3])]
+    X, lengths = data.pad_sequences(seqs, dtype=dt)
+    assert X.dtype == dt
+    for b, s in enumerate(seqs):
+        assert [int(v) for v in X[:lengths[b], b]] == [int(v) for v in s]
+    for batch in data.bucket_batches(seqs, 3, targets=seqs, dtype=dt, target_dtype=dt):
+        for b, i in enumerate(batch.indices):
+            assert [int(v) for v in batch.X[:batch.lengths[b], b]] == [int(v) for v in seqs[i]]
+
+
+@pytest.mark.parametrize("dt", INTEGER_DTYPES)
+def test_ids_one_past_the_ends_of_an_integer_dtype_are_refused_not_wrapped(dt):
+    _, refused = edges(dt)
+    info = np.iinfo(dt)
+    for v in refused:
+        seqs = [ids([5], seed=1), ids([v], seed=2)]
+        before = [s.copy() for s in seqs]
+        where = int(np.argmax(seqs[1] == seqs[1].dtype.type(v)))
+        msg = rf"sequences\[1\] holds {v} at index {where}, outside the range of dtype {np.dtype(dt)}, " \
+              rf"\[{info.min}, {info.max}\]"
+        with pytest.raises(ValueError, match=msg):
+            data.pad_sequences(seqs, dtype=dt)
+        with pytest.raises(ValueError, match=msg):
+            data.bucket_batches(seqs, 2, dtype=dt)                 # refused when called
+        with pytest.raises(ValueError, match=msg.replace("sequences", "targets")):
+            data.bucket_batches([np.zeros(len(s), int) for s in seqs], 2, targets=seqs, target_dtype=dt)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(seqs, before))
+
+
+@pytest.mark.parametrize("value, dt", [(300, np.int8), (-1, np.uint8), (2 ** 40, np.int32),
+                                       (2 ** 63, np.int64), (-(2 ** 31) - 1, np.int32)])
+def test_the_issues_examples_are_refused(value, dt):
+    with pytest.raises(ValueError, match=f"holds {value} at index 2, outside the range of dtype"):
+        data.pad_sequences([np.array([0, 1, value, 3], dtype=np.uint64 if value >= 2 ** 63 else np.int64)],
+                           dtype=dt)
+
+
+def test_values_dropped_by_truncation_need_not_fit():
+    X, lengths = data.pad_sequences([[1, 2, 300], [4]], T=2, truncate=True, dtype=np.int8)
+    assert X.T.tolist() == [[1, 2], [4, 0]] and lengths.tolist() == [2, 1]
+    with pytest.raises(ValueError, match="holds 300"):
+        data.pad_sequences([[1, 2, 300], [4]], T=3, truncate=True, dtype=np.int8)
+
+
+@pytest.mark.parametrize("dt, bits", [(np.float32, 24), (np.float64, 53)])
+def test_ids_as_floats_must_be_exact(dt, bits):
+    X, _ = data.pad_sequences([np.array([2 ** bits, -(2 ** bits), 7])], dtype=dt)
+    assert X[:, 0].tolist() == [2 ** bits, -(2 ** bits), 7]
+    with pytest.raises(ValueError, match=rf"holds {2 ** bits + 1} at index 1, outside the integers dtype"):
+        data.pad_sequences([np.array([3, 2 ** bits + 1])], dtype=dt)
+
+
+def test_features_beyond_float32_are_refused_not_made_inf():
+    big = float(np.finfo(np.float32).max)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 4))
+    a[[3, 7]] = [[big, -big, 0.5, np.nan], [np.inf, -np.inf, 1.25, 2.5]]   # all of these are kept as they are
+    X, _ = data.pad_sequences([a, a[:10]], dtype=np.float32)
+    assert X.dtype == np.float32 and np.array_equal(X[:, 0], a.astype(np.float32), equal_nan=True)
+    b = a.copy()
+    b[20, 1] = -1e39
+    with pytest.raises(ValueError, match=r"sequences\[1\] holds -1e\+39 at index \(20, 1\), outside the range "
+                                         r"of dtype float32"):
+        data.pad_sequences([a, b], dtype=np.float32)
+    assert np.array_equal(b[20], [b[20, 0], -1e39, b[20, 2], b[20, 3]])
+    with pytest.raises(ValueError, match="targets"):
+        data.bucket_batches([np.zeros(50, int), np.zeros(50, int)], 2, targets=[a, b], target_dtype=np.float32)
+
+
+def test_non_integer_floats_never_become_ids():
+    for dt in INTEGER_DTYPES:
+        with pytest.raises(TypeError, match="nothing is rounded silently"):
+            data.pad_sequences([np.array([1.0, 2.5])], dtype=dt)
+        with pytest.raises(TypeError, match="nothing is rounded silently"):
+            data.bucket_batches([[1, 2]], 1, targets=[np.array([0.5, 1.0])], target_dtype=dt)
 
 
 # ----------------------------------------------------------------------------- bucket_indices

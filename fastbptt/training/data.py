@@ -575,9 +575,7 @@ def _as_sequence(seq, name):
         raise ValueError(f"{name} has shape {a.shape}: steps with no features")
     if a.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold integer token ids or float features, got dtype {a.dtype}")
-    if a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{name} holds ids beyond the int64 range (largest {a.max()})")
-    return a
+    return a                    # whether its values fit the dtype asked for: _check_values_fit
 
 
 def _output_dtype(dtype, integer, arrays):
@@ -608,6 +606,39 @@ def _check_pad(pad, dt, name):
         if not info.min <= pad <= info.max:
             raise ValueError(f"{name} = {pad} does not fit dtype {dt}")
     return dt.type(pad)
+
+
+def _check_values_fit(arrays, dt, name):
+    """Refuse values of ``arrays`` that ``dt`` cannot hold: ids outside an integer dtype's range
+    (they would wrap: 300 -> 44 in int8), ids beyond the integers a float dtype holds exactly, or
+    finite floats beyond its largest (they would become inf). Nothing is converted silently."""
+    for i, a in enumerate(arrays):
+        if a.size == 0 or a.dtype == dt:
+            continue
+        if dt.kind in "iu":
+            info = np.iinfo(dt)
+            lo, hi, what = info.min, info.max, f"the range of dtype {dt}, [{info.min}, {info.max}]"
+        elif a.dtype.kind in "iu":
+            bits = np.finfo(dt).nmant + 1
+            lo, hi = -2 ** bits, 2 ** bits             # every integer in between is exact in dt
+            what = f"the integers dtype {dt} holds exactly, [-2**{bits}, 2**{bits}]"
+        else:
+            hi = float(np.finfo(dt).max)
+            lo, what = -hi, f"the range of dtype {dt} (largest {hi:.6g}; beyond it would become inf)"
+        if a.dtype.kind == "f":
+            finite = a[np.isfinite(a)]              # NaN and inf stay what they are in any float dtype
+            if finite.size == 0 or (float(finite.min()) >= lo and float(finite.max()) <= hi):
+                continue
+            bad = finite.min() if float(finite.min()) < lo else finite.max()
+        else:
+            small, big = int(a.min()), int(a.max())  # Python ints: exact for every integer dtype
+            if small >= lo and big <= hi:
+                continue
+            bad = a.dtype.type(small if small < lo else big)
+        where = tuple(int(k) for k in np.argwhere(a == bad)[0])
+        raise ValueError(f"{name}[{i}] holds {bad} at index {where[0] if len(where) == 1 else where}, outside "
+                         f"{what}; pass a dtype that holds it (dtype=None keeps int64 ids or the sequences' "
+                         f"float dtype), or map the values into range first")
 
 
 def _check_lengths_fit(lengths, T, truncate, name):
@@ -648,6 +679,9 @@ def pad_sequences(sequences, T=None, *, pad=0, truncate=False, dtype=None):
     dtype : dtype, optional
         Of X. None: int64 for token ids, the sequences' common float dtype for features.
         Ids may be given a float dtype (one-hot rows as features); floats never become ints.
+        Values the dtype cannot hold are refused, never wrapped or rounded: ids outside an
+        integer dtype's range (300 in int8), ids a float dtype does not hold exactly (beyond
+        2**24 in float32), finite floats beyond its largest.
 
     Returns
     -------
@@ -673,6 +707,7 @@ def pad_sequences(sequences, T=None, *, pad=0, truncate=False, dtype=None):
         raise TypeError(f"truncate must be True or False, got {truncate!r}")
     lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
     T = _check_lengths_fit(lengths, T, truncate, "sequences")
+    _check_values_fit([a[:T] for a in arrays], dt, "sequences")      # the steps X will hold
     return _pad(arrays, T, pad, dt), np.minimum(lengths, T)
 
 
@@ -806,6 +841,7 @@ def bucket_batches(sequences, batch_size, *, targets=None, rng=None, window=None
     arrays, integer = _as_sequences(sequences, "sequences")
     dt = _output_dtype(dtype, integer, arrays)
     pad = _check_pad(pad, dt, "pad")
+    _check_values_fit(arrays, dt, "sequences")
     lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
     if T is not None:
         T = _check_lengths_fit(lengths, T, False, "sequences")
@@ -821,6 +857,7 @@ def bucket_batches(sequences, batch_size, *, targets=None, rng=None, window=None
                                  f"{a.shape[0]}; each target needs one entry per step")
         tdt = _output_dtype(target_dtype, tgt_integer, tgt)
         target_pad = _check_pad(target_pad, tdt, "target_pad")
+        _check_values_fit(tgt, tdt, "targets")
     batches = bucket_indices(lengths, batch_size, rng=rng, window=window, drop_last=drop_last)
     return _padded_batches(arrays, tgt, lengths, batches, T, (pad, dt),
                            None if tgt is None else (target_pad, tdt))
