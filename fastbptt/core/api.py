@@ -38,6 +38,7 @@ from .validation import check_forward_workspace as _check_forward_workspace
 from .validation import check_h0 as _check_h0
 from .validation import check_loss_weights as _check_loss_weights
 from .validation import check_model
+from .validation import check_owner as _check_owner
 from .validation import check_state as _check_state
 from .validation import check_targets as _check_targets
 from .validation import check_workspace as _check_workspace
@@ -1128,8 +1129,7 @@ def _trusted_layer_backward(model, ws, dH, dstate_T, parallel, method, return_dX
     """``layer_backward`` (no carry) after ``_trusted_layer_forward`` on ``ws``, for a caller that has
     checked dH (T, B, dirs·H) and ``dstate_T`` (as ``layer_backward`` takes it, or None) itself;
     neither may overlap ``ws``. ``model`` must be the one that ran the forward pass (checked: cheap)."""
-    from .validation import check_owner
-    check_owner(ws, model, "forward pass")
+    _check_owner(ws, model, "forward pass")
     method = _check_method(method, ws.B, model, ws.lengths if ws.has_lengths else None, ws.T)
     parallel = _threads(parallel, method)
     with _claim(ws):
