@@ -202,6 +202,12 @@ def _fail(path, what):
     return CheckpointError(f"{path!r} is not a fastbptt checkpoint, or is damaged: {what}")
 
 
+def _short(value):
+    """A value from a file, as a message quotes it (its repr, cut at 100 characters)."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _why(exc):
     """An exception's message, with its type unless it is a plain ValueError (ours, or NumPy's)."""
     return str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}"
@@ -321,11 +327,11 @@ def _check_model_config(path, config):
     ``cell``, "rnn" for the files of the Elman-only release, and ``STACK_DEFAULTS`` for the files
     written before there were stacks); and the parameter count they give."""
     if not isinstance(config, dict):
-        raise _fail(path, f"model.config must be a JSON object, got {str(config)[:100]!r}")
+        raise _fail(path, f"model.config must be a JSON object, got {_short(config)}")
     config = dict(config)
     cell = config.setdefault("cell", "rnn")          # written before there were other cells
     if not isinstance(cell, str) or cell not in CELLS:
-        raise _fail(path, f"model.config cell {str(cell)[:100]!r} is not one of {sorted(CELLS)}")
+        raise _fail(path, f"model.config cell {_short(cell)} is not one of {sorted(CELLS)}")
     keys = {"cell", "input_size", "hidden_size", "output_size", "bias", "dtype"}
     if cell == "rnn":
         keys.add("activation")
@@ -337,22 +343,22 @@ def _check_model_config(path, config):
     for key in ("input_size", "hidden_size", "output_size"):
         v = config[key]
         if not _is_int(v) or v < 1:
-            raise _fail(path, f"model.config {key} must be a positive int, got {str(v)[:100]!r}")
+            raise _fail(path, f"model.config {key} must be a positive int, got {_short(v)}")
     act = config.get("activation")
     if cell == "rnn" and (not isinstance(act, str) or act not in ACTIVATIONS):
-        raise _fail(path, f"model.config activation {str(act)[:100]!r} is not one of {sorted(ACTIVATIONS)}")
+        raise _fail(path, f"model.config activation {_short(act)} is not one of {sorted(ACTIVATIONS)}")
     if not isinstance(config["bias"], bool):
-        raise _fail(path, f"model.config bias must be true or false, got {str(config['bias'])[:100]!r}")
+        raise _fail(path, f"model.config bias must be true or false, got {_short(config['bias'])}")
     if not isinstance(config["dtype"], str) or config["dtype"] not in ("float32", "float64"):
-        raise _fail(path, f"model.config dtype must be 'float32' or 'float64', got {str(config['dtype'])[:100]!r}")
+        raise _fail(path, f"model.config dtype must be 'float32' or 'float64', got {_short(config['dtype'])}")
     L, p = config["num_layers"], config["dropout"]
     if not _is_int(L) or L < 1:
-        raise _fail(path, f"model.config num_layers must be a positive int, got {str(L)[:100]!r}")
+        raise _fail(path, f"model.config num_layers must be a positive int, got {_short(L)}")
     if not isinstance(config["bidirectional"], bool):
         raise _fail(path, f"model.config bidirectional must be true or false, "
-                          f"got {str(config['bidirectional'])[:100]!r}")
+                          f"got {_short(config['bidirectional'])}")
     if not (_is_int(p) or isinstance(p, float)) or not 0 <= p <= 1:     # torch.nn's range: [0, 1]
-        raise _fail(path, f"model.config dropout must be a number in [0, 1], got {str(p)[:100]!r}")
+        raise _fail(path, f"model.config dropout must be a number in [0, 1], got {_short(p)}")
     config["dropout"] = float(p)
     return config, _n_params(config)
 
@@ -374,22 +380,22 @@ def _check_optim_config(path, opt_config):
     """The saved optimizer's name, hyperparameters and step count, of JSON types the optimizer
     takes (checked further by ``optim.check_config``); returns the names of its state arrays."""
     if not isinstance(opt_config, dict) or set(opt_config) != {"name", "hyper", "t"}:
-        got = sorted(opt_config) if isinstance(opt_config, dict) else str(opt_config)[:100]
-        raise _fail(path, f"optim.config must hold name, hyper and t, got {got!r}")
+        got = sorted(opt_config) if isinstance(opt_config, dict) else opt_config
+        raise _fail(path, f"optim.config must hold name, hyper and t, got {_short(got)}")
     name, hyper, t = opt_config["name"], opt_config["hyper"], opt_config["t"]
     if not isinstance(name, str):
-        raise _fail(path, f"optim.config name must be a string, got {str(name)[:100]!r}")
+        raise _fail(path, f"optim.config name must be a string, got {_short(name)}")
     if not isinstance(hyper, dict):
-        raise _fail(path, f"optim.config hyper must be a JSON object, got {str(hyper)[:100]!r}")
+        raise _fail(path, f"optim.config hyper must be a JSON object, got {_short(hyper)}")
 
     def number(v):          # what float() takes without OverflowError
         return isinstance(v, float) or (_is_int(v) and abs(v) < 2 ** 1000)
     for key, v in hyper.items():
         if not (number(v) or (isinstance(v, list) and len(v) <= 8 and all(map(number, v)))):
             raise _fail(path, f"optim.config hyper {key!r} must be a number or a list of numbers, "
-                              f"got {str(v)[:100]!r}")
+                              f"got {_short(v)}")
     if not _is_int(t):
-        raise _fail(path, f"optim.config: the step count t must be an int, got {str(t)[:100]!r}")
+        raise _fail(path, f"optim.config: the step count t must be an int, got {_short(t)}")
     try:
         return check_optimizer(name, hyper, t)
     except (ValueError, TypeError) as exc:
@@ -537,7 +543,7 @@ def _load(path, zf, model):
         raise _fail(path, f"unexpected member {prefix + min(unknown) + '.npy'!r}")
     extra = _read_json(path, zf, members, "extra")
     if not isinstance(extra, dict):
-        raise _fail(path, f"member 'extra.npy' must hold a JSON object, got {str(extra)[:100]!r}")
+        raise _fail(path, f"member 'extra.npy' must hold a JSON object, got {_short(extra)}")
     generator = None
     if "model.generator" in members:                # written before there were stacks: absent
         generator = _generator(path, _read_json(path, zf, members, "model.generator"))
@@ -602,22 +608,22 @@ reads outside the state (a crash), so a saved state is checked against this firs
 def _checked_state(value, spec, where):
     if isinstance(spec, dict):
         if not isinstance(value, dict) or set(value) != set(spec):
-            got = sorted(map(str, value)) if isinstance(value, dict) else str(value)[:100]
-            raise ValueError(f"{where} must hold exactly {sorted(spec)}, got {got!r}")
+            got = sorted(map(str, value)) if isinstance(value, dict) else value
+            raise ValueError(f"{where} must hold exactly {sorted(spec)}, got {_short(got)}")
         return {key: _checked_state(value[key], sub, f"{where}[{key!r}]") for key, sub in spec.items()}
     low, high, *length = spec
     if length:
         if isinstance(value, np.ndarray) and value.dtype.kind in "iu" and value.ndim == 1:
             value = value.tolist()
         if not isinstance(value, list) or len(value) != length[0]:
-            raise ValueError(f"{where} must be a list of {length[0]} ints, got {str(value)[:100]!r}")
+            raise ValueError(f"{where} must be a list of {length[0]} ints, got {_short(value)}")
         for i, v in enumerate(value):
             _checked_state(v, (low, high), f"{where}[{i}]")
         return np.array(value, dtype=np.uint32 if high == _U32 else np.uint64)
     if isinstance(value, np.integer):
         value = int(value)
     if not _is_int(value) or not low <= value <= high:
-        raise ValueError(f"{where} must be an int in [{low}, {high}], got {str(value)[:100]!r}")
+        raise ValueError(f"{where} must be an int in [{low}, {high}], got {_short(value)}")
     return value
 
 
@@ -635,7 +641,7 @@ def check_generator_state(state, what="the generator's state"):
     name = state.get("bit_generator") if isinstance(state, dict) else None
     if not isinstance(name, str) or name not in GENERATOR_STATES:
         raise ValueError(f"{what} must be the state of one of numpy's bit generators "
-                         f"{sorted(GENERATOR_STATES)}, got {str(state)[:100]!r}")
+                         f"{sorted(GENERATOR_STATES)}, got {_short(state)}")
     rest = {key: value for key, value in state.items() if key != "bit_generator"}
     return {"bit_generator": name, **_checked_state(rest, GENERATOR_STATES[name], what)}
 
