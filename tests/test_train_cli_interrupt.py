@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastbptt import charrnn, checkpoint, optim
+from fastbptt import charrnn, checkpoint, data, optim
 
 SMALL = ["--hidden", "16", "--steps", "10", "--batch", "4", "--max-tokens", "3000", "--dtype", "float64"]
 CONFIGS = {
@@ -24,7 +24,18 @@ CONFIGS = {
     "gru-random-sampling": ["--cell", "gru", "--sampling", "random", "--optimizer", "adagrad", "--lr", "0.1",
                             "--clip-value", "5"],
 }
-BATCHES = 74            # per epoch here, for either sampling and every offset
+
+
+def batches_per_epoch():
+    """Batches in an epoch of SMALL's corpus: the same for either sampling and every offset drawn."""
+    corpus, _ = data.load_corpus(max_tokens=3000)
+    counts = {sum(1 for _ in data.sequential_batches(corpus, 10, 4, seed)) for seed in range(40)}
+    counts |= {sum(1 for _ in data.random_batches(corpus, 10, 4, seed)) for seed in range(40)}
+    assert len(counts) == 1
+    return counts.pop()
+
+
+BATCHES = batches_per_epoch()
 
 
 def members(path):
@@ -169,3 +180,22 @@ def test_resume_of_a_tampered_place_in_the_epoch_exits_2(capsys, tmp_path):
     checkpoint.save(path, saved.model, saved.optimizer, extra=dict(saved.extra, position=good))
     assert charrnn.main(["--resume", str(path), "--epochs", "2", "--quiet", "--prefix", ""]) == 0
     json.dumps(good)                                  # what a checkpoint holds is plain JSON
+
+
+def test_ctrl_c_in_the_final_evaluation_keeps_the_whole_run(capsys, tmp_path, monkeypatch):
+    """With dropout the run ends by evaluating with it off; a Ctrl-C then still saves the run, complete."""
+    flags = CONFIGS["lstm-stack-dropout"]
+    ref = reference(tmp_path, flags, 2)
+    evaluate = charrnn.evaluate
+
+    def evaluate_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(charrnn, "evaluate", evaluate_hit_by_ctrl_c)
+    path = tmp_path / "run.npz"
+    try:
+        code = charrnn.main([*SMALL, *flags, "--quiet", "--epochs", "2", "--save", str(path)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped train as a KeyboardInterrupt")
+    assert code == 130 and f"interrupted after epoch 2/2; saved it to {path}" in capsys.readouterr().err
+    assert_same_file(ref, path)

@@ -148,8 +148,8 @@ the --resume file (it is replaced atomically); no other output may name an input
 another output.
 
 Ctrl-C finishes the step under way, saves it to --save (resume it with --resume; it
-continues exactly) and exits with status 130. A loss that becomes NaN or Inf stops the
-run (exit 1) and saves nothing."""
+continues exactly; --json is left to the run that completes) and exits with status 130.
+A loss that becomes NaN or Inf stops the run (exit 1) and saves nothing."""
 
 
 def build_parser():
@@ -356,7 +356,8 @@ class _DeferSigint:
         self.pending = True
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:     # ignored stays ignored
             self._old = signal.signal(signal.SIGINT, self._note)
         return self
 
@@ -516,9 +517,10 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
     every = max(1, (epochs - start) // 10)
     history = []
     done = start
-    try:
-        with _DeferSigint() as sigint:
-            run.sigint = sigint
+    eval_perplexity = None
+    with _DeferSigint() as sigint:          # to the end: a Ctrl-C in the evaluation keeps the run too
+        run.sigint = sigint
+        try:
             for epoch in range(start, epochs):
                 result = run.epoch(epoch, position)
                 position = None
@@ -536,20 +538,19 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
                         f"tokens/s {rate:>10,.0f}")
                 if sigint.pending:
                     break
-    finally:
-        if bar is not None:
-            bar.close()
-    if not np.all(np.isfinite(model.flat)):                   # the very last update
-        raise _diverged(done if run.position is not None else max(done - 1, 0),
-                        "the parameters became NaN or Inf", run.steps_in_epoch)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not np.all(np.isfinite(model.flat)):                   # the very last update
+            raise _diverged(done if run.position is not None else max(done - 1, 0),
+                            "the parameters became NaN or Inf", run.steps_in_epoch)
+        if model.dropout > 0 and not sigint.pending:   # the training perplexity had dropout on: the model as used
+            batches = data.sequential_batches(loader.corpus, loader.T, loader.B)
+            with np.errstate(over="ignore", invalid="ignore"):
+                eval_perplexity = evaluate(model, batches, workspace=ws, parallel=parallel).perplexity
+            if not math.isfinite(eval_perplexity):
+                raise _diverged(epochs - 1, f"with dropout off the perplexity is {eval_perplexity}")
     interrupted = sigint.pending
-    eval_perplexity = None
-    if model.dropout > 0 and not interrupted:   # the training perplexity had dropout on: the model as used
-        batches = data.sequential_batches(loader.corpus, loader.T, loader.B)
-        with np.errstate(over="ignore", invalid="ignore"):
-            eval_perplexity = evaluate(model, batches, workspace=ws, parallel=parallel).perplexity
-        if not math.isfinite(eval_perplexity):
-            raise _diverged(epochs - 1, f"with dropout off the perplexity is {eval_perplexity}")
     return {"perplexity": history[-1] if history else None, "tokens_per_s": run.rate(), "epochs": done,
             "model": model, "optimizer": opt, "rng": rng, "history": history,
             "eval_perplexity": eval_perplexity, "interrupted": interrupted,
