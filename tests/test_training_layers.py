@@ -101,8 +101,8 @@ def test_cli_resume_of_a_stack_with_dropout_is_bitwise(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--layers", "3", "--dropout", "0.4"], "trained with --layers 2, not 3; resume it with --layers 2"),
-    (["--layers", "2", "--dropout", "0.1"], "trained with --dropout 0.4, not 0.1; resume it with --dropout 0.4"),
+    (["--layers", "3", "--dropout", "0.4"], "--layers 3 differs from the 2 that checkpoint"),
+    (["--layers", "2", "--dropout", "0.1"], "--dropout 0.1 differs from the 0.4 that checkpoint"),
 ])
 def test_cli_resume_names_the_layers_and_dropout_it_needs(capsys, tmp_path, flags, message):
     assert run_cli(capsys, "--layers", "2", "--dropout", "0.4", "--epochs", "1", "--predict", "0",
