@@ -754,6 +754,9 @@ def _stored_settings(saved, path):
 def _merge_resume(args, saved, report):
     """Fill ``args`` from the checkpoint by the --resume rule (see the module's docstring)."""
     path = args.resume
+    if not isinstance(saved.extra, dict) or "vocab" not in saved.extra or "rng" not in saved.extra:
+        raise ValueError(f"checkpoint {path!r} was not written by '{PROG} --save' "
+                         f"(it lacks the vocabulary and the state of the batches)")
     stored, missing = _stored_settings(saved, path)
     given = _given(args)
     for name, value in stored.items():
