@@ -88,7 +88,7 @@ DAMAGE = {
               "dtype must be 'float32' or 'float64'"),
     "config not JSON": (lambda p, o: rewrite(p, o, change={"model.config": np.array("{hidden")}),
                         "member 'model.config.npy' is not JSON"),
-    "config nested too deep": (lambda p, o: rewrite(p, o, change={"extra": np.array("[" * 100000)}),
+    "config nested too deep": (lambda p, o: rewrite(p, o, change={"extra": np.array("[        " * 100000)}),
                                "member 'extra.npy' is not JSON"),
     "negative step count": (lambda p, o: rewrite(p, o, change={"optim.config": optim_config_with(p, t=-4)}),
                             "optim.config: the step count t must be an int"),

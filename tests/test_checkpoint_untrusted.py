@@ -474,6 +474,36 @@ def test_a_deep_model_whose_file_holds_its_layers_loads(tmp_path):
     assert got.num_layers == 300 and np.array_equal(got.flat, model.flat)
 
 
+def with_extra_text(tmp_path, text):
+    base = fastbptt.RNN(2, 3, 2)
+    checkpoint.save(tmp_path / "base.npz", base)
+    arrays = members(tmp_path / "base.npz")
+    arrays["extra"] = np.array(text)
+    return write_zip(tmp_path / "extra.npz", arrays, zipfile.ZIP_DEFLATED)
+
+
+def test_a_small_file_whose_json_would_cost_5x_its_size_is_refused(tmp_path):
+    """16 MB of UTF-32 JSON, [[], [], ...], deflated to 30 kB, parsed to 90 MB of empty lists:
+    refused from the text, at about the memory the member declares."""
+    path = with_extra_text(tmp_path, '{"x": [' + "[]," * 1_333_333 + "[]]}")
+    declared = members(path)["extra"].nbytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match="JSON arrays and objects in .* characters"):
+            checkpoint.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 1.5 * declared + 2_000_000, f"{peak / declared:.2f}x the {declared / 1e6:.0f} MB declared"
+
+
+def test_json_of_ordinary_density_loads(tmp_path):
+    """A history of pairs (json.dumps writes '[1, 2.5], ': 10 characters a list) and a small
+    JSON of nothing but containers load."""
+    extra = {"history": [[i, 2.5] for i in range(20_000)], "nested": [[[[[]]]]] * 20}
+    assert checkpoint.load(with_extra_text(tmp_path, json.dumps(extra))).extra == extra
+
+
 # ------------------------------------------------------------------------------- file permissions
 
 

@@ -307,11 +307,25 @@ def _read_data(path, fp, info, dt, shp, out=None):
 def _read_text(path, zf, members, key):
     info = members[key]
     fp, dt, shp = _header(path, zf, info, kind="U")
-    return str(_read_data(path, fp, info, dt, shp)[()])
+    return _read_data(path, fp, info, dt, shp).item()        # a str, made once (no np.str_ between)
+
+
+_JSON_CHARS_PER_CONTAINER = 8
+"""Characters of a JSON member per array or object, at the least (beyond ``_JSON_CONTAINERS``):
+an empty list costs 64 bytes of Python objects for its 3 characters (``[],``, 12 bytes of the
+file's UTF-32), so a text of little else would cost 5x what it declares; ``[1, 2], `` passes."""
+
+_JSON_CONTAINERS = 256
+"""Arrays and objects any JSON member may hold, whatever its length."""
 
 
 def _read_json(path, zf, members, key):
     text = _read_text(path, zf, members, key)
+    containers = text.count("[") + text.count("{")        # (and any in strings: an upper bound)
+    if containers > _JSON_CONTAINERS + len(text) // _JSON_CHARS_PER_CONTAINER:
+        raise _fail(path, f"member {key + '.npy'!r} holds {containers} JSON arrays and objects in "
+                          f"{len(text)} characters, more than one per {_JSON_CHARS_PER_CONTAINER}: out "
+                          f"of proportion to its size")
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
