@@ -209,3 +209,15 @@ def test_bad_arguments_are_refused_before_anything_changes():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ft.convert(nn.LSTM(D, H).state_dict())
     assert type(tree[0]) is nn.LSTM
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_a_module_on_another_device_is_converted_and_runs_torchs_implementation(cell):
+    """The meta device stands in for CUDA/MPS here: the parameters stay where they are."""
+    plain, fast = CELLS[cell]
+    old = plain(D, H, num_layers=2, device="meta")
+    new = ft.convert(old)
+    assert type(new) is fast and all(p.device.type == "meta" for p in new.parameters())
+    out, _ = new(torch.randn(T, B, D, device="meta"))
+    assert out.device.type == "meta" and tuple(out.shape) == (T, B, H) and new.workspaces.made == 0
+    assert type(ft.convert(new, to="torch")) is plain
