@@ -177,3 +177,13 @@ def test_help_states_the_rule(capsys):
     assert "applied, and reported: --lr, --clip, --clip-value, --random-truncation, --epochs" in out
     assert "refused: --cell, --hidden, --layers, --dropout, --dtype" in out
     assert re.search(r"--steps T, -T T +time steps per chunk \(default: 35\)", out)
+
+
+@pytest.mark.parametrize("change", [{"has_uint32": 2}, {"uinteger": 2 ** 32}, {"state": {"state": -1, "inc": 1}},
+                                    {"bit_generator": "MT19937", "state": {"key": [0] * 624, "pos": 2 ** 31 - 1}}])
+def test_a_crafted_state_of_the_batches_generator_exits_2(capsys, tmp_path, runs, change):
+    saved = checkpoint.load(runs[1])
+    state = dict(saved.extra["rng"], **change)
+    checkpoint.save(tmp_path / "t.npz", saved.model, saved.optimizer, extra=dict(saved.extra, rng=state))
+    code, _, err = run(capsys, "--resume", str(tmp_path / "t.npz"), "--epochs", "3")
+    assert code == 2 and "is damaged" in err and "batches' generator" in err and "Traceback" not in err

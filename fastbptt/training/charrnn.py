@@ -433,8 +433,8 @@ def _check_position(pos, path):
 
 
 def _set_state(rng, state, path, what):
-    try:
-        rng.bit_generator.state = state
+    try:    # checked in full first: NumPy's setters take out-of-range positions (a crash at the next draw)
+        rng.bit_generator.state = checkpoint.check_generator_state(state, f"its {what} generator's state")
     except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise _damaged(path, f"the state of its {what} generator cannot be restored ({exc!r})") from None
 
