@@ -629,8 +629,8 @@ def test_graphs_held_then_dropped_give_their_workspaces_back():
         held = [fb(x) for _ in range(3)]
         del held
     assert cache.made == 3 and len(cache) == 3, cache
-    for T in range(1, 101):                         # 100 shapes: within the bounds
-        fb(rnd(T, 2, 3, seed=T, grad=True))
+    for B in range(4, 104):                         # 100 new shapes (each B its own workspace): in bounds
+        fb(rnd(5, B, 3, seed=B, grad=True))
         assert len(cache) <= cache.max_count and cache.nbytes <= cache.max_bytes
     assert cache.made == 103, cache
 

@@ -63,18 +63,19 @@ def test_workspace_cache_counts_made_and_reused():
 
 def test_workspace_cache_drops_the_least_recently_used_and_keeps_max_count():
     """Mutant: ``len > max_count`` made ``>=`` (one fewer kept). Also pins the order: the least
-    recently used goes first (``popitem(last=True)``, the newest dropped, the suite already kills)."""
+    recently used goes first (``popitem(last=True)``, the newest dropped, the suite already kills).
+    The shapes differ by B (a workspace serves only its own B; a longer T serves a shorter one)."""
     _, fb = pair("GRU")
     cache = fb.workspaces
     cache.max_count = 2
     with torch.no_grad():
-        for T in (1, 2, 3):                           # three shapes into a cache of two: T=1 goes
-            fb(rnd(T, 2, 3))
+        for B in (1, 2, 3):                           # three shapes into a cache of two: B=1 goes
+            fb(rnd(5, B, 3))
         assert len(cache) == 2 and cache.made == 3
-        fb(rnd(3, 2, 3))                              # the newest is kept
-        fb(rnd(2, 2, 3))
+        fb(rnd(5, 3, 3))                              # the newest is kept
+        fb(rnd(5, 2, 3))
         assert (cache.made, cache.reused) == (3, 2)
-        fb(rnd(1, 2, 3))                              # the oldest was dropped
+        fb(rnd(5, 1, 3))                              # the oldest was dropped
         assert (cache.made, cache.reused) == (4, 2)
         assert len(cache) == 2
 

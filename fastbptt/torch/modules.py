@@ -33,6 +33,8 @@ workspace goes back at once.
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
 import threading
 from collections import OrderedDict
 
@@ -48,10 +50,74 @@ from ..core.workspace import Workspace, model_signature
 _FLOATS = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)
 _ROLE = {"weight_ih": "W_ih", "weight_hh": "W_hh", "bias_ih": "b_ih", "bias_hh": "b_hh"}
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _bucket(T: int) -> int:
+    """The T a new workspace is made for: T itself up to 8, above it rounded up to a multiple of an
+    eighth of T's power of two (1, 1.25, 1.5 or 1.75 times a power of two: at most 25 % more memory),
+    so that calls of nearby T (a variable-length BPTT loop) share one workspace."""
+    if T <= 8:
+        return T
+    step = 1 << (T.bit_length() - 3)
+    return -(-T // step) * step
+
+
+class _Prefix(Workspace):
+    """A workspace for T steps within a longer one of the same model and B (``parent``): each of its
+    buffers is the first elements of the parent's, so the kernels run over the first T steps of the
+    parent's memory and nothing is allocated. Used while its parent is held by the call (a lease):
+    the parent and its other prefixes are then unused. Pickled as a plain ``Workspace``."""
+
+    def __init__(self, parent, model, T):
+        object.__setattr__(self, "parent", parent)
+        super().__init__(model, T, parent.B)
+
+    def _carve(self, declared):
+        big = dict(self.parent._views)
+        views = {}
+        for name, shape, dtype, value in declared:
+            view = big[name].reshape(-1)[:int(np.prod(shape))].reshape(shape)
+            if value:
+                view[...] = value
+            views[name] = view
+        return self.parent._block, views
+
+    def x_buffer(self):
+        if self._x is None:
+            self._x = self.parent.x_buffer()[:self.T]
+        return self._x
+
+    def dX_buffer(self):
+        if self._dX is None:
+            self._dX = self.parent.dX_buffer()[:self.T]
+        return self._dX
+
+    def scratch(self, name, shape, dtype=None):
+        """The parent's scratch of the same name, its first T rows (or T·B rows): shapes led by T."""
+        shape = tuple(shape)
+        T, B = self.T, self.B
+        if not shape or shape[0] not in (T, T * B):
+            return super().scratch(name, shape, dtype)
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        a = self._scratch.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            lead = self.parent.T if shape[0] == T else self.parent.T * B
+            a = self.parent.scratch(name, (lead,) + shape[1:], dtype)[:shape[0]]
+            self._scratch[name] = a
+        return a
+
+    def __reduce__(self):
+        return copyreg.__newobj__, (Workspace,), self.__getstate__()
 
 
 class WorkspaceCache:
-    """The idle workspaces of one module, reused by calls of the same (T, B).
+    """The idle workspaces of one module, reused by calls of the same B and a T they cover.
+
+    A workspace is made for T rounded up (``_bucket``: at most 25 % more), and serves any call of its
+    B with a T up to its own (the kernels run over its first T steps): a loop whose T changes from
+    call to call (variable BPTT lengths, the last batch of an epoch) reuses a few workspaces rather
+    than making one per T (whose memory the allocator keeps: the process grows).
 
     Parameters
     ----------
@@ -67,6 +133,9 @@ class WorkspaceCache:
         How many workspaces were made and how many calls reused one (for tuning).
     """
 
+    #: at most this many prefixes (workspaces of a shorter T) kept per workspace, the oldest dropped
+    PREFIXES = 16
+
     def __init__(self, max_count: int = 4, max_bytes: int = 256 * 2**20):
         self.max_count = max_count
         self.max_bytes = max_bytes
@@ -76,22 +145,37 @@ class WorkspaceCache:
         self.reused = 0
 
     def take(self, model, T: int, B: int, sig=None) -> Workspace:
-        """An idle workspace for ``model`` and (T, B), or a new one (``sig``: the model's signature,
-        when the caller knows it)."""
+        """A workspace for ``model`` and (T, B): within the shortest idle one of B steps at least T, or
+        within a new one (``sig``: the model's signature, when the caller knows it)."""
         if sig is None:
             sig = model_signature(model)
         with self._lock:
-            for key in reversed(self._idle):
+            best = None
+            for key in reversed(self._idle):             # the most recently used first, among equals
                 ws = self._idle[key]
-                if ws.T == T and ws.B == B and ws.signature == sig:
-                    del self._idle[key]
-                    self.reused += 1
-                    return ws
-            self.made += 1
-        return Workspace(model, T, B)
+                if ws.B == B and T <= ws.T and ws.signature == sig and (best is None or ws.T < best[1].T):
+                    best = key, ws
+            if best is not None:
+                del self._idle[best[0]]
+                self.reused += 1
+                parent = best[1]
+            else:
+                self.made += 1
+        if best is None:
+            parent = Workspace(model, _bucket(T), B)
+        prefixes = getattr(parent, "_prefixes", None)
+        if prefixes is None:
+            prefixes = parent._prefixes = OrderedDict()
+        ws = prefixes.get(T)
+        if ws is None:
+            ws = prefixes[T] = _Prefix(parent, model, T)
+            while len(prefixes) > self.PREFIXES:
+                prefixes.popitem(last=False)
+        return ws
 
     def give(self, ws: Workspace) -> None:
-        """Keep ``ws`` for a later call (within the bounds)."""
+        """Keep ``ws`` (the workspace that holds it) for a later call (within the bounds)."""
+        ws = getattr(ws, "parent", ws)
         with self._lock:
             self._idle[id(ws)] = ws
             while self._idle and (len(self._idle) > self.max_count or self.nbytes > self.max_bytes):
@@ -153,7 +237,7 @@ class _Bridge:
     """
 
     __slots__ = ("model", "flat", "key", "shared", "copied", "bias", "grads", "elman_bias", "dtype",
-                 "signature")
+                 "signature", "lock", "stacked")
 
     def __init__(self, module, weights):
         dtype = weights[0].dtype
@@ -218,6 +302,8 @@ class _Bridge:
         self.model, self.flat, self.dtype = model, flat, dtype
         self.key = self._key(weights)
         self.signature = model_signature(model)
+        self.stacked = L > 1                           # dropout can apply: calls take the lock
+        self.lock = threading.Lock()
 
     def _key(self, weights):
         """Where the shared parameters lie (data pointer and strides): inside ``flat``, which is alive,
@@ -258,11 +344,33 @@ def _transformed():
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
+_functorch = getattr(torch._C, "_functorch", None)
+_BATCHED = tuple(f for f in (getattr(_functorch, "is_batchedtensor", None),
+                             getattr(_functorch, "is_legacy_batchedtensor", None)) if f is not None)
+_tracing_state = torch._C._get_tracing_state
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+def _capturing():
+    """Whether a graph is being captured: ``torch.jit.trace`` (and the TorchScript ONNX exporter),
+    ``torch.compile``/``torch.export`` (dynamo, or export's FakeTensor/FunctionalTensor modes), or any
+    ``TorchDispatchMode`` (fake tensors, FlopCounterMode, ...): PyTorch's implementation runs then, so
+    that the capture sees its operators (fastbptt's compiled code is invisible to it)."""
+    return _tracing_state() is not None or _dispatch_modes() > 0 or torch.compiler.is_compiling()
+
+
+def _plain(t):
+    """Whether ``t`` is a plain CPU strided tensor fastbptt can read (not a subclass, not batched by
+    ``vmap``/``is_grads_batched``)."""
+    return type(t) in _PLAIN and t.device.type == "cpu" and t.layout == torch.strided \
+        and not any(batched(t) for batched in _BATCHED)
+
+
 def _eligible_weights(weights, shapes):
     """Whether fastbptt can run these parameters: CPU tensors of one float dtype and of the shapes
     the module's sizes give, not in shared memory (``share_memory()``: Hogwild training shares the
     parameters' own storage between processes, which PyTorch's implementation keeps)."""
-    if not weights or any(not isinstance(w, torch.Tensor) for w in weights):
+    if not weights or any(not isinstance(w, torch.Tensor) or type(w) not in _PLAIN for w in weights):
         return False
     dtype = weights[0].dtype
     return dtype in _FLOATS and all(w.dtype == dtype and w.device.type == "cpu" and w.layout == torch.strided
@@ -276,19 +384,23 @@ class _Call:
     layout: "tbd" (sequence first), "btd" (batch first), "td" (unbatched) or "packed".
     """
 
-    __slots__ = ("module", "bridge", "layout", "T", "B", "mask", "lengths", "training", "seed",
-                 "lease", "method", "parallel")
+    __slots__ = ("bridge", "layout", "T", "B", "mask", "lengths", "training", "dropout", "seed",
+                 "lease", "method", "parallel", "cache")
 
     def __init__(self, module, bridge, layout, T, B, mask):
-        self.module, self.bridge, self.layout, self.T, self.B = module, bridge, layout, T, B
+        # everything the passes read is taken from the module here, at the forward: a second backward
+        # (retain_graph=True) re-runs this call as it was, whatever the module's attributes are by then
+        self.bridge, self.layout, self.T, self.B = bridge, layout, T, B
         self.mask = mask                               # (T, B) bool for packed sequences, else None
         self.lengths = None if mask is None else mask.sum(axis=0, dtype=np.intp)
         self.training = module.training
+        self.dropout = float(module.dropout)
         self.seed = None
-        if module.training and module.dropout > 0 and module.num_layers > 1:
+        if module.training and self.dropout > 0 and module.num_layers > 1:
             # dropout masks from a seed drawn from PyTorch's generator: torch.manual_seed repeats them
             self.seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
         self.method, self.parallel = module.method, module.parallel
+        self.cache = module.workspaces
         self.lease = None
 
     # -- layouts
@@ -331,11 +443,7 @@ class _Call:
         """Run the recurrence into a held workspace; return the output and the final states as tensors."""
         bridge = self.bridge
         model = bridge.model
-        bridge.sync(weights)
-        model._training, model._dropout = self.training, float(self.module.dropout)
-        if self.seed is not None:
-            model._generator = np.random.default_rng(self.seed)
-        cache = self.module.workspaces
+        cache = self.cache
         self.lease = _Lease(cache, cache.take(model, self.T, self.B, bridge.signature))
         X = self.dense(x.detach().numpy())
         state = None
@@ -343,12 +451,76 @@ class _Call:
             state = self.state_in(h0)
             if c0 is not None:
                 state = (state, self.state_in(c0))
-        with np.errstate(all="ignore"):        # inf and NaN propagate quietly, as in PyTorch
+        # the model's dropout settings and generator are the call's while it runs: with stacked layers
+        # (where they matter) one call at a time sets and reads them (threads, a backward's re-run)
+        with bridge.lock if bridge.stacked else _NO_LOCK, np.errstate(all="ignore"):   # inf/NaN quietly
+            bridge.sync(weights)
+            model._training, model._dropout = self.training, self.dropout
+            if self.seed is not None:
+                model._generator = np.random.default_rng(self.seed)
             H, state_T = _api._trusted_layer_forward(model, self.lease.ws, X, state, self.lengths,
                                                      self.parallel, self.method)
         if isinstance(state_T, tuple):
             return (self.caller(H),) + tuple(self.state_out(s) for s in state_T)
         return self.caller(H), self.state_out(state_T)
+
+    def dropout_masks(self, x, h0, c0, weights):
+        """This call's dropout masks as tensors (T, B, dirs·H) in the caller's order, one per layer below
+        the top (None without dropout); the workspace goes back."""
+        if self.seed is None:
+            if self.lease is not None:
+                self.lease.release()
+            return None
+        if self.lease is None or self.lease.ws is None:   # a second backward: the forward draws them again
+            self.forward(x, h0, c0, weights)
+        masks = [torch.from_numpy(m) for m in self.lease.ws.dropout_masks()]
+        self.lease.release()
+        return masks
+
+    def torch_forward(self, x, h0, c0, weights, masks):
+        """This call (output, h_n[, c_n] as ``forward`` returns them) with PyTorch's operators, layer by
+        layer with ``masks`` between the layers (or in one call without them)."""
+        model = self.bridge.model
+        L, dirs, H = model.num_layers, model.num_directions, model.hidden_size
+        op = {"rnn": getattr(torch._VF, f"rnn_{getattr(model, 'activation', 'tanh')}", None),
+              "gru": torch._VF.gru, "lstm": torch._VF.lstm}[model.cell]
+        lstm = model.cell == "lstm"
+        packed = self.layout == "packed"
+        if self.layout == "td":
+            x, h0, c0 = (None if t is None else t.unsqueeze(1) for t in (x, h0, c0))
+        elif self.layout == "btd":
+            x = x.transpose(0, 1)
+        if h0 is None:
+            h0 = x.new_zeros(L * dirs, self.B, H)
+        if lstm and c0 is None:
+            c0 = x.new_zeros(L * dirs, self.B, H)
+        if packed:
+            batch_sizes = torch.from_numpy(self.mask.sum(axis=1))
+            rows = torch.from_numpy(self.mask)
+        per = len(weights) // (L * dirs) * dirs          # the weights of one layer (both directions)
+        layers = [(0, L)] if masks is None else [(k, k + 1) for k in range(L)]
+        states, cells, out = [], [], x
+        for k0, k1 in layers:
+            hx = h0[k0 * dirs:k1 * dirs]
+            if lstm:
+                hx = (hx, c0[k0 * dirs:k1 * dirs])
+            w = list(weights[k0 * per:k1 * per])
+            if packed:
+                res = op(out, batch_sizes, hx, w, model.bias, k1 - k0, 0.0, False, dirs == 2)
+            else:
+                res = op(out, hx, w, model.bias, k1 - k0, 0.0, False, dirs == 2, False)
+            out = res[0]
+            states.append(res[1])
+            if lstm:
+                cells.append(res[2])
+            if masks is not None and k0 < L - 1:
+                out = out * (masks[k0][rows] if packed else masks[k0])
+        states = [torch.cat(states)] + ([torch.cat(cells)] if lstm else [])
+        if self.layout == "td":
+            out, states = out[:, 0], [s[:, 0] for s in states]
+        elif self.layout == "btd":
+            out = out.transpose(0, 1)
+        return (out, *states)
 
     def backward(self, dout, dh, dc, want_x, want_h0):
         """∂L/∂(input, h0, c0) and the parameters' gradients (one new flat tensor), from the outputs'."""
@@ -393,7 +565,43 @@ class _Sweep(torch.autograd.Function):
             raise RuntimeError("fastbptt.torch modules do not support double backward (create_graph=True "
                                "through the module: gradient penalties, higher-order gradients); use "
                                "torch.nn's module for that, or leave create_graph False")
+        if not all(g is None or _plain(g) for g in (dout, dh, dc)) or _transformed():
+            # batched gradients (autograd.grad(is_grads_batched=True), jacobian(vectorize=True), vmap over
+            # a backward) or tensor subclasses: this call's backward through PyTorch's operators
+            return _Sweep._torch_backward(ctx, dout, dh, dc)
         return _Sweep._backward(ctx, dout, dh, dc)
+
+    @staticmethod
+    def _torch_backward(ctx, dout, dh, dc):
+        """The gradients through PyTorch's implementation of this call: the forward again with torch's
+        operators (the same weights and dropout masks), differentiated with ``autograd.grad``."""
+        call = ctx.call
+        x, h0, c0, *weights = ctx.saved_tensors
+        masks = call.dropout_masks(x, h0, c0, weights)
+        inputs = [t.detach() if t is not None else None for t in (x, h0, c0, *weights)]
+        wanted = [i for i, (t, w) in enumerate(zip(inputs, ctx.needs_input_grad[1:])) if t is not None and w]
+        grads = [None] * len(inputs)
+        if not wanted:
+            return (None, *grads)
+
+        def run(*tensors):
+            args = list(inputs)
+            for i, t in zip(wanted, tensors):
+                args[i] = t
+            return call.torch_forward(args[0], args[1], args[2], args[3:], masks)
+
+        primals = [inputs[i] for i in wanted]
+        grads_out = (dout, dh, dc)[:3 if call.bridge.model.cell == "lstm" else 2]
+        if _transformed():              # functorch's vmap over this backward: its own vjp composes with it
+            got = torch.func.vjp(run, *primals)[1](grads_out)
+        else:                           # autograd.grad(is_grads_batched=True) and jacobian(vectorize=True)
+            with torch.enable_grad():
+                primals = [t.requires_grad_() for t in primals]
+                got = torch.autograd.grad(run(*primals), primals, grads_out, allow_unused=True,
+                                          materialize_grads=True)
+        for i, g in zip(wanted, got):
+            grads[i] = g
+        return (None, *grads)
 
     @staticmethod
     def _backward(ctx, dout, dh, dc):
@@ -546,10 +754,18 @@ class _FastRNNBase:
         self.workspaces = WorkspaceCache(*bounds) if valid else WorkspaceCache()
         self.flatten_parameters()
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` cannot compile fastbptt's code; what it would put in this module's place (its
+        ``__prepare_scriptable__`` replaces submodules in the caller's model) is left to the caller."""
+        raise RuntimeError(f"torch.jit.script cannot compile fastbptt.torch.{type(self).__name__} (fastbptt's "
+                           f"kernels are not TorchScript); script fastbptt.torch.convert(model, to='torch') "
+                           f"(torch.nn's modules over the same parameters), or use torch.jit.trace or "
+                           f"torch.export, under which this module runs PyTorch's implementation")
+
     def _bridge_for(self, x, hx):
         """The bridge when fastbptt can run this call, else None (PyTorch's implementation runs)."""
-        if _transformed():
-            return None
+        if _transformed() or _capturing() or type(x) not in _PLAIN:
+            return None                                # before the weights are read: they may be fake
         self._refresh_weights()
         bridge = self.__dict__.get("_fastbptt")
         weights = self._flat_weights
@@ -558,17 +774,20 @@ class _FastRNNBase:
             bridge = self.__dict__.get("_fastbptt")
             if bridge is None:
                 return None
-        if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype != bridge.dtype \
-                or x.layout != torch.strided or torch.is_autocast_enabled("cpu") or x.numel() == 0:
+        if not _plain(x) or x.dtype != bridge.dtype or torch.is_autocast_enabled("cpu") or x.numel() == 0:
             return None
         for h in (hx if isinstance(hx, tuple) else (hx,)):
-            if h is not None and (type(h) not in _PLAIN or h.device.type != "cpu" or h.dtype != bridge.dtype
-                                  or h.layout != torch.strided):
+            if h is not None and (not _plain(h) or h.dtype != bridge.dtype):
                 return None
         return bridge
 
-    @torch.compiler.disable                    # torch.compile: runs eagerly, a graph break at the module
     def forward(self, input, hx=None):
+        if torch.compiler.is_compiling():     # dynamo tracing this call (export, allow_rnn): torch.nn's code
+            return super().forward(input, hx)
+        return self._forward(input, hx)
+
+    @torch.compiler.disable                    # torch.compile: runs eagerly, a graph break at the module
+    def _forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
         bridge = self._bridge_for(x, hx) if isinstance(x, torch.Tensor) else None
