@@ -167,3 +167,10 @@ def test_special_values(name):
     assert np.array_equal(got.view(np.int32)[2:], want.view(np.int32)[2:])   # the sign of 0 too
     nan_bits = np.array([0x7FC00001, 0xFFC00000, 0x7F800001, 0xFFFFFFFF], np.uint32).view(np.float32)
     assert np.all(np.isnan(_run(kernel, nan_bits)))                           # any NaN, quiet or not
+
+
+def test_the_gated_cells_use_this_sigmoid():
+    """The GRU's and the LSTM's gates are the σ tested here (not a less accurate one of their own)."""
+    from fastbptt.core.cells import gru, lstm
+    from fastbptt.core.kernels import primitives
+    assert gru.sigmoid is primitives.sigmoid and lstm.sigmoid is primitives.sigmoid

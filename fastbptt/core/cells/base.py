@@ -35,11 +35,7 @@ When a cell module changes, delete the ``__pycache__`` folders: Numba's cache of
 sweep kernels is keyed on the sweep's own source file only.
 """
 
-import numpy as np
 from numba import types
-from numba.extending import overload
-
-from ..kernels.primitives import exp
 
 
 def step_forward(cell, t, b, rec):
@@ -77,22 +73,3 @@ def is_cell(cell, cls):
     return isinstance(cell, types.BaseNamedTuple) and cell.instance_class is cls
 
 
-def sigmoid(x):
-    """σ(x) = 1 / (1 + e^-x) for one float32 or float64 scalar; only callable from compiled code."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-_ONE32 = np.float32(1.0)
-
-
-@overload(sigmoid, inline="always")
-def _sigmoid_overload(x):
-    if x == types.float32:
-        def sigmoid_float32(x):
-            return _ONE32 / (_ONE32 + exp(-x))      # e^-x = inf gives 0, e^-x = 0 gives 1
-        return sigmoid_float32
-    if isinstance(x, types.Float):
-        def sigmoid_float64(x):
-            return 1.0 / (1.0 + exp(-x))
-        return sigmoid_float64
-    return None

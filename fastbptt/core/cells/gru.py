@@ -21,9 +21,8 @@ from typing import NamedTuple
 import numpy as np
 from numba.extending import overload
 
-from ..kernels.primitives import tanh
+from ..kernels.primitives import sigmoid, tanh
 from . import base
-from .base import sigmoid
 
 NAME = "gru"
 GATES = 3
