@@ -297,6 +297,41 @@ def test_a_damaged_zip_raises_checkpoint_error(saved, tmp_path, kind):
         pass
 
 
+def damage_sizes(raw):               # both sizes of a stored member, equal, past the end of the file
+    at = central_records(raw)["extra.npy"]
+    for k in (20, 24):                              # compressed and uncompressed size
+        patch(raw, at + k, len(raw), 4)
+
+
+@pytest.mark.parametrize("damage", [damage_sizes, damage_central_offset])
+def test_a_member_declaring_data_beyond_the_file_is_refused_from_the_directory(saved, tmp_path, damage):
+    """Sizes past the end of the file, or offsets before its start (the directory moved on):
+    refused by the directory check, before anything reads the member."""
+    raw = bytearray(saved.read_bytes())
+    damage(raw)
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match="declares more data than the file holds"):
+        checkpoint.load(tmp_path / "bad.npz")
+
+
+def test_an_encrypted_member_is_named_as_such(saved, tmp_path):
+    raw = bytearray(saved.read_bytes())
+    damage_encrypted(raw)
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match="'model.config.npy' is encrypted"):
+        checkpoint.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("length", [97, 98, 99, 200])
+def test_a_value_quoted_in_a_message_is_cut_past_100_characters(saved, tmp_path, length):
+    """A message quotes a value's repr whole up to 100 characters, else its first 97 and '...'."""
+    cell = "c" * length
+    bad = with_json(saved, tmp_path / "bad.npz", "model.config", dict(config_of(saved, "model.config"), cell=cell))
+    quoted = repr(cell) if len(repr(cell)) <= 100 else repr(cell)[:97] + "..."
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load(bad)
+    assert f"cell {quoted} is not one of" in str(info.value)
+
 def raw_npy(header, version=(1, 0)):
     """A .npy file whose header is ``header`` (bytes) as it is, padded as numpy pads it."""
     pad = -(10 + len(header) + 1) % 64
@@ -338,6 +373,8 @@ WRONG_JSON = {
     "hyper a list": ("optim.config", lambda c: dict(c, hyper=[0.01]), "hyper must be a JSON object"),
     "step count a list": ("optim.config", lambda c: dict(c, t=[2]), "step count t must be an int"),
     "optim.config a list": ("optim.config", lambda c: [c], "optim.config must hold name, hyper and t"),
+    "optim.config another key": ("optim.config", lambda c: dict(c, lr=1),
+                                 r"must hold name, hyper and t, got \['hyper', 'lr', 'name', 't'\]"),
     "activation a list": ("model.config", lambda c: dict(c, cell="rnn", activation=["tanh"]), "activation"),
     "dtype a list": ("model.config", lambda c: dict(c, dtype=["float32"]), "dtype must be"),
     "cell a list": ("model.config", lambda c: dict(c, cell=["gru"]), "cell"),
@@ -504,6 +541,29 @@ def test_json_of_ordinary_density_loads(tmp_path):
     assert checkpoint.load(with_extra_text(tmp_path, json.dumps(extra))).extra == extra
 
 
+def json_of(containers, length):
+    """An extra of exactly ``containers`` arrays and objects in exactly ``length`` characters."""
+    text = '{"a": [' + ", ".join(["[]"] * (containers - 2)) + '], "p": ""}'
+    assert len(text) <= length
+    return text[:-2] + "x" * (length - len(text)) + '"}'
+
+
+@pytest.mark.parametrize("objects", [False, True])
+def test_the_json_bound_is_256_containers_and_one_per_8_characters(tmp_path, objects):
+    """The most a member may hold loads; one container more is refused (arrays or objects)."""
+    for length in (8 * 400, 8 * 400 + 7):
+        most = 256 + length // 8
+        text = json_of(most, length)
+        if objects:
+            text = text.replace("[]", "{}")
+        assert len(text) == length and text.count("[") + text.count("{") == most
+        assert checkpoint.load(with_extra_text(tmp_path, text)).extra == json.loads(text)
+        text = json_of(most + 1, length)
+        if objects:
+            text = text.replace("[]", "{}")
+        with pytest.raises(checkpoint.CheckpointError, match=f"holds {most + 1} JSON arrays and objects"):
+            checkpoint.load(with_extra_text(tmp_path, text))
+
 # ------------------------------------------------------------------------------- file permissions
 
 
@@ -531,6 +591,19 @@ def test_replacing_a_checkpoint_keeps_its_mode(tmp_path, mode):
     assert oct(path.stat().st_mode & 0o777) == oct(mode)
     assert np.array_equal(checkpoint.load(path).model.flat, fastbptt.RNN(2, 3, 2, seed=2).flat)
 
+
+def test_a_temporary_name_already_taken_is_left_alone_and_another_one_tried(tmp_path, monkeypatch):
+    """save's temporary file is created exclusively: a file already at the name it drew (another
+    process's) is neither written nor moved; the next name is used."""
+    names = iter(["0" * 16, "1" * 16])
+    monkeypatch.setattr(checkpoint, "secrets", type("S", (), {"token_hex": staticmethod(lambda n: next(names))}))
+    taken = tmp_path / f".fastbptt-{'0' * 16}.npz.tmp"
+    taken.write_bytes(b"another process's file")
+    model = fastbptt.RNN(2, 3, 2, seed=1)
+    checkpoint.save(tmp_path / "m.npz", model)
+    assert taken.read_bytes() == b"another process's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.npz", taken.name])
+    assert np.array_equal(checkpoint.load(tmp_path / "m.npz").model.flat, model.flat)
 
 # ------------------------------------------------------------------------------------ dropout 1
 
