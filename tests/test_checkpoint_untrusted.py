@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -196,6 +197,23 @@ def test_check_generator_state_is_public_for_other_generators():
         checkpoint.check_generator_state(dict(state, state={"state": 1, "inc": 2 ** 128}))
 
 
+@pytest.mark.parametrize("kind, field, bits", [
+    ("PCG64", ("uinteger",), 32), ("MT19937", ("state", "key", 5), 32), ("SFC64", ("state", "state", 0), 64),
+    ("Philox", ("buffer", 3), 64), ("PCG64", ("state", "inc"), 128)])
+def test_a_word_of_a_generator_state_is_an_int_from_0_to_its_largest(kind, field, bits):
+    state = plain(getattr(np.random, kind)(1).state)
+    *outer, last = field
+    holder = state
+    for key in outer:
+        holder = holder[key]
+    for value in (0, 2 ** bits - 1):
+        holder[last] = value
+        checkpoint.check_generator_state(state)
+    for value in (-1, 2 ** bits):
+        holder[last] = value
+        with pytest.raises(ValueError, match=rf"must be an int in \[0, {2 ** bits - 1}\], got {value}$"):
+            checkpoint.check_generator_state(state)
+
 # --------------------------------------------------------- every failure of a file: CheckpointError
 
 
@@ -332,6 +350,51 @@ def test_a_value_quoted_in_a_message_is_cut_past_100_characters(saved, tmp_path,
         checkpoint.load(bad)
     assert f"cell {quoted} is not one of" in str(info.value)
 
+def test_a_damaged_zip_found_outside_a_member_read_names_the_file(saved, monkeypatch):
+    """The last resort: what the zip layers raise anywhere else is a CheckpointError naming the file."""
+    def damaged(path, zf):
+        raise zipfile.BadZipFile("a damaged directory")
+    monkeypatch.setattr(checkpoint, "_open_members", damaged)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"^{re.escape(repr(str(saved)))} .*its zip structure is damaged "
+                             r"\(BadZipFile: a damaged directory\)"):
+        checkpoint.load(saved)
+
+
+def test_optimizer_state_without_optim_config_is_refused(tmp_path):
+    checkpoint.save(tmp_path / "m.npz", fastbptt.RNN(2, 3, 2, seed=1))
+    arrays = members(tmp_path / "m.npz")
+    arrays["optim.state.exp_avg"] = np.zeros_like(arrays["model.flat"])
+    write_zip(tmp_path / "bad.npz", arrays)
+    with pytest.raises(checkpoint.CheckpointError, match="unexpected member 'optim.state.exp_avg.npy'"):
+        checkpoint.load(tmp_path / "bad.npz")
+
+
+def test_a_file_without_model_generator_loads(tmp_path):
+    """Files written before there were stacks have no model.generator: the model keeps its own."""
+    model = fastbptt.RNN(2, 3, 2, seed=1)
+    checkpoint.save(tmp_path / "m.npz", model)
+    arrays = members(tmp_path / "m.npz")
+    del arrays["model.generator"]
+    got = checkpoint.load(write_zip(tmp_path / "old.npz", arrays)).model
+    assert np.array_equal(got.flat, model.flat) and isinstance(got.generator, np.random.Generator)
+
+
+def test_the_layer_bound_is_8_bytes_per_layer_and_direction_as_stored(tmp_path):
+    """model.flat as stored takes 16 * L bytes: L bidirectional layers pass the bound (and fail on
+    the array's shape), L + 1 are refused by it."""
+    model = fastbptt.RNN(2, 4, 2, bidirectional=True, dtype="float64", seed=1)     # 74 parameters
+    checkpoint.save(tmp_path / "m.npz", model)
+    arrays = members(tmp_path / "m.npz")
+    stored = len(npy(arrays["model.flat"]))                                          # 128 + 8 * 74
+    assert stored % 16 == 0
+    config = json.loads(str(arrays["model.config"][()]))
+    for layers, match in [(stored // 16, "'model.flat.npy': holds dtype"),
+                          (stored // 16 + 1, f"declares {stored // 16 + 1} layers in both directions")]:
+        arrays["model.config"] = np.array(json.dumps(dict(config, num_layers=layers)))
+        with pytest.raises(checkpoint.CheckpointError, match=match):
+            checkpoint.load(write_zip(tmp_path / "bad.npz", arrays))
+
 def raw_npy(header, version=(1, 0)):
     """A .npy file whose header is ``header`` (bytes) as it is, padded as numpy pads it."""
     pad = -(10 + len(header) + 1) % 64
@@ -402,6 +465,12 @@ def test_json_of_the_wrong_type_raises_checkpoint_error(saved, tmp_path, kind):
         with pytest.raises(checkpoint.CheckpointError, match=match):
             checkpoint.read_config(bad)
 
+
+def test_an_int_hyperparameter_a_float_can_hold_loads(saved, tmp_path):
+    config = config_of(saved, "optim.config")
+    hyper = dict(config["hyper"], lr=10 ** 300)
+    good = with_json(saved, tmp_path / "lr.npz", "optim.config", dict(config, hyper=hyper))
+    assert checkpoint.load(good).optimizer.state_dict()["hyper"]["lr"] == 1e300
 
 def test_save_refuses_an_extra_that_load_would_refuse(tmp_path):
     with pytest.raises(TypeError, match="extra must be a dict"):
