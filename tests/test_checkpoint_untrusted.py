@@ -214,6 +214,22 @@ def test_a_word_of_a_generator_state_is_an_int_from_0_to_its_largest(kind, field
         with pytest.raises(ValueError, match=rf"must be an int in \[0, {2 ** bits - 1}\], got {value}$"):
             checkpoint.check_generator_state(state)
 
+@pytest.mark.parametrize("kind", BIT_GENERATORS)
+def test_check_generator_state_takes_a_live_state_with_its_arrays(kind):
+    """A ``.state`` as NumPy gives it (MT19937's key and Philox's words as arrays), unconverted."""
+    bit_generator = getattr(np.random, kind)(4)
+    rng = np.random.Generator(getattr(np.random, kind)())
+    rng.bit_generator.state = checkpoint.check_generator_state(bit_generator.state)
+    assert rng.random() == np.random.Generator(bit_generator).random()
+
+
+def test_a_generator_state_of_other_keys_is_refused_naming_them():
+    state = plain(np.random.PCG64(1).state)
+    state["state"]["more"] = 1
+    with pytest.raises(ValueError, match=r"\['state'\] must hold exactly \['inc', 'state'\], "
+                                         r"got \['inc', 'more', 'state'\]"):
+        checkpoint.check_generator_state(state)
+
 # --------------------------------------------------------- every failure of a file: CheckpointError
 
 
