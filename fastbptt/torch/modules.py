@@ -345,8 +345,8 @@ def _transformed():
 
 
 _functorch = getattr(torch._C, "_functorch", None)
-_BATCHED = tuple(f for f in (getattr(_functorch, "is_batchedtensor", None),
-                             getattr(_functorch, "is_legacy_batchedtensor", None)) if f is not None)
+_batched = getattr(_functorch, "is_batchedtensor", lambda t: False)            # functorch's vmap
+_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", lambda t: False)   # is_grads_batched
 _tracing_state = torch._C._get_tracing_state
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
@@ -362,8 +362,8 @@ def _capturing():
 def _plain(t):
     """Whether ``t`` is a plain CPU strided tensor fastbptt can read (not a subclass, not batched by
     ``vmap``/``is_grads_batched``)."""
-    return type(t) in _PLAIN and t.device.type == "cpu" and t.layout == torch.strided \
-        and not any(batched(t) for batched in _BATCHED)
+    return type(t) in _PLAIN and t.device.type == "cpu" and t.layout is torch.strided \
+        and not _legacy_batched(t) and not _batched(t)
 
 
 def _eligible_weights(weights, shapes):
