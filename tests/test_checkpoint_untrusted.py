@@ -223,6 +223,15 @@ def test_check_generator_state_takes_a_live_state_with_its_arrays(kind):
     assert rng.random() == np.random.Generator(bit_generator).random()
 
 
+def test_a_generator_state_takes_numpy_ints_and_names_a_list_of_the_wrong_length():
+    state = plain(np.random.PCG64(1).state)
+    state["uinteger"], state["has_uint32"] = np.uint32(7), np.int64(1)
+    checkpoint.check_generator_state(state)
+    state = plain(np.random.MT19937(1).state)
+    state["state"]["key"] = state["state"]["key"][:-1]
+    with pytest.raises(ValueError, match=r"\['state'\]\['key'\] must be a list of 624 ints, got \["):
+        checkpoint.check_generator_state(state)
+
 def test_a_generator_state_of_other_keys_is_refused_naming_them():
     state = plain(np.random.PCG64(1).state)
     state["state"]["more"] = 1
