@@ -192,10 +192,52 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_whole_run(capsys, tmp_path, mo
         os.kill(os.getpid(), signal.SIGINT)
         return evaluate(*args, **kwargs)
     monkeypatch.setattr(charrnn, "evaluate", evaluate_hit_by_ctrl_c)
-    path = tmp_path / "run.npz"
+    path, doc = tmp_path / "run.npz", tmp_path / "run.json"
     try:
-        code = charrnn.main([*SMALL, *flags, "--quiet", "--epochs", "2", "--save", str(path)])
+        code = charrnn.main([*SMALL, *flags, "--quiet", "--epochs", "2", "--save", str(path), "--json", str(doc)])
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped train as a KeyboardInterrupt")
-    assert code == 130 and f"interrupted after epoch 2/2; saved it to {path}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # every epoch was done: the run is complete (no --resume to suggest), its files are written
+    assert code == 130 and "interrupted after the run was complete and its results written" in err
+    assert "--resume" not in err
     assert_same_file(ref, path)
+    assert json.loads(doc.read_text())["epochs"] == 2 and "position" not in extra(path)
+
+
+def test_ctrl_c_between_the_last_step_and_the_save_keeps_the_run(capsys, tmp_path, monkeypatch):
+    """The summary line is printed after the last step and before the files (a slow terminal, a full pipe):
+    a Ctrl-C there waits for the files to be written."""
+    ref = reference(tmp_path, [], 2)
+    summary = charrnn.format_perplexity
+
+    def summary_hit_by_ctrl_c(value):
+        if sys._getframe(1).f_code.co_name == "_main":
+            os.kill(os.getpid(), signal.SIGINT)
+        return summary(value)
+    monkeypatch.setattr(charrnn, "format_perplexity", summary_hit_by_ctrl_c)
+    path = tmp_path / "run.npz"
+    code = charrnn.main([*SMALL, "--quiet", "--epochs", "2", "--save", str(path)])
+    assert code == 130 and "interrupted after the run was complete" in capsys.readouterr().err
+    assert_same_file(ref, path)
+
+
+def test_a_second_ctrl_c_while_an_interrupted_run_is_saved_waits_for_the_save(capsys, tmp_path, monkeypatch):
+    interrupted = charrnn._interrupted
+
+    def second_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return interrupted(*args, **kwargs)
+    monkeypatch.setattr(charrnn, "_interrupted", second_ctrl_c)
+    monkeypatch.setenv(charrnn.SIGINT_HOOK, "5")               # the first Ctrl-C, before step 5
+    path = tmp_path / "run.npz"
+    code = charrnn.main([*SMALL, "--quiet", "--epochs", "3", "--save", str(path)])
+    assert code == 130 and f"after step 5 of epoch 1/3; saved it to {path}" in capsys.readouterr().err
+    assert extra(path)["position"]["batch"] == 5
+
+
+def test_train_leaves_the_sigint_handler_as_it_found_it(tmp_path):
+    corpus, vocab = data.load_corpus(max_tokens=3000)
+    before = signal.getsignal(signal.SIGINT)
+    charrnn.train(corpus, vocab, steps=10, batch=4, hidden=8, epochs=1)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -451,7 +451,8 @@ def _diverged(epoch, why, step=None):
 
 def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, clip_value=None, epochs=500,
           sampling="sequential", optimizer="sgd", random_truncation=None, seed=0, dtype="float32",
-          parallel=False, resume=None, quiet=True, log=print, cell="rnn", layers=1, dropout=0.0):
+          parallel=False, resume=None, quiet=True, log=print, cell="rnn", layers=1, dropout=0.0,
+          _hold_sigint=False):
     """Train a character-level model with d2l's recipe; the engine of the command line.
 
     Parameters
@@ -518,7 +519,8 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
     history = []
     done = start
     eval_perplexity = None
-    with _DeferSigint() as sigint:          # to the end: a Ctrl-C in the evaluation keeps the run too
+    sigint = _DeferSigint().__enter__()     # to the end: a Ctrl-C in the evaluation keeps the run too
+    try:
         run.sigint = sigint
         try:
             for epoch in range(start, epochs):
@@ -550,11 +552,17 @@ def train(corpus, vocab, *, steps=35, batch=32, hidden=512, lr=1.0, clip=1.0, cl
                 eval_perplexity = evaluate(model, batches, workspace=ws, parallel=parallel).perplexity
             if not math.isfinite(eval_perplexity):
                 raise _diverged(epochs - 1, f"with dropout off the perplexity is {eval_perplexity}")
-    interrupted = sigint.pending
+    except BaseException:
+        sigint.__exit__()
+        raise
+    if not _hold_sigint:
+        sigint.__exit__()
+    interrupted = sigint.pending and done < epochs     # a Ctrl-C in the final evaluation: the run is complete
     return {"perplexity": history[-1] if history else None, "tokens_per_s": run.rate(), "epochs": done,
             "model": model, "optimizer": opt, "rng": rng, "history": history,
             "eval_perplexity": eval_perplexity, "interrupted": interrupted,
-            "position": run.position if interrupted else None, "steps_in_epoch": run.steps_in_epoch}
+            "position": run.position if interrupted else None, "steps_in_epoch": run.steps_in_epoch,
+            **({"sigint": sigint} if _hold_sigint else {})}
 
 
 class _Run:
@@ -861,7 +869,7 @@ def _main(argv):
                        sampling=args.sampling, optimizer=args.optimizer,
                        random_truncation=args.random_truncation, seed=args.seed, dtype=args.dtype,
                        parallel=args.parallel, resume=saved, quiet=args.quiet, cell=args.cell,
-                       layers=args.layers, dropout=args.dropout)
+                       layers=args.layers, dropout=args.dropout, _hold_sigint=True)
     except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -871,20 +879,23 @@ def _main(argv):
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted before the first training step; nothing saved", file=sys.stderr)
         return INTERRUPTED
-    if result["interrupted"]:
-        return _interrupted(args, result, vocab, corpus)
+    # train() returns with Ctrl-C still deferred: from its last step until the files are written,
+    # a Ctrl-C (or a second one) waits, and the run is never lost between the two
+    sigint = result.pop("sigint")
+    try:
+        if result["interrupted"]:
+            return _interrupted(args, result, vocab, corpus)
 
-    # the results first: a failure while sampling must not lose them
-    stack = (f", L={args.layers}" if args.layers > 1 else "") + \
-        (f", dropout={args.dropout:g}" if args.dropout > 0 else "")
-    print(f"perplexity {format_perplexity(result['perplexity'])}, {result['tokens_per_s']:,.0f} tokens/s "
-          f"({args.cell}, {args.sampling}, {result['epochs']} epochs, T={args.steps}, B={args.batch}, "
-          f"H={args.hidden}{stack})")
-    if result["eval_perplexity"] is not None:
-        print(f"perplexity with dropout off {format_perplexity(result['eval_perplexity'])} "
-              f"(the training batches once more)")
-    failed = False
-    with _DeferSigint() as sigint:          # a Ctrl-C now waits for the files to be written
+        # the results first: a failure while sampling must not lose them
+        stack = (f", L={args.layers}" if args.layers > 1 else "") + \
+            (f", dropout={args.dropout:g}" if args.dropout > 0 else "")
+        print(f"perplexity {format_perplexity(result['perplexity'])}, {result['tokens_per_s']:,.0f} tokens/s "
+              f"({args.cell}, {args.sampling}, {result['epochs']} epochs, T={args.steps}, B={args.batch}, "
+              f"H={args.hidden}{stack})")
+        if result["eval_perplexity"] is not None:
+            print(f"perplexity with dropout off {format_perplexity(result['eval_perplexity'])} "
+                  f"(the training batches once more)")
+        failed = False
         if args.save:
             failed |= not _save(args.save, result, vocab, args, corpus)
         if args.json:
@@ -899,6 +910,8 @@ def _main(argv):
             except OSError as exc:
                 print(f"{PROG}: error: --json could not be written: {exc}", file=sys.stderr)
                 failed = True
+    finally:
+        sigint.__exit__()
     if sigint.pending:
         print(f"{PROG}: interrupted after the run was complete and its results written; no sample",
               file=sys.stderr)
