@@ -710,3 +710,15 @@ def test_a_checkpoint_of_dropout_1_loads(tmp_path):
     checkpoint.save(tmp_path / "d.npz", model)
     assert checkpoint.read_config(tmp_path / "d.npz")["dropout"] == 1.0
     assert checkpoint.load(tmp_path / "d.npz").model.dropout == 1.0
+
+
+def test_save_makes_the_file_and_its_rename_durable(tmp_path, monkeypatch):
+    """fsync of the new file before it replaces the old one, then of the folder (a crash right after
+    'saved' must not leave the name pointing at an empty file)."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")),
+                                                 real(fd))[1])
+    model = fastbptt.RNN(3, 4, 3)
+    checkpoint.save(tmp_path / "a.npz", model)
+    assert len(synced) == 2 and synced[0].endswith(".npz.tmp") and synced[1] == os.path.realpath(tmp_path)

@@ -155,6 +155,8 @@ def test_predict_takes_the_vocabulary_a_checkpoint_stores():
         fastbptt.predict(model, tokens[:2] + [7] + tokens[3:], "the", 3)
     with pytest.raises(ValueError, match="twice"):
         fastbptt.predict(model, tokens[:-1] + [tokens[1]], "the", 3)
+    with pytest.raises(ValueError, match=r"vocab\[3\] is the empty string"):
+        fastbptt.predict(model, tokens[:3] + [""] + tokens[4:], "the", 3)
     with pytest.raises(ValueError, match="empty"):
         fastbptt.predict(fastbptt.LSTM(1, 2, 1), [], "the", 3)
     with pytest.raises(TypeError, match="Vocab or a list of str"):

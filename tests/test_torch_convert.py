@@ -155,6 +155,17 @@ def test_hooks_and_buffers_carry_over():
     assert calls == [ft.LSTM]
 
 
+@pytest.mark.parametrize("to", ["fastbptt", "torch"])
+def test_full_backward_hooks_carry_over(to):
+    calls = []
+    old = nn.GRU(D, H)
+    old.register_full_backward_hook(lambda m, gi, go: calls.append(type(m)))
+    old(torch.randn(T, B, D, requires_grad=True))[0].sum().backward()
+    new = ft.convert(old) if to == "fastbptt" else ft.convert(ft.convert(old), to="torch")
+    new(torch.randn(T, B, D, requires_grad=True))[0].sum().backward()
+    assert calls == [nn.GRU, type(new)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dtype_is_kept_and_other_dtypes_run_torchs_implementation(dtype):
     torch.manual_seed(3)

@@ -73,9 +73,9 @@ def test_cli_without_dropout_keeps_its_json_and_line(capsys, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--layers", "0"], "--layers must be a positive integer"),
     (["--dropout", "0.3"], "--dropout applies between stacked layers, and there is one"),
-    (["--layers", "2", "--dropout", "1"], "--dropout must be a number in [0, 1)"),
-    (["--layers", "2", "--dropout", "-0.1"], "--dropout must be a number in [0, 1)"),
-    (["--layers", "2", "--dropout", "lots"], "--dropout must be a number in [0, 1)"),
+    (["--layers", "2", "--dropout", "1.01"], "--dropout must be a number in [0, 1]"),
+    (["--layers", "2", "--dropout", "-0.1"], "--dropout must be a number in [0, 1]"),
+    (["--layers", "2", "--dropout", "lots"], "--dropout must be a number in [0, 1]"),
 ])
 def test_cli_refuses_bad_layers_and_dropout(capsys, args, message):
     code, out, err = run_cli(capsys, "--epochs", "1", *args)
@@ -285,16 +285,16 @@ def rewrite(src, dst, config_change=None, drop_config=(), generator=None):
     ({"config_change": {"num_layers": 0}}, "num_layers must be a positive int, got 0"),
     ({"config_change": {"num_layers": "2"}}, "num_layers must be a positive int, got '2'"),
     ({"config_change": {"num_layers": True}}, "num_layers must be a positive int, got True"),
-    ({"config_change": {"num_layers": 10 ** 9}}, r"model.flat.npy.*not float64 and \("),
+    ({"config_change": {"num_layers": 10 ** 9}}, r"declares 1000000000 layers, but member 'model.flat.npy' takes only"),
     ({"config_change": {"bidirectional": "yes"}}, "bidirectional must be true or false"),
-    ({"config_change": {"dropout": 1.0}}, r"dropout must be a number in \[0, 1\), got 1.0"),
-    ({"config_change": {"dropout": -0.5}}, r"dropout must be a number in \[0, 1\)"),
-    ({"config_change": {"dropout": None}}, r"dropout must be a number in \[0, 1\)"),
+    ({"config_change": {"dropout": 1.5}}, r"dropout must be a number in \[0, 1\], got 1.5"),
+    ({"config_change": {"dropout": -0.5}}, r"dropout must be a number in \[0, 1\], got -0.5"),
+    ({"config_change": {"dropout": None}}, r"dropout must be a number in \[0, 1\], got None"),
     ({"drop_config": ("dropout",)}, r"must hold exactly .*\(or none of these three\)"),
     ({"config_change": {"layers": 2}}, r"must hold exactly"),
     ({"generator": {"bit_generator": "Evil"}}, "model.generator must be the state of one of numpy's"),
     ({"generator": [1, 2]}, "model.generator must be the state of one of numpy's"),
-    ({"generator": {"bit_generator": "PCG64", "state": {"state": "x"}}}, "model.generator: the state of a PCG64"),
+    ({"generator": {"bit_generator": "PCG64", "state": {"state": "x"}}}, r"model.generator must hold exactly \["),
 ])
 def test_a_tampered_stack_config_or_generator_is_refused(tmp_path, kwargs, message):
     model = make("gru", L=2, dropout=0.25)

@@ -219,6 +219,7 @@ class Workspace:
         self._scratch = {}                            # buffers made on first use (ws.scratch)
         self._owner = None                            # weakref to the model of the last forward pass
         self._params = None                           # model.flat as forward() ran it (made on first use)
+        self._params_same = None                      # ... and where model.flat equals it, bit for bit
         self._params_kept = False                     # ... and whether it holds the last forward's
 
     def _filled_by(self, model, keep_params=False):
@@ -230,6 +231,7 @@ class Workspace:
         if keep_params:
             if self._params is None or self._params.shape != model.flat.shape:
                 self._params = np.empty_like(model.flat)
+                self._params_same = np.empty(model.flat.shape, dtype=bool)   # for the comparison
             np.copyto(self._params, model.flat)
         self._params_kept = keep_params
 
@@ -247,7 +249,9 @@ class Workspace:
         if a.shape != b.shape:
             return False
         bits = np.dtype(f"u{a.dtype.itemsize}")
-        return bool(np.array_equal(a.view(bits), b.view(bits)))
+        same = self._params_same                  # made with the copy: nothing allocated per call
+        np.equal(a.view(bits), b.view(bits), out=same)
+        return bool(same.all())
 
     def _carve(self, declared):
         """The block and a named view into it for each declared buffer (``carve``). A subclass may carve
@@ -422,6 +426,7 @@ class Workspace:
                                  f"{kept.dtype}, not ({n_params},) and {dtype}, or no forward pass")
         self._owner = None                             # not pickled: a copy takes any model of its signature
         self._params, self._params_kept = kept, kept is not None
+        self._params_same = None if kept is None else np.empty(kept.shape, dtype=bool)
         self._seal()
 
     def _seal(self):

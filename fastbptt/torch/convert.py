@@ -23,7 +23,7 @@ _TO_TORCH = {fast: plain for plain, fast in _TO_FAST.items()}
 _CARRIED = ("_buffers", "_non_persistent_buffers_set", "_forward_hooks", "_forward_hooks_with_kwargs",
             "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
             "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-            "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+            "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_is_full_backward_hook")
 
 
 def convert(module: nn.Module, to: str = "fastbptt", *, method: str = "auto", parallel: bool = False) -> nn.Module:

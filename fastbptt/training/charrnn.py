@@ -109,13 +109,13 @@ def _seed(text):
 
 
 def _dropout(text):
-    """--dropout: a probability in [0, 1), refused at parse time."""
+    """--dropout: a probability in [0, 1] (as torch.nn's), refused at parse time."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--dropout must be a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"--dropout must be a number in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"--dropout must be a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"--dropout must be a number in [0, 1], got {text}")
     return value
 
 

@@ -106,6 +106,9 @@ def as_vocab(vocab, name="vocab"):
     for i, tok in enumerate(vocab):
         if not isinstance(tok, str):
             raise TypeError(f"{name}[{i}] must be a str, got {type(tok).__name__} {str(tok)[:50]!r}")
+        if not tok:
+            raise ValueError(f"{name}[{i}] is the empty string: a token must hold at least one character "
+                             f"(generated text would silently lose it)")
     if not vocab:
         raise ValueError(f"{name} is empty: it must hold at least one token")
     token_to_idx = {}

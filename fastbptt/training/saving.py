@@ -143,11 +143,28 @@ def save(path, model, optimizer=None, extra=None):
             if mode is not None:
                 os.chmod(tmp, mode)
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())                 # on disk before it replaces the old file
         os.replace(tmp, path)
+        _fsync_folder(folder)                    # ... and the rename too
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_folder(folder):
+    """Make a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:                              # Windows, or a folder we may write but not read
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _new_file(folder):
