@@ -1,5 +1,7 @@
 """fastbptt.data's tools for sequences of different lengths: pad_sequences, bucket_indices, bucket_batches."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -206,6 +208,8 @@ def test_ids_as_floats_must_be_exact(dt, bits):
     assert X[:, 0].tolist() == [2 ** bits, -(2 ** bits), 7]
     with pytest.raises(ValueError, match=rf"holds {2 ** bits + 1} at index 1, outside the integers dtype"):
         data.pad_sequences([np.array([3, 2 ** bits + 1])], dtype=dt)
+    with pytest.raises(ValueError, match=rf"holds {-(2 ** bits) - 1} at index 1, outside the integers dtype"):
+        data.pad_sequences([np.array([3, -(2 ** bits) - 1])], dtype=dt)
 
 
 def test_features_beyond_float32_are_refused_not_made_inf():
@@ -224,6 +228,13 @@ def test_features_beyond_float32_are_refused_not_made_inf():
     with pytest.raises(ValueError, match="targets"):
         data.bucket_batches([np.zeros(50, int), np.zeros(50, int)], 2, targets=[a, b], target_dtype=np.float32)
 
+
+@pytest.mark.parametrize("values, bad", [([np.nan, 1e39], "1e+39 at index 1"),        # the only finite value
+                                         ([-float(np.finfo(np.float32).max), 1e39], "1e+39 at index 1"),
+                                         ([-1e39, float(np.finfo(np.float32).max)], "-1e+39 at index 0")])
+def test_the_float_beyond_float32_is_named_whatever_else_the_sequence_holds(values, bad):
+    with pytest.raises(ValueError, match=rf"sequences\[0\] holds {re.escape(bad)}, outside the range"):
+        data.pad_sequences([np.array(values)], dtype=np.float32)
 
 def test_non_integer_floats_never_become_ids():
     for dt in INTEGER_DTYPES:
