@@ -30,6 +30,14 @@ def test_the_issues_case_blames_x_not_y():
     assert "one of them is batch-first" in msg and "X.transpose(1, 0, 2)" in msg and "batch_first" in msg
 
 
+@pytest.mark.parametrize("Y, y_how", [(Y_tb, "Y.T"), (rng.normal(size=(T, B, O)), "Y.transpose(1, 0, 2)")],
+                         ids=["ids", "mse"])
+def test_x_against_y_says_how_to_transpose_either(Y, y_how):
+    loss = "mse" if Y.ndim == 3 else "cross_entropy"
+    with pytest.raises(ValueError) as e:
+        fastbptt.loss_and_grad(model_of(), X_bt, Y, loss=loss)
+    assert str(e.value).endswith(f"if X is batch-first (B, T, D), pass X.transpose(1, 0, 2); if Y is, pass {y_how}")
+
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("L, bidirectional", [(1, False), (2, True)])
 def test_lengths_or_h0_say_x_is_batch_first(cell, L, bidirectional):
