@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 
 import torch.multiprocessing  # noqa: E402,F401  (registers PyTorch's shared-memory reductions)
 import torch.utils.checkpoint  # noqa: E402
+import torch_twins as twins  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence  # noqa: E402
 
@@ -38,22 +39,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:dropout option adds dropout afte
 
 # ---------------------------------------------------------------- helpers
 
-def pair(cell="LSTM", D=3, H=4, seed=0, fbkw=None, **kw):
-    """(torch.nn module, fastbptt.torch module) of one cell with the same random float64 parameters
-    (fbkw: fastbptt's own keywords, method and parallel)."""
-    ref = getattr(nn, cell)(D, H, dtype=F64, **kw)
-    fb = getattr(ft, cell)(D, H, dtype=F64, **kw, **(fbkw or {}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * (1.2 / H ** 0.5))
-    fb.load_state_dict(ref.state_dict())
-    return ref, fb
+def pair(cell="LSTM", D=3, H=4, **kw):
+    """(torch.nn module, fastbptt.torch module) with the same random float64 parameters."""
+    return twins.pair(cell, D, H, **kw)
 
 
-def rnd(*shape, seed=0, grad=False, scale=1.0):
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
-    return t.requires_grad_(grad)
+rnd = twins.rnd
 
 
 def tensors(result):

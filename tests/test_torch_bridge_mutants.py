@@ -10,9 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch import nn  # noqa: E402
+import torch_twins as twins  # noqa: E402
 
-import fastbptt.torch as ft  # noqa: E402
 from fastbptt.torch.modules import WorkspaceCache  # noqa: E402
 
 F64 = torch.float64
@@ -21,21 +20,12 @@ F64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:dropout option adds dropout after all but last")
 
 
-def pair(cell="LSTM", D=3, H=4, seed=0, **kw):
-    """(torch.nn module, fastbptt.torch module) of one cell with the same random float64 parameters."""
-    ref = getattr(nn, cell)(D, H, dtype=F64, **kw)
-    fb = getattr(ft, cell)(D, H, dtype=F64, **kw)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * (1.2 / H ** 0.5))
-    fb.load_state_dict(ref.state_dict())
-    return ref, fb
+def pair(cell="LSTM", D=3, H=4, **kw):
+    """(torch.nn module, fastbptt.torch module) with the same random float64 parameters."""
+    return twins.pair(cell, D, H, **kw)
 
 
-def rnd(*shape, seed=0, grad=False):
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return t.requires_grad_(grad)
+rnd = twins.rnd
 
 
 # ---------------------------------------------------------------- the workspace cache

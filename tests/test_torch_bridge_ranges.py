@@ -6,28 +6,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch import nn  # noqa: E402
+import torch_twins as twins  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence  # noqa: E402
-
-import fastbptt.torch as ft  # noqa: E402
 
 F64 = torch.float64
 TOL = 1e-10
 
 
-def pair(cell, D=8, H=16, seed=0, **kw):
-    ref = getattr(nn, cell)(D, H, dtype=F64, **kw)
-    fb = getattr(ft, cell)(D, H, dtype=F64, **kw)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * (1.2 / H ** 0.5))
-    fb.load_state_dict(ref.state_dict())
-    return ref, fb
+def pair(cell, D=8, H=16, **kw):
+    """(torch.nn module, fastbptt.torch module) with the same random float64 parameters."""
+    return twins.pair(cell, D, H, **kw)
 
 
-def rnd(*shape, seed=0, grad=False):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).requires_grad_(grad)
+rnd = twins.rnd
 
 
 def flat(result):
