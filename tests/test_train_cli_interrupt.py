@@ -87,9 +87,11 @@ def test_ctrl_c_mid_epoch_saves_the_last_step_and_resume_continues_bitwise(capsy
     assert_same_file(ref, path)
 
 
-def test_ctrl_c_from_outside_at_any_moment_resumes_to_the_same_end(tmp_path):
-    """A real Ctrl-C (SIGINT from another process) sent once training is under way: wherever it lands
-    (in a kernel, in the optimizer's update, between steps), the resumed run ends where an unbroken one does."""
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_from_outside_at_any_moment_resumes_to_the_same_end(tmp_path, signum, status):
+    """A real Ctrl-C (SIGINT from another process), or a scheduler's SIGTERM, sent once training is under way:
+    wherever it lands (in a kernel, in the optimizer's update, between steps), the resumed run ends where an
+    unbroken one does."""
     flags = CONFIGS["lstm-stack-dropout"]
     epochs = 30
     ref = reference(tmp_path, flags, epochs)
@@ -100,12 +102,12 @@ def test_ctrl_c_from_outside_at_any_moment_resumes_to_the_same_end(tmp_path):
     try:
         for line in proc.stdout:            # progress, not time: the third epoch line is out
             if line.startswith(f"epoch     6/{epochs}"):
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signum)
                 break
         err = proc.communicate(timeout=300)[1]
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err and f"saved it to {path}" in err
     assert 6 <= extra(path)["epoch"] < epochs
     code = charrnn.main(["--resume", str(path), "--save", str(path), "--quiet", "--prefix", ""])
@@ -241,3 +243,27 @@ def test_train_leaves_the_sigint_handler_as_it_found_it(tmp_path):
     before = signal.getsignal(signal.SIGINT)
     charrnn.train(corpus, vocab, steps=10, batch=4, hidden=8, epochs=1)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_sigterm_handler_of_the_callers_own_is_left_in_place(tmp_path):
+    corpus, vocab = data.load_corpus(max_tokens=3000)
+    seen = []
+
+    def own(signum, frame):
+        seen.append(signum)
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        hook = charrnn._Run.epoch
+
+        def epoch_with_sigterm(self, *args):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return hook(self, *args)
+        charrnn._Run.epoch = epoch_with_sigterm
+        try:
+            result = charrnn.train(corpus, vocab, steps=10, batch=4, hidden=8, epochs=2)
+        finally:
+            charrnn._Run.epoch = hook
+        assert seen == [signal.SIGTERM, signal.SIGTERM] and not result["interrupted"] and result["epochs"] == 2
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -37,7 +37,8 @@ step runs, so the model, the optimizer and every generator are those after a who
 saves that state to ``--save`` (atomically, with its place in the epoch and the carried
 hidden state), says where, and exits with status 130; ``--resume`` of that file continues
 exactly as the run would have gone on. Without ``--save`` it says so in one line and exits
-130. A loss, gradient or parameter that becomes NaN or Inf stops the run at once (exit 1,
+130. SIGTERM (a job scheduler's, ``timeout``'s, ``kill``'s) does the same and exits 143, unless the
+process has a SIGTERM handler of its own. A loss, gradient or parameter that becomes NaN or Inf stops the run at once (exit 1,
 naming the epoch and the step); nothing is saved, so a checkpoint from before is kept.
 """
 
@@ -70,7 +71,7 @@ from .tbptt import random_truncation as _draw_carry
 PROG = "python -m fastbptt train"
 COMPILE_TEXT = "compiling kernels (5-15 s the first time, cached afterwards)"
 INTERRUPTED = 130
-"""Exit status after Ctrl-C (128 + SIGINT), as a shell reports it."""
+"""Exit status after Ctrl-C (128 + SIGINT), as a shell reports it; 143 (128 + SIGTERM) after SIGTERM."""
 
 DEFAULTS = {"max_tokens": 10000, "steps": 35, "batch": 32, "cell": "rnn", "hidden": 512, "layers": 1,
             "dropout": 0.0, "lr": 1.0, "clip": 1.0, "clip_value": None, "epochs": 500,
@@ -148,7 +149,8 @@ the --resume file (it is replaced atomically); no other output may name an input
 another output.
 
 Ctrl-C finishes the step under way, saves it to --save (resume it with --resume; it
-continues exactly; --json is left to the run that completes) and exits with status 130.
+continues exactly; --json is left to the run that completes) and exits with status 130;
+SIGTERM does the same and exits 143.
 A loss that becomes NaN or Inf stops the run (exit 1) and saves nothing."""
 
 
@@ -343,28 +345,41 @@ def _warm_up(model, ws, opt, loader, parallel):
 
 
 class _DeferSigint:
-    """Ctrl-C noted instead of raised while the block runs (in the main thread; else a no-op).
+    """Ctrl-C (SIGINT) and SIGTERM noted instead of acted on while the block runs (in the main
+    thread; else a no-op). A SIGINT that is ignored stays ignored, and a SIGTERM handler of the
+    caller's own is left in place: only SIGTERM's default (die at once) is deferred.
 
-    A training step is never cut in two: the loop looks at ``pending`` between steps.
+    A training step is never cut in two: the loop looks at ``pending`` between steps. ``status``
+    is what the process then exits with, 128 + the first signal (130 for Ctrl-C, 143 for SIGTERM,
+    as a shell reports a process killed by it).
     """
 
     def __init__(self):
         self.pending = False
-        self._old = None
+        self.signum = None
+        self._old = {}
 
     def _note(self, signum, frame):
         self.pending = True
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def status(self):
+        return 128 + (self.signum or signal.SIGINT)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:     # ignored stays ignored
-            self._old = signal.signal(signal.SIGINT, self._note)
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._note)
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._note)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
         return False
 
 
@@ -884,7 +899,7 @@ def _main(argv):
     sigint = result.pop("sigint")
     try:
         if result["interrupted"]:
-            return _interrupted(args, result, vocab, corpus)
+            return _interrupted(args, result, vocab, corpus, sigint.status)
 
         # the results first: a failure while sampling must not lose them
         stack = (f", L={args.layers}" if args.layers > 1 else "") + \
@@ -915,7 +930,7 @@ def _main(argv):
     if sigint.pending:
         print(f"{PROG}: interrupted after the run was complete and its results written; no sample",
               file=sys.stderr)
-        return INTERRUPTED
+        return sigint.status
     prefix = default_prefix(corpus, vocab) if args.prefix is None else args.prefix
     if prefix:
         try:
@@ -950,18 +965,19 @@ def _save(path, result, vocab, args, corpus):
         return False
 
 
-def _interrupted(args, result, vocab, corpus):
-    """Ctrl-C stopped the run between two steps: save it (with --save), say where, exit 130."""
+def _interrupted(args, result, vocab, corpus, status=INTERRUPTED):
+    """Ctrl-C (or SIGTERM) stopped the run between two steps: save it (with --save), say where, exit
+    with ``status`` (130 after Ctrl-C, 143 after SIGTERM)."""
     done, pos = result["epochs"], result["position"]
     where = (f"after step {pos['batch']} of epoch {done + 1}/{args.epochs}" if pos is not None
              else f"after epoch {done}/{args.epochs}")
     if not args.save:
         print(f"{PROG}: interrupted {where}; nothing saved (pass --save PATH to keep an interrupted run)",
               file=sys.stderr)
-        return INTERRUPTED
+        return status
     with _DeferSigint():
         ok = _save(args.save, result, vocab, args, corpus)
     if ok:
         print(f"{PROG}: interrupted {where}; saved it to {args.save}: continue with --resume {args.save}",
               file=sys.stderr)
-    return INTERRUPTED
+    return status
