@@ -17,10 +17,10 @@ with exit status 2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from . import saving
+from .charrnn import _seed, _temperature     # the flags train has too, parsed alike
 from .generate import as_vocab, predict
 
 PROG = "python -m fastbptt predict"
@@ -37,26 +37,6 @@ def _count(text):
         raise argparse.ArgumentTypeError(f"-n must be an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"-n must be an integer >= 0, got {value}")
-    return value
-
-
-def _seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {value}")
-    return value
-
-
-def _temperature(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--temperature must be a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"--temperature must be a finite number >= 0 (0: greedy), got {text}")
     return value
 
 
