@@ -1,9 +1,9 @@
 """Shared test helpers: random problems and a comparison that names what differs."""
 
+import io
 import os
-from pathlib import Path
-
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
@@ -112,3 +112,16 @@ def no_growth(call, smallest):
     finally:
         tracemalloc.stop()
     assert peak - base < smallest, f"{peak - base} bytes allocated per call"
+
+
+def members(path):
+    """A checkpoint's (an .npz's) arrays, by key, read plainly."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def npy(array):
+    """``array`` as the bytes of an .npy file."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

@@ -11,18 +11,7 @@ import pytest
 
 import fastbptt
 from fastbptt import checkpoint, optim
-
-
-def members(path):
-    """The checkpoint's arrays, by key, read plainly."""
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-def npy(array):
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+from helpers import members, npy
 
 
 def write_zip(path, entries, compression=zipfile.ZIP_STORED):

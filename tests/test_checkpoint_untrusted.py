@@ -3,7 +3,6 @@
 files ``save`` writes get the permissions the user's umask (or the file replaced) gives."""
 
 import importlib.util
-import io
 import json
 import os
 import re
@@ -19,20 +18,12 @@ import pytest
 
 import fastbptt
 from fastbptt import checkpoint, optim
+from helpers import members, npy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIT_GENERATORS = ["PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"]
 
 
-def members(path):
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-def npy(array):
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def write_zip(path, arrays, compression=zipfile.ZIP_STORED):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fastbptt import charrnn, checkpoint, data, optim
+from helpers import members
 
 SMALL = ["--hidden", "16", "--steps", "10", "--batch", "4", "--max-tokens", "3000", "--dtype", "float64"]
 CONFIGS = {
@@ -37,10 +38,6 @@ def batches_per_epoch():
 
 BATCHES = batches_per_epoch()
 
-
-def members(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
 
 
 def assert_same_file(a, b):

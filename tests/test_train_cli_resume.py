@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fastbptt import charrnn, checkpoint
+from helpers import members
 
 # a run far from every default: a flag the resumed command forgets must not fall back to one
 RUN = {"--cell": "gru", "--hidden": "12", "--layers": "2", "--dropout": "0.2", "--dtype": "float64",
@@ -30,10 +31,6 @@ def run(capsys, *args):
     out, err = capsys.readouterr()
     return code, out, err
 
-
-def members(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
 
 
 @pytest.fixture
